@@ -1,0 +1,38 @@
+# Two entry points for a fresh machine: `make run` and `make test` (see README.md).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch lies on this machine's disk; any other spec may pull a multi-GB CUDA build.
+# A user with their own torch keeps it: this is installed only when torch is missing from the venv.
+TORCH_SPEC ?= torch==2.13.0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup model run test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+model: setup
+	$(VENV)/bin/workbench models prepare-default
+
+run: model
+	$(VENV)/bin/workbench demo
+
+test: model
+	$(PY) -m pytest
+
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	touch $@
+
+bench: model $(VENV)/.bench-installed
+	$(PY) -m pytest -q -s tests/bench -p no:cacheprovider --override-ini addopts=
+
+clean:
+	rm -rf $(VENV) build *.egg-info

