@@ -1,4 +1,4 @@
-"""Lazy, memory-mapped access to a Hugging Face model directory, one tensor at a time.
+"""Lazy access to a Hugging Face model directory, one tensor at a time.
 
 Only safetensors are read. Pickled checkpoints (``*.bin``, ``*.pt``, ``*.pth``, ``*.ckpt``)
 are refused: unpickling runs arbitrary code.
@@ -8,21 +8,16 @@ from __future__ import annotations
 
 import json
 import re
-from contextlib import ExitStack
 from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from workbench.errors import WorkbenchError
+from workbench.models.safetensors_io import NAME_DTYPES, SafetensorsFile
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
+SAFETENSORS_DTYPES = NAME_DTYPES
 # Decoder layers are named `...layers.N.` (Llama, Qwen2, Mistral) or `...h.N.` (GPT-2).
 LAYER_RE = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks))\.(?P<index>\d+)\.(?P<rest>.+)$")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
@@ -48,8 +43,8 @@ def rename_layer(tensor_name: str, new_index: int) -> str:
 class ModelDir:
     """A model directory: ``config.json`` plus single or sharded safetensors.
 
-    Tensors are read on demand through memory-mapped files, so opening a model costs
-    almost nothing and reading one tensor touches only that tensor's bytes.
+    Opening a model reads only the file headers; each tensor is read on demand into its own
+    buffer (see ``safetensors_io``), so memory holds only the tensors in use.
     """
 
     def __init__(self, path: str | Path):
@@ -68,9 +63,8 @@ class ModelDir:
             self.config: dict = json.loads(config_path.read_text())
         except json.JSONDecodeError as e:
             raise ModelLoadError(f"{config_path}: invalid JSON ({e})") from None
+        self._handles: dict[Path, SafetensorsFile] = {}
         self._files = self._find_weight_files()
-        self._stack = ExitStack()
-        self._handles: dict[Path, object] = {}
 
     def _find_weight_files(self) -> dict[str, Path]:
         """Map each tensor name to the safetensors file that holds it."""
@@ -94,16 +88,14 @@ class ModelDir:
                     "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)`."
                 )
             raise ModelLoadError(f"{self.path}: no *.safetensors weights found")
-        mapping: dict[str, Path] = {}
-        for f in files:
-            with safe_open(f, framework="pt") as h:
-                for name in h.keys():
-                    mapping[name] = f
-        return mapping
+        return {name: f for f in files for name in self._handle(f).keys()}
 
-    def _handle(self, f: Path):
+    def _handle(self, f: Path) -> SafetensorsFile:
         if f not in self._handles:
-            self._handles[f] = self._stack.enter_context(safe_open(f, framework="pt"))
+            try:
+                self._handles[f] = SafetensorsFile(f)
+            except ValueError as e:
+                raise ModelLoadError(str(e)) from None
         return self._handles[f]
 
     # --- tensors -------------------------------------------------------------------------
@@ -114,10 +106,10 @@ class ModelDir:
         return name in self._files
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(self._files[name]).get_slice(name).get_shape())
+        return self._handle(self._files[name]).shape(name)
 
     def dtype(self, name: str) -> torch.dtype:
-        return SAFETENSORS_DTYPES[self._handle(self._files[name]).get_slice(name).get_dtype()]
+        return self._handle(self._files[name]).dtype(name)
 
     def get_tensor(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         if name not in self._files:
@@ -150,8 +142,8 @@ class ModelDir:
         return total
 
     def close(self) -> None:
-        self._stack.close()
-        self._handles.clear()
+        for h in self._handles.values():
+            h.close()
 
     def __enter__(self) -> "ModelDir":
         return self

@@ -1,0 +1,139 @@
+"""Read and write safetensors one tensor at a time, with memory bounded by the tensor in flight.
+
+The `safetensors` library covers the common cases (and tests use it as the reference), but
+two things a streaming merge needs it cannot do:
+
+- reading: ``safe_open`` memory-maps the file, and every page it touches stays counted in the
+  process's resident memory, so reading three 500 MB models "lazily" still grows RSS by 1.5 GB.
+  Here a tensor is read with ``os.pread`` into its own buffer, freed when the tensor is.
+- writing: ``save_file`` needs every tensor of a shard in memory at once. A merge knows every
+  output tensor's name, dtype and shape before it starts, so the header is written first and
+  tensor bytes are appended as they are produced.
+
+Format: 8-byte little-endian header length, JSON header {name: {dtype, shape, data_offsets}},
+then the raw little-endian tensor bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+NAME_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
+MAX_HEADER_BYTES = 100_000_000
+
+
+def dtype_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """Return ``(header, data_start)``; the header maps names to dtype/shape/data_offsets."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path}: too short to be a safetensors file")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER_BYTES:
+            raise ValueError(f"{path}: header length {n} is implausible; not a safetensors file?")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: unreadable safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+class SafetensorsFile:
+    """One safetensors file, read tensor by tensor with ``pread`` (no memory map)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.header, self.data_start = read_header(self.path)
+        self._fd: int | None = None
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return NAME_DTYPES[self.header[name]["dtype"]]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        info = self.header[name]
+        begin, end = info["data_offsets"]
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        buf = bytearray(end - begin)
+        view, done = memoryview(buf), 0
+        while done < len(buf):  # pread may return fewer bytes than asked
+            n = os.preadv(self._fd, [view[done:]], self.data_start + begin + done)
+            if n <= 0:
+                raise IOError(f"{self.path}: truncated data for tensor {name!r}")
+            done += n
+        dtype = NAME_DTYPES[info["dtype"]]
+        if not buf:
+            return torch.empty(info["shape"], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class StreamingShardWriter:
+    """Write one safetensors shard whose tensor list is known in advance.
+
+    ``specs`` is the ordered list of ``(name, dtype, shape)``; call :meth:`write` once per
+    tensor in that order, then :meth:`close`.
+    """
+
+    def __init__(self, path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        header: dict = {"__metadata__": metadata or {"format": "pt"}}
+        offset = 0
+        self._order = []
+        for name, dtype, shape in specs:
+            n = dtype_size(dtype)
+            for d in shape:
+                n *= d
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            self._order.append((name, dtype, tuple(shape)))
+            offset += n
+        self.nbytes = offset
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes, as safetensors does
+        self._f = open(self.path, "wb")
+        self._f.write(struct.pack("<Q", len(blob)) + blob)
+        self._next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        want_name, want_dtype, want_shape = self._order[self._next]
+        if name != want_name or tensor.dtype != want_dtype or tuple(tensor.shape) != want_shape:
+            raise ValueError(f"{self.path}: expected {want_name} {want_dtype} {list(want_shape)}, "
+                             f"got {name} {tensor.dtype} {list(tensor.shape)}")
+        t = tensor.detach().to("cpu").contiguous()
+        if t.numel():
+            self._f.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._order):
+            raise ValueError(f"{self.path}: {len(self._order) - self._next} tensors were never written")
+        self._f.close()
+
+    def abort(self) -> None:
+        self._f.close()
