@@ -1,0 +1,198 @@
+"""The streaming executor: merge tensor by tensor and write shards as results arrive.
+
+Peak memory stays near the tensors in flight (the inputs of one output tensor, plus the next
+one's being read ahead), never the sum of the models. The output directory is built in a
+temporary directory and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import resource
+import shutil
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from workbench.atomic import atomic_dir
+from workbench.errors import WorkbenchError
+from workbench.merge.card import write_model_card
+from workbench.merge.plan import MergePlan, TensorJob, plan_merge
+from workbench.merge.recipe import dump_recipe, load_recipe
+from workbench.merge.tokenizer import write_tokenizer
+from workbench.models.safetensors_io import StreamingShardWriter, dtype_size
+
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+               torch.float64: "float64"}
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    seconds: float
+    bytes_written: int
+    peak_rss_bytes: int
+    num_tensors: int
+    num_shards: int
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB', '500MB', '1.5GiB' or a number of bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?i?B?)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise WorkbenchError(f"--shard-size: cannot read {text!r}; expected e.g. 500MB, 2GB or a byte count")
+    unit = (m.group(2) or "").upper().rstrip("B")
+    scale = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def check_device(device: str) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise WorkbenchError(f"--device {device}: CUDA is not available here; use --device cpu")
+    return dev
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed, so random masks do not depend on the order tensors are merged in."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def merge_tensor(plan: MergePlan, job: TensorJob, inputs: tuple[torch.Tensor | None, list[torch.Tensor]],
+                 device: torch.device, seed: int) -> torch.Tensor:
+    base, others = inputs
+    if plan.method.random:
+        job.params.generator = torch.Generator(device=device).manual_seed(tensor_seed(seed, job.out_name))
+    out = plan.method.fn(base, others, job.params)
+    job.params.generator = None
+    if tuple(out.shape) != job.shape:
+        raise WorkbenchError(f"{plan.method.name} returned shape {list(out.shape)} for {job.out_name}, "
+                             f"expected {list(job.shape)}")
+    return out
+
+
+def read_inputs(plan: MergePlan, job: TensorJob, device: torch.device, dtype: torch.dtype):
+    def load(ref):
+        model, name = ref
+        return plan.models[model].get_tensor(name).to(device=device, dtype=dtype)
+
+    return (load(job.base) if job.base else None), [load(r) for r in job.others]
+
+
+def assign_shards(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], shard_size: int) -> list[list]:
+    shards, current, size = [], [], 0
+    for spec in specs:
+        n = dtype_size(spec[1])
+        for d in spec[2]:
+            n *= d
+        if current and size + n > shard_size:
+            shards.append(current)
+            current, size = [], 0
+        current.append(spec)
+        size += n
+    return shards + [current] if current else shards
+
+
+def execute_merge(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu", out_dtype: str | None = None,
+                  shard_size: int | str = "2GB", seed: int = 0, overwrite: bool = False,
+                  on_tensor: Callable[[int, int, str], None] | None = None) -> MergeResult:
+    """Run a planned merge into ``out_dir``. ``on_tensor(done, total, name)`` reports progress."""
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise WorkbenchError(f"{out_dir} already exists; choose another output or pass --overwrite")
+    dev = check_device(device)
+    dtype_out = plan.output_dtype(out_dtype)
+    compute = plan.compute_dtype()
+    specs = [(job.out_name, dtype_out, job.shape) for job in plan.jobs]
+    shards = assign_shards(specs, parse_size(shard_size))
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    shard_of = {spec[0]: i for i, shard in enumerate(shards) for spec in shard}
+    total_bytes = 0
+
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        writers = [StreamingShardWriter(tmp / n, shard) for n, shard in zip(names, shards)]
+        try:
+            # read the next tensor's inputs in a thread while this one is merged
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                pending = pool.submit(read_inputs, plan, plan.jobs[0], dev, compute) if plan.jobs else None
+                for i, job in enumerate(plan.jobs):
+                    inputs = pending.result()
+                    if i + 1 < len(plan.jobs):
+                        pending = pool.submit(read_inputs, plan, plan.jobs[i + 1], dev, compute)
+                    out = merge_tensor(plan, job, inputs, dev, seed)
+                    del inputs
+                    writers[shard_of[job.out_name]].write(job.out_name, out.to(dtype_out))
+                    del out
+                    if on_tensor:
+                        on_tensor(i + 1, len(plan.jobs), job.out_name)
+        except BaseException:
+            for w in writers:
+                w.abort()
+            raise
+        for w in writers:
+            w.close()
+            total_bytes += w.nbytes
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total_bytes}, "weight_map": {n: names[shard_of[n]] for n, _, _ in specs}}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        write_output_files(plan, tmp, dtype_out, seed, out_dir.name)
+
+    return MergeResult(out_dir=out_dir, seconds=time.perf_counter() - start, bytes_written=total_bytes,
+                       peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                       num_tensors=len(plan.jobs), num_shards=len(shards))
+
+
+def write_output_files(plan: MergePlan, out: Path, dtype: torch.dtype, seed: int, title: str) -> None:
+    """config.json, generation config, tokenizer, the recipe and a model card."""
+    config = dict(plan.config)
+    config["torch_dtype" if "torch_dtype" in config else "dtype"] = DTYPE_NAMES[dtype]
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    ref_dir = plan.models[plan.reference_model].path
+    if (ref_dir / "generation_config.json").is_file():
+        shutil.copy2(ref_dir / "generation_config.json", out / "generation_config.json")
+    write_tokenizer(plan, out)
+    recipe_yaml = dump_recipe(plan.recipe)
+    (out / "mergekit_config.yml").write_text(recipe_yaml)
+    write_model_card(plan, out, recipe_yaml, seed, title)
+
+
+def run_merge_cli(args) -> int:
+    """`workbench merge RECIPE OUT`: validate, plan, merge with a progress bar, summarize."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    if Path(args.out).exists() and not args.overwrite:
+        raise WorkbenchError(f"{args.out} already exists; choose another output or pass --overwrite")
+    parse_size(args.shard_size)
+    check_device(args.device)
+    plan = plan_merge(load_recipe(args.recipe))
+    try:
+        with Progress(TextColumn("[bold]merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TextColumn("{task.description}"), console=console, disable=args.no_progress) as progress:
+            task = progress.add_task("", total=len(plan.jobs))
+
+            def on_tensor(done: int, total: int, name: str) -> None:
+                progress.update(task, completed=done, description=name)
+
+            result = execute_merge(plan, args.out, device=args.device, out_dtype=args.dtype,
+                                   shard_size=args.shard_size, seed=args.seed, overwrite=args.overwrite,
+                                   on_tensor=on_tensor)
+    finally:
+        plan.close()
+    console.print(f"[green]merged[/green] {result.num_tensors} tensors into {result.out_dir} "
+                  f"({result.num_shards} shard{'s' if result.num_shards > 1 else ''}, "
+                  f"{result.bytes_written / 1e6:.1f} MB) in {result.seconds:.1f} s, "
+                  f"peak memory {result.peak_rss_bytes / 1e6:.0f} MB")
+    print(result.out_dir)
+    return 0

@@ -1,0 +1,414 @@
+"""The merge recipe: one YAML schema, validated in one place, that reads mergekit's configs.
+
+A recipe is either a list of ``models`` merged whole, or a list of output ``slices``, each built
+from ``sources`` with a ``layer_range`` (passthrough / frankenmerges)::
+
+    merge_method: ties
+    base_model: ./base
+    models:
+      - model: ./math
+        parameters: {weight: 0.6, density: [0.2, 0.8]}   # a list is a gradient over depth
+      - model: ./lang
+        parameters:
+          weight: [{filter: mlp, value: 0.3}, {value: 0.5}]  # filters match tensor names
+    parameters: {normalize: true}
+    dtype: float32
+
+Parameter values are a scalar, a gradient (list of numbers, interpolated linearly over the
+layers of a slice) or a list of ``{filter, value}`` conditions (the first whose filter is a
+substring of the tensor name wins). Per-model values override slice values, which override
+the global ``parameters``. Everything is checked here, before any tensor is read; errors name
+the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from workbench.errors import RecipeError
+from workbench.merge.methods import METHODS, MergeMethod, ParamSpec
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+            "tokenizer_source", "chat_template", "name", "modules", "tokenizer"}
+UNSUPPORTED_TOP = {"modules": "multi-module recipes (`modules:`) are not supported; use `models:` or `slices:`",
+                   "tokenizer": "the `tokenizer:` block is not supported; use `tokenizer_source:`"}
+
+
+@dataclass
+class ModelEntry:
+    model: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+    layer_range: tuple[int, int] | None = None  # only for slice sources
+
+
+@dataclass
+class OutputSlice:
+    sources: list[ModelEntry]
+    base_model: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Recipe:
+    merge_method: str
+    base_model: str | None = None
+    models: list[ModelEntry] | None = None
+    slices: list[OutputSlice] | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    chat_template: str | None = None
+    name: str | None = None
+    source: str = "<recipe>"  # file the recipe came from, for messages and relative paths
+    lines: dict[tuple, int] = field(default_factory=dict, repr=False)
+
+    @property
+    def method(self) -> MergeMethod:
+        return METHODS[self.merge_method]
+
+    def referenced_models(self) -> list[str]:
+        """Every model the recipe names, base first, each once, in order of appearance."""
+        refs = [self.base_model] if self.base_model else []
+        for entry in self.models or []:
+            refs.append(entry.model)
+        for s in self.slices or []:
+            refs += ([s.base_model] if s.base_model else []) + [src.model for src in s.sources]
+        return list(dict.fromkeys(refs))
+
+    def resolve_model(self, ref: str) -> Path:
+        """A model reference as a path: as written, else relative to the recipe, else in the home."""
+        from workbench.home import models_dir
+
+        candidates = [Path(ref).expanduser()]
+        if self.source != "<recipe>" and not Path(ref).is_absolute():
+            candidates.append(Path(self.source).parent / ref)
+        candidates.append(models_dir() / ref)
+        for c in candidates:
+            if c.exists():
+                return c.absolute()
+        raise RecipeError(f"{self.where(('models',))}: model {ref!r} not found "
+                          f"(looked in: {', '.join(str(c) for c in candidates)})")
+
+    def where(self, path: tuple) -> str:
+        """``file:line`` for a field path such as ('models', 1, 'parameters', 'weight')."""
+        for n in range(len(path), -1, -1):
+            if path[:n] in self.lines:
+                return f"{self.source}:{self.lines[path[:n]]}"
+        return self.source
+
+    def to_dict(self) -> dict:
+        """The recipe in mergekit's form (what :func:`dump_recipe` writes)."""
+        out: dict[str, Any] = {}
+        if self.name:
+            out["name"] = self.name
+        out["merge_method"] = self.merge_method
+        if self.base_model:
+            out["base_model"] = self.base_model
+        if self.models is not None:
+            out["models"] = [_entry_dict(m) for m in self.models]
+        if self.slices is not None:
+            out["slices"] = []
+            for s in self.slices:
+                d: dict[str, Any] = {"sources": [_entry_dict(src) for src in s.sources]}
+                if s.base_model:
+                    d["base_model"] = s.base_model
+                if s.parameters:
+                    d["parameters"] = s.parameters
+                out["slices"].append(d)
+        if self.parameters:
+            out["parameters"] = self.parameters
+        for key in ("dtype", "out_dtype", "tokenizer_source", "chat_template"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+
+def _entry_dict(entry: ModelEntry) -> dict:
+    d: dict[str, Any] = {"model": entry.model}
+    if entry.layer_range is not None:
+        d["layer_range"] = list(entry.layer_range)
+    if entry.parameters:
+        d["parameters"] = entry.parameters
+    return d
+
+
+# --- YAML with line numbers ----------------------------------------------------------------
+
+def _line_map(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict[tuple, int]:
+    """Map each field path of a composed YAML document to its 1-based line number."""
+    out = {} if out is None else out
+    out.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = (*path, k.value)
+            out[key] = k.start_mark.line + 1
+            _line_map(v, key, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            _line_map(v, (*path, i), out)
+    return out
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    return parse_recipe(path.read_text(), source=str(path))
+
+
+def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise RecipeError(f"{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+    lines = _line_map(node) if node is not None else {}
+    return recipe_from_dict(data, source=source, lines=lines)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """YAML that both workbench and mergekit read."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    from workbench.atomic import atomic_file
+
+    with atomic_file(path) as f:
+        f.write(dump_recipe(recipe))
+
+
+# --- validation ----------------------------------------------------------------------------
+
+def recipe_from_dict(data: Any, source: str = "<recipe>", lines: dict | None = None) -> Recipe:
+    """Build a :class:`Recipe` from parsed YAML, checking every field."""
+    r = Recipe(merge_method="", source=source, lines=lines or {})
+
+    def fail(path: tuple, msg: str):
+        raise RecipeError(f"{r.where(path)}: {'.'.join(map(str, path)) or 'recipe'}: {msg}")
+
+    if not isinstance(data, dict):
+        fail((), "expected a mapping with at least `merge_method` and `models` or `slices`")
+    for key in data:
+        if key in UNSUPPORTED_TOP:
+            fail((key,), UNSUPPORTED_TOP[key])
+        if key not in TOP_KEYS:
+            fail((key,), f"unknown key; expected one of {', '.join(sorted(TOP_KEYS - set(UNSUPPORTED_TOP)))}")
+
+    method_name = data.get("merge_method")
+    if not isinstance(method_name, str):
+        fail(("merge_method",), f"required; one of {', '.join(sorted(METHODS))}")
+    if method_name not in METHODS:
+        fail(("merge_method",), f"unknown method {method_name!r}; known: {', '.join(sorted(METHODS))}")
+    r.merge_method = method_name
+    method = METHODS[method_name]
+
+    r.base_model = _model_ref(data.get("base_model"), ("base_model",), fail, optional=True)
+    for key in ("dtype", "out_dtype"):
+        value = data.get(key)
+        if value is not None and value not in DTYPES:
+            fail((key,), f"{value!r} is not a dtype; expected one of {', '.join(DTYPES)}")
+        setattr(r, key, value)
+    for key in ("tokenizer_source", "chat_template", "name"):
+        value = data.get(key)
+        if value is not None and not isinstance(value, str):
+            fail((key,), f"expected a string, got {type(value).__name__}")
+        setattr(r, key, value)
+
+    r.parameters = _check_params(data.get("parameters"), method, ("parameters",), fail, scope="any")
+    has_models, has_slices = "models" in data, "slices" in data
+    if has_models == has_slices:
+        fail((), "exactly one of `models` or `slices` is required")
+    if has_models:
+        if not isinstance(data["models"], list) or not data["models"]:
+            fail(("models",), "expected a non-empty list of {model, parameters}")
+        r.models = [_entry(e, ("models", i), method, fail, with_range=False) for i, e in enumerate(data["models"])]
+    else:
+        if not isinstance(data["slices"], list) or not data["slices"]:
+            fail(("slices",), "expected a non-empty list of {sources: [...]}")
+        r.slices = []
+        for i, s in enumerate(data["slices"]):
+            path = ("slices", i)
+            if not isinstance(s, dict) or "sources" not in s:
+                fail(path, "expected a mapping with `sources`")
+            extra = set(s) - {"sources", "base_model", "parameters", "residual_weight"}
+            if extra:
+                fail((*path, sorted(extra)[0]), "unknown key; expected sources, base_model, parameters")
+            if not isinstance(s["sources"], list) or not s["sources"]:
+                fail((*path, "sources"), "expected a non-empty list of {model, layer_range}")
+            sources = [_entry(e, (*path, "sources", j), method, fail, with_range=True)
+                       for j, e in enumerate(s["sources"])]
+            lengths = {src.layer_range[1] - src.layer_range[0] for src in sources}
+            if len(lengths) > 1:
+                fail((*path, "sources"), f"all sources of a slice need the same number of layers, got {sorted(lengths)}")
+            r.slices.append(OutputSlice(
+                sources=sources,
+                base_model=_model_ref(s.get("base_model"), (*path, "base_model"), fail, optional=True),
+                parameters=_check_params(s.get("parameters"), method, (*path, "parameters"), fail, scope="any"),
+            ))
+    _check_structure(r, method, fail)
+    return r
+
+
+def _model_ref(value: Any, path: tuple, fail, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, dict) and "model" in value:  # mergekit also accepts {model: {path: ...}}
+        value = value["model"].get("path") if isinstance(value["model"], dict) else value["model"]
+    if not isinstance(value, str) or not value:
+        fail(path, "expected a model path or name")
+    return value
+
+
+def _entry(e: Any, path: tuple, method: MergeMethod, fail, with_range: bool) -> ModelEntry:
+    allowed = {"model", "parameters"} | ({"layer_range"} if with_range else set())
+    if not isinstance(e, dict):
+        fail(path, f"expected a mapping with {', '.join(sorted(allowed))}")
+    for key in e:
+        if key not in allowed:
+            fail((*path, key), f"unknown key; expected {', '.join(sorted(allowed))}")
+    entry = ModelEntry(model=_model_ref(e.get("model"), (*path, "model"), fail))
+    if with_range:
+        lr = e.get("layer_range")
+        if (not isinstance(lr, list) or len(lr) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
+                or not 0 <= lr[0] < lr[1]):
+            fail((*path, "layer_range"), f"expected [start, end] with 0 <= start < end, got {lr!r}")
+        entry.layer_range = (lr[0], lr[1])
+    entry.parameters = _check_params(e.get("parameters"), method, (*path, "parameters"), fail, scope="model")
+    return entry
+
+
+def _check_params(params: Any, method: MergeMethod, path: tuple, fail, scope: str) -> dict:
+    """Check names, types and ranges of a parameters mapping (values may be gradients/filters)."""
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        fail(path, "expected a mapping of parameter names to values")
+    for name, value in params.items():
+        spec = method.params.get(name)
+        if spec is None:
+            known = ", ".join(sorted(method.params)) or "none"
+            fail((*path, name), f"unknown parameter for {method.name}; it takes: {known}")
+        if scope == "model" and not spec.per_model:
+            fail((*path, name), f"{name} is a shared parameter of {method.name}; set it under the top-level or slice `parameters`")
+        _check_setting(value, spec, (*path, name), fail)
+    return dict(params)
+
+
+def _check_setting(value: Any, spec: ParamSpec, path: tuple, fail) -> None:
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list):
+        if not value:
+            fail(path, "empty list")
+        if all(isinstance(v, dict) for v in value):
+            for i, cond in enumerate(value):
+                extra = set(cond) - {"filter", "value"}
+                if extra or "value" not in cond:
+                    fail((*path, i), "a condition is {filter: <substring of tensor name>, value: ...}")
+                if cond.get("filter") is not None and not isinstance(cond["filter"], str):
+                    fail((*path, i, "filter"), "expected a string")
+                _check_setting(cond["value"], spec, (*path, i, "value"), fail)
+            return
+        if any(isinstance(v, (dict, list)) for v in value):
+            fail(path, "a gradient is a flat list of numbers")
+        for i, v in enumerate(value):
+            _check_scalar(v, spec, (*path, i), fail)
+        return
+    _check_scalar(value, spec, path, fail)
+
+
+def _check_scalar(v: Any, spec: ParamSpec, path: tuple, fail) -> None:
+    if spec.kind is bool:
+        if not isinstance(v, bool):
+            fail(path, f"expected true or false, got {v!r}")
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        fail(path, f"expected a number, got {v!r}")
+    if spec.low is not None and v < spec.low or spec.high is not None and v > spec.high:
+        fail(path, f"{v} is out of range [{spec.low}, {spec.high}]")
+
+
+def _check_structure(r: Recipe, method: MergeMethod, fail) -> None:
+    """Base model, model counts and required parameters, per group of merged tensors."""
+    groups = []  # (path, base, non-base entries, scopes that may hold parameters)
+    if r.models is not None:
+        names = [m.model for m in r.models]
+        base = r.base_model
+        if method.base == "none":
+            base = None
+        others = [m for m in r.models if m.model != base]
+        groups.append((("models",), base, others, [r.parameters]))
+        if len(set(names)) != len(names):
+            fail(("models",), "a model is listed twice")
+    else:
+        for i, s in enumerate(r.slices):
+            base = (s.base_model or r.base_model) if method.base != "none" else None
+            if base is not None and base not in [src.model for src in s.sources]:
+                if method.base == "required" or s.base_model:
+                    fail(("slices", i, "sources"), f"the base model {base!r} must be one of the slice's sources")
+                base = None
+            others = [src for src in s.sources if src.model != base]
+            groups.append((("slices", i, "sources"), base, others, [s.parameters, r.parameters]))
+
+    for path, base, others, shared_scopes in groups:
+        if method.base == "required" and base is None:
+            fail(("base_model",), f"{method.name} needs a base_model")
+        n = len(others)
+        if n < method.min_models or (method.max_models is not None and n > method.max_models):
+            want = (f"exactly {method.min_models}" if method.min_models == method.max_models
+                    else f"at least {method.min_models}" + (f" and at most {method.max_models}" if method.max_models else ""))
+            fail(path, f"{method.name} takes {want} model(s) besides the base, got {n}")
+        for name, spec in method.params.items():
+            if not spec.required:
+                continue
+            if spec.per_model:
+                for j, entry in enumerate(others):
+                    if name not in entry.parameters and not any(name in sc for sc in shared_scopes):
+                        fail((*path, j, "parameters"), f"{entry.model}: required parameter {name!r} is missing")
+            elif not any(name in sc for sc in shared_scopes):
+                fail(("parameters",), f"{method.name} needs the parameter {name!r}")
+
+
+# --- resolution per tensor -----------------------------------------------------------------
+
+def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
+    """The value of one parameter setting for a tensor at relative depth ``t`` in [0, 1]."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, list):
+        if all(isinstance(c, dict) for c in setting):
+            for cond in setting:
+                f = cond.get("filter")
+                if f is None or f == "*" or f in tensor_name:
+                    return evaluate_setting(cond["value"], tensor_name, t)
+            return None
+        if any(isinstance(v, bool) for v in setting):
+            return setting[int(t * (len(setting) - 1))]
+        scaled = t * (len(setting) - 1)
+        i0 = int(scaled)
+        i1 = min(len(setting) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * setting[i0] + frac * setting[i1]
+    return setting
+
+
+def resolve_param(name: str, spec: ParamSpec, scopes: list[dict], tensor_name: str, t: float) -> Any:
+    """First scope (highest precedence first) that sets ``name`` for this tensor, else the default."""
+    for scope in scopes:
+        if name in scope:
+            value = evaluate_setting(scope[name], tensor_name, t)
+            if value is not None:
+                return spec.kind(value) if spec.kind is not bool else value
+    if spec.required:
+        raise RecipeError(f"required parameter {name!r} has no value for tensor {tensor_name}")
+    return spec.default
