@@ -1,0 +1,397 @@
+"""Import a GGUF file as a plain Hugging Face safetensors model directory (dequantized).
+
+transformers reads the GGUF (config, tokenizer and weights, dequantizing quantized blocks),
+but refuses ``save_pretrained`` on a GGUF-loaded model, so the directory is written here:
+``model.safetensors`` (tied weights stored once), a ``config.json`` with the GGUF-specific
+leftovers removed, ``generation_config.json`` and the tokenizer files with the chat template.
+The result loads with a plain ``AutoModelForCausalLM.from_pretrained(out_dir)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import struct
+import time
+from pathlib import Path
+from typing import Iterator
+
+from workbench.errors import WorkbenchError
+
+GGUF_MAGIC = b"GGUF"
+DTYPES = ("float32", "bfloat16", "float16")
+# Config keys that only describe the GGUF source; left in config.json they would make a later
+# plain `from_pretrained(out_dir)` look for a GGUF file or a quantizer.
+GGUF_CONFIG_LEFTOVERS = ("quantization_config", "_model_name_or_path", "_name_or_path", "gguf_file")
+TOKENIZER_CONFIG_LEFTOVERS = ("gguf_file", "vocab_file", "name_or_path", "is_local", "local_files_only")
+
+
+class GGUFImportError(WorkbenchError, ValueError):
+    """A GGUF file that cannot be imported; the message names the file and what was expected."""
+
+
+def check_gguf_file(path: str | Path) -> Path:
+    """The path, if it is an existing file that starts with the GGUF magic bytes."""
+    path = Path(path)
+    if not path.exists():
+        raise GGUFImportError(f"{path}: no such file (expected a .gguf model file)")
+    if not path.is_file():
+        raise GGUFImportError(f"{path}: not a file (expected a .gguf model file)")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise GGUFImportError(
+            f"{path}: not a GGUF file (expected the magic bytes {GGUF_MAGIC!r} at the start, found {magic!r})"
+        )
+    return path
+
+
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value types
+_STRING, _ARRAY = 8, 9
+
+
+def _scan_architecture(path: Path) -> str | None:
+    """``general.architecture`` from the key/value header alone (it is normally the first key).
+
+    gguf's GGUFReader parses every field, the 49k-entry vocabulary included (~2 s); this reads
+    a few hundred bytes. Returns None for layouts it does not handle (GGUF v1, big-endian).
+    """
+    with open(path, "rb") as f:
+        def u(fmt: str):
+            size = struct.calcsize(fmt)
+            raw = f.read(size)
+            if len(raw) != size:
+                raise EOFError
+            return struct.unpack(fmt, raw)[0]
+
+        def skip(vtype: int) -> None:
+            if vtype == _STRING:
+                f.seek(u("<Q"), 1)
+            elif vtype == _ARRAY:
+                item_type, count = u("<I"), u("<Q")
+                if item_type in _SCALAR_SIZES:
+                    f.seek(_SCALAR_SIZES[item_type] * count, 1)
+                else:
+                    for _ in range(count):
+                        skip(item_type)
+            elif vtype in _SCALAR_SIZES:
+                f.seek(_SCALAR_SIZES[vtype], 1)
+            else:
+                raise ValueError(f"unknown GGUF value type {vtype}")
+
+        try:
+            f.seek(4)
+            version = u("<I")
+            if version < 2 or version > 0xFFFF:
+                return None
+            u("<Q")  # tensor count
+            for _ in range(u("<Q")):
+                key_len = u("<Q")
+                if key_len > 1 << 16:
+                    return None
+                key = f.read(key_len).decode("utf-8", "replace")
+                vtype = u("<I")
+                if key == "general.architecture" and vtype == _STRING:
+                    return f.read(u("<Q")).decode("utf-8")
+                skip(vtype)
+        except (EOFError, ValueError, UnicodeDecodeError, OverflowError):
+            return None
+    return None
+
+
+def gguf_architecture(path: Path) -> str:
+    """``general.architecture`` of a GGUF file, read from its metadata only."""
+    arch = _scan_architecture(path)
+    if arch is not None:
+        return arch
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # a truncated or corrupt file
+        raise GGUFImportError(f"{path}: unreadable GGUF file ({type(e).__name__}: {e})") from None
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        raise GGUFImportError(f"{path}: GGUF metadata has no 'general.architecture' key")
+    return str(field.contents())
+
+
+def supported_architectures() -> set[str] | None:
+    """GGUF architectures this transformers version can load, or None if it cannot tell."""
+    try:
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    except ImportError:
+        return None
+    archs = set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"}
+    try:
+        from transformers.integrations.gguf.utils import GGUF_ARCHS
+
+        archs |= set(GGUF_ARCHS)
+    except ImportError:
+        pass
+    return archs
+
+
+@contextlib.contextmanager
+def _allow_gguf_without_accelerate() -> Iterator[None]:
+    """Let ``from_pretrained(gguf_file=...)`` run on CPU without ``accelerate`` installed.
+
+    transformers checks for accelerate before loading any GGUF, but its dequantizing CPU path
+    never uses it. When accelerate is missing the check alone is bypassed, for this call only.
+    """
+    if importlib.util.find_spec("accelerate") is not None:
+        yield
+        return
+    import transformers.modeling_utils as modeling_utils
+
+    original = modeling_utils.is_accelerate_available
+    modeling_utils.is_accelerate_available = lambda *a, **k: True
+    try:
+        yield
+    finally:
+        modeling_utils.is_accelerate_available = original
+
+
+def load_gguf_with_transformers(gguf_path: str | Path, dtype: str = "float32", tokenizer: bool = True):
+    """``(model, tokenizer)`` loaded by transformers from a GGUF file, dequantized to ``dtype``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path).absolute()
+    with _allow_gguf_without_accelerate():
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=getattr(torch, dtype)
+        )
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name) if tokenizer else None
+    return model, tok
+
+
+class _Stages:
+    """A rich progress display over named stages on a terminal; one plain line per stage otherwise."""
+
+    def __init__(self, title: str, total: int, enabled: bool = True):
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.title, self.total, self.enabled = title, total, enabled
+        self.live = enabled and self.console.is_terminal
+        self.progress = None
+        self.task = None
+        self.sub = None
+        self.step = 0
+        self.t0 = time.monotonic()
+
+    def __enter__(self) -> "_Stages":
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
+            from rich.progress import TimeElapsedColumn
+
+            self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                     MofNCompleteColumn(), TimeElapsedColumn(),
+                                     console=self.console, transient=True)
+            self.progress.start()
+            self.task = self.progress.add_task(self.title, total=self.total)
+        return self
+
+    def next(self, what: str) -> None:
+        """Start the next stage."""
+        self._end_sub()
+        if self.progress is not None:
+            if self.step:
+                self.progress.advance(self.task)
+            self.progress.update(self.task, description=f"{self.title}: {what}")
+        elif self.enabled:
+            self.console.print(f"[{self.step + 1}/{self.total}] {self.title}: {what}",
+                               highlight=False, soft_wrap=True)
+        self.step += 1
+
+    def items(self, total: int, what: str) -> None:
+        """Count ``total`` items within the current stage (see ``item``)."""
+        self._end_sub()
+        if self.progress is not None:
+            self.sub = self.progress.add_task(f"  {what}", total=total)
+
+    def item(self) -> None:
+        if self.progress is not None and self.sub is not None:
+            self.progress.advance(self.sub)
+
+    def _end_sub(self) -> None:
+        if self.progress is not None and self.sub is not None:
+            self.progress.remove_task(self.sub)
+            self.sub = None
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        if exc_type is None and self.enabled:
+            self.console.print(f"[green]done[/green] {self.title} in {time.monotonic() - self.t0:.1f}s",
+                               highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _transformers_progress_to(stages: _Stages) -> Iterator[None]:
+    """Route transformers' own GGUF progress (tqdm bars) into ``stages``, and silence its bars and
+    its warnings (which speak of packed GGUF kernels; the import dequantizes everything)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    module, original = None, None
+    with contextlib.suppress(ImportError):
+        import transformers.modeling_gguf_pytorch_utils as module  # the legacy dequantizing loader
+    if module is not None and hasattr(module, "tqdm"):
+        original = module.tqdm
+
+        def counted(iterable, *args, **kwargs):
+            items = list(iterable)
+            stages.items(len(items), kwargs.get("desc") or "tensors")
+            for x in items:
+                yield x
+                stages.item()
+
+        module.tqdm = counted
+    try:
+        yield
+    finally:
+        if original is not None:
+            module.tqdm = original
+        hf_logging.set_verbosity(verbosity)
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _state_dict_to_save(model) -> dict:
+    """Contiguous tensors, each storage once: tied weights (the LM head) are dropped."""
+    state = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        for name in _tied_names(model):
+            state.pop(name, None)
+    tensors, seen = {}, {}
+    for name, t in state.items():
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if t.numel() and ptr in seen:
+            raise GGUFImportError(f"tensor {name!r} shares memory with {seen[ptr]!r} but is not a tied weight")
+        seen[ptr] = name
+        tensors[name] = t.detach().contiguous()
+    return tensors
+
+
+def _tied_names(model) -> set[str]:
+    names = {"lm_head.weight"}
+    tied = getattr(model, "_tied_weights_keys", None)
+    if isinstance(tied, dict):
+        names |= set(tied)
+    elif isinstance(tied, (list, tuple)):
+        names |= set(tied)
+    return names
+
+
+def _write_config(model, out: Path, dtype: str) -> None:
+    config = model.config
+    config.architectures = [type(model).__name__]
+    for key in GGUF_CONFIG_LEFTOVERS:
+        if hasattr(config, key):
+            with contextlib.suppress(AttributeError):
+                delattr(config, key)
+    config.save_pretrained(out)
+    path = out / "config.json"
+    data = json.loads(path.read_text())
+    for key in GGUF_CONFIG_LEFTOVERS:
+        data.pop(key, None)
+    data["architectures"] = [type(model).__name__]
+    data["dtype"] = dtype
+    data["torch_dtype"] = dtype  # the key older transformers read
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _write_generation_config(model, out: Path) -> None:
+    from transformers import GenerationConfig
+
+    gen = getattr(model, "generation_config", None) or GenerationConfig.from_model_config(model.config)
+    gen.save_pretrained(out)
+
+
+def _write_tokenizer(tokenizer, out: Path) -> None:
+    try:
+        tokenizer.save_pretrained(out, save_jinja_files=False)
+    except TypeError:  # older transformers: the chat template always goes into tokenizer_config.json
+        tokenizer.save_pretrained(out)
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for key in TOKENIZER_CONFIG_LEFTOVERS:
+        cfg.pop(key, None)
+    if getattr(tokenizer, "chat_template", None) and "chat_template" not in cfg:
+        cfg["chat_template"] = tokenizer.chat_template
+        with contextlib.suppress(FileNotFoundError):
+            (out / "chat_template.jinja").unlink()
+    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    if not (out / "tokenizer.json").is_file():
+        raise GGUFImportError(f"{out}: the tokenizer from the GGUF file was not saved as tokenizer.json")
+
+
+def _make_readable(directory: Path) -> None:
+    """Give the output the usual permissions: the temporary directory is created private (0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for f in directory.iterdir():
+        f.chmod(0o666 & ~umask)
+
+
+def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32",
+                overwrite: bool = False, progress: bool = True) -> Path:
+    """Dequantize ``gguf_path`` into a safetensors model directory ``out_dir``; return its path.
+
+    The directory is written to a temporary sibling and renamed into place when complete.
+    """
+    from workbench.atomic import atomic_dir
+
+    gguf_path = check_gguf_file(gguf_path).absolute()
+    out_dir = Path(out_dir).absolute()
+    if dtype not in DTYPES:
+        raise GGUFImportError(f"dtype {dtype!r} is not supported; expected one of {', '.join(DTYPES)}")
+    if out_dir.exists() and not overwrite:
+        raise GGUFImportError(f"{out_dir} already exists; choose another output directory or pass overwrite")
+
+    with _Stages(f"import {gguf_path.name}", total=5, enabled=progress) as stages:
+        stages.next("reading GGUF metadata")
+        arch = gguf_architecture(gguf_path)
+        supported = supported_architectures()
+        if supported is not None and arch not in supported:
+            raise GGUFImportError(
+                f"{gguf_path}: GGUF architecture {arch!r} is not supported by this transformers version "
+                f"(expected one of: {', '.join(sorted(supported))})"
+            )
+        stages.next("loading and dequantizing weights")
+        with _transformers_progress_to(stages):
+            try:
+                model, _ = load_gguf_with_transformers(gguf_path, dtype=dtype, tokenizer=False)
+            except (ValueError, KeyError, NotImplementedError) as e:
+                raise GGUFImportError(f"{gguf_path}: transformers could not load it ({e})") from None
+            stages.next("loading tokenizer")
+            from transformers import AutoTokenizer
+
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            except (ValueError, KeyError, NotImplementedError) as e:
+                raise GGUFImportError(f"{gguf_path}: transformers could not read its tokenizer ({e})") from None
+
+        try:
+            with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+                stages.next("writing model.safetensors")
+                from safetensors.torch import save_file
+
+                save_file(_state_dict_to_save(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+                stages.next("writing config and tokenizer")
+                _write_config(model, tmp, dtype)
+                _write_generation_config(model, tmp)
+                _write_tokenizer(tokenizer, tmp)
+                _make_readable(tmp)
+        except FileExistsError as e:
+            raise GGUFImportError(str(e)) from None
+    return out_dir
