@@ -11,7 +11,7 @@ import torch
 
 from workbench.merge.methods import METHODS, MergeParams, get_method
 from workbench.merge.methods.sparsify import bernoulli, della_magprune, magnitude, magnitude_outliers
-from workbench.merge.methods.task_arithmetic import consensus_mask
+from workbench.merge.methods.task_arithmetic import agrees, elected_positive
 
 GTA = ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"]
 
@@ -345,9 +345,14 @@ def test_linear_variants_at_full_density_equal_task_arithmetic(name):
 
 
 def test_consensus_count_votes_by_sign():
-    deltas = torch.tensor([[5.0, 1.0], [-1.0, -1.0], [-1.0, 0.0]])
-    by_count = consensus_mask(deltas, "count", torch.float32)
-    by_sum = consensus_mask(deltas, "sum", torch.int8)
+    deltas = list(torch.tensor([[5.0, 1.0], [-1.0, -1.0], [-1.0, 0.0]]))
+
+    def consensus_mask(method):
+        positive = elected_positive(deltas, method)
+        return torch.stack([agrees(d, positive) for d in deltas])
+
+    by_count = consensus_mask("count")
+    by_sum = consensus_mask("sum")
     assert by_count.tolist() == [[False, True], [True, False], [True, False]]
     assert by_sum.tolist() == [[True, True], [False, False], [False, False]]
 
@@ -553,3 +558,20 @@ def test_passthrough_returns_the_tensor_times_scale():
     torch.testing.assert_close(merge("passthrough", None, xs, {}, [{"scale": -0.5}]), -0.5 * xs[0])
     with pytest.raises(ValueError, match="exactly 1"):
         merge("passthrough", None, xs + xs, {}, [{}, {}])
+
+
+@pytest.mark.parametrize("n, k", [(1000, 1), (1000, 999), (300_000, 1), (300_000, 150_000), (300_000, 299_999),
+                                  (1_000_000, 123_457)])
+def test_top_k_mask_selects_exactly_k_like_a_full_sort(n, k):
+    from workbench.merge.methods.sparsify import top_k_mask
+
+    g = torch.Generator().manual_seed(n + k)
+    w = torch.randn(n, generator=g).abs()
+    w[torch.randint(n, (n // 3,), generator=g)] = 0  # many exact zeros, as in sparse task vectors
+    w[:50] = w[50]  # and a run of equal non-zero values
+    mask = top_k_mask(w, k)
+    by_sort = torch.zeros(n, dtype=torch.bool)
+    by_sort[torch.argsort(w, descending=True, stable=True)[:k]] = True
+    nonzero = w != 0
+    # the same non-zero entries are kept as by a full sort (equal values: lowest index first)
+    assert torch.equal(mask & nonzero, by_sort & nonzero)

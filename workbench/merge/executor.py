@@ -28,6 +28,7 @@ from workbench.merge.recipe import dump_recipe, load_recipe
 from workbench.merge.tokenizer import write_tokenizer
 from workbench.models.safetensors_io import StreamingShardWriter, dtype_size
 
+PREFETCH_BYTES = 64 * 2**20  # read the next tensor's inputs ahead only when they are this small or smaller
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
                torch.float64: "float64"}
 
@@ -79,6 +80,17 @@ def merge_tensor(plan: MergePlan, job: TensorJob, inputs: tuple[torch.Tensor | N
     return out
 
 
+def input_bytes(plan: MergePlan, job: TensorJob) -> int:
+    refs = ([job.base] if job.base else []) + job.others
+    total = 0
+    for model, name in refs:
+        n = plan.models[model].dtype(name).itemsize
+        for d in plan.models[model].shape(name):
+            n *= d
+        total += n
+    return total
+
+
 def read_inputs(plan: MergePlan, job: TensorJob, device: torch.device, dtype: torch.dtype):
     def load(ref):
         model, name = ref
@@ -122,12 +134,14 @@ def execute_merge(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu", 
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         writers = [StreamingShardWriter(tmp / n, shard) for n, shard in zip(names, shards)]
         try:
-            # read the next tensor's inputs in a thread while this one is merged
+            # read the next tensor's inputs in a thread while this one is merged, unless they are
+            # big: then memory matters more than the overlap
             with ThreadPoolExecutor(max_workers=1) as pool:
-                pending = pool.submit(read_inputs, plan, plan.jobs[0], dev, compute) if plan.jobs else None
+                pending = None
                 for i, job in enumerate(plan.jobs):
-                    inputs = pending.result()
-                    if i + 1 < len(plan.jobs):
+                    inputs = pending.result() if pending else read_inputs(plan, job, dev, compute)
+                    pending = None
+                    if i + 1 < len(plan.jobs) and input_bytes(plan, plan.jobs[i + 1]) <= PREFETCH_BYTES:
                         pending = pool.submit(read_inputs, plan, plan.jobs[i + 1], dev, compute)
                     out = merge_tensor(plan, job, inputs, dev, seed)
                     del inputs

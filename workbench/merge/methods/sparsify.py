@@ -14,21 +14,26 @@ import torch
 Sparsifier = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"]
 
 
+def rescale_factor(mags: torch.Tensor, mask: torch.Tensor, eps: float = 1e-7) -> torch.Tensor | None:
+    """``|x|_1 / |x * mask|_1`` from ``mags = |x|``: the factor that gives the survivors the input's
+    L1 norm; None when either norm is below ``eps`` (then nothing is rescaled)."""
+    before, after = mags.sum(), (mags * mask).sum()
+    if before < eps or after < eps:
+        return None
+    return before / after
+
+
 def apply_mask(x: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7) -> torch.Tensor:
     """``x * mask``, optionally rescaled to the L1 norm of ``x`` (skipped when either norm < eps)."""
     out = x * mask
-    if not rescale:
-        return out
-    before, after = x.abs().sum(), out.abs().sum()
-    if before < eps or after < eps:
-        return out
-    return out * (before / after)
+    factor = rescale_factor(x.abs(), mask, eps) if rescale else None
+    return out if factor is None else out * factor
 
 
-def _magnitudes(x: torch.Tensor) -> torch.Tensor:
-    # flattened |x|; like mergekit, sorted in float32 on CPU (this only matters for ties).
-    w = x.abs().reshape(-1)
-    return w.float() if w.device.type == "cpu" else w
+def magnitudes(x: torch.Tensor) -> torch.Tensor:
+    """``|x|``, in float32 for half-precision tensors on CPU (as mergekit sorts them)."""
+    w = x.abs()
+    return w.float() if w.device.type == "cpu" and w.dtype in (torch.float16, torch.bfloat16) else w
 
 
 def _draw_dtype(x: torch.Tensor) -> torch.dtype:
@@ -36,72 +41,137 @@ def _draw_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.device.type != "cpu" or x.dtype == torch.bfloat16 else torch.float32
 
 
+SELECT_SAMPLE = 65_536  # entries sampled to bracket the k-th largest value of a big tensor
+
+
+def kth_largest(w: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry of the flat tensor ``w`` (1 <= k <= numel), exactly.
+
+    A full sort costs O(n log n) and ``kthvalue`` copies the whole tensor; instead a fixed
+    sample brackets the answer, and the exact selection runs on the few entries inside the
+    bracket. If the bracket misses (it cannot be wrong, only too narrow) the full selection runs.
+    """
+    n = w.numel()
+    if n <= 4 * SELECT_SAMPLE:
+        return torch.kthvalue(w, n - k + 1).values
+    g = torch.Generator(device=w.device).manual_seed(n)
+    sample = w[torch.randint(n, (SELECT_SAMPLE,), generator=g, device=w.device)].float()
+    q = 1 - k / n
+    margin = 4 / SELECT_SAMPLE**0.5 + 1e-3  # ~8 standard errors of a sample quantile
+    lo, hi = torch.quantile(sample, torch.tensor([max(q - margin, 0.0), min(q + margin, 1.0)], device=w.device))
+    above = int((w > hi).sum())
+    band = w[(w >= lo) & (w <= hi)]
+    need = k - above  # rank of the answer among the band, counted from the top
+    if 1 <= need <= band.numel():
+        return torch.kthvalue(band, band.numel() - need + 1).values
+    return torch.kthvalue(w, n - k + 1).values
+
+
+def top_k_mask(w: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of exactly the ``k`` largest entries of flat ``w``; among equal values at the
+    threshold the lower indices win (a full sort's order among equals is arbitrary anyway)."""
+    if k >= w.numel():
+        return torch.ones_like(w, dtype=torch.bool)
+    threshold = kth_largest(w, k)
+    mask = w > threshold
+    short = k - int(mask.sum())
+    if short > 0 and threshold != 0:  # entries equal to 0 stay 0 whether kept or not
+        mask[(w == threshold).nonzero().flatten()[:short]] = True
+    return mask
+
+
+# The *_mask functions take ``mags = magnitudes(x)`` and return a boolean keep-mask of its shape.
+
+def magnitude_mask(mags: torch.Tensor, density: float) -> torch.Tensor:
+    """The ``k = max(1, int(density * numel))`` largest-magnitude entries (TIES trim)."""
+    if density <= 0 or mags.numel() == 0:
+        return torch.zeros_like(mags, dtype=torch.bool)
+    return top_k_mask(mags.reshape(-1), max(1, int(density * mags.numel()))).view_as(mags)
+
+
 def magnitude(x: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
-    """Keep the ``k = max(1, int(density * numel))`` largest-magnitude entries (TIES trim)."""
     if density >= 1:
         return x
-    if density <= 0 or x.numel() == 0:
-        return torch.zeros_like(x)
-    k = max(1, int(density * x.numel()))
-    keep = torch.argsort(_magnitudes(x), descending=True)[:k]
-    mask = torch.zeros(x.numel(), dtype=x.dtype, device=x.device)
-    mask[keep] = 1
-    return apply_mask(x, mask.view_as(x), rescale)
+    return apply_mask(x, magnitude_mask(magnitudes(x), density), rescale)
+
+
+def magnitude_outliers_mask(mags: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs: drop the top ``int(gamma * n)`` magnitudes, then the smallest, keeping
+    ``int(density * n)`` entries. When density + gamma > 1 fewer outliers are dropped."""
+    n = mags.numel()
+    n_keep = int(density * n)
+    n_bottom = max(0, n - n_keep - int(gamma * n))
+    w = mags.reshape(-1)
+    # ascending ranks [n_bottom, n_bottom + n_keep): not among the n_bottom smallest, nor the largest rest
+    keep = top_k_mask(w, n - n_bottom) if n_bottom else torch.ones_like(w, dtype=torch.bool)
+    n_top = n - n_bottom - n_keep
+    if n_top:
+        keep &= ~top_k_mask(w, n_top)
+    return keep.view_as(mags)
 
 
 def magnitude_outliers(x: torch.Tensor, density: float, gamma: float, rescale: bool = False) -> torch.Tensor:
-    """Model Breadcrumbs: drop the top ``int(gamma * n)`` magnitudes, then the smallest, keeping
-    ``int(density * n)`` entries. When density + gamma > 1 fewer outliers are dropped."""
     if density >= 1:
         return x
-    n = x.numel()
-    n_keep = int(density * n)
-    n_bottom = max(0, n - n_keep - int(gamma * n))
-    ascending = torch.sort(_magnitudes(x), descending=False).indices
-    mask = torch.zeros(n, dtype=x.dtype, device=x.device)
-    mask[ascending[n_bottom : n_bottom + n_keep]] = 1
-    return apply_mask(x, mask.view_as(x), rescale)
+    return apply_mask(x, magnitude_outliers_mask(magnitudes(x), density, gamma), rescale)
+
+
+def bernoulli_mask(x: torch.Tensor, density: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """DARE: keep each entry independently with probability ``density``."""
+    return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(density, generator=generator)
 
 
 def bernoulli(
     x: torch.Tensor, density: float, rescale: bool = False, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """DARE: keep each entry independently with probability ``density``."""
     if density >= 1:
         return x
-    p = torch.full(x.shape, density, dtype=_draw_dtype(x), device=x.device)
-    mask = torch.bernoulli(p, generator=generator)
-    return apply_mask(x, mask.to(x.dtype), rescale)
+    return apply_mask(x, bernoulli_mask(x, density, generator), rescale)
 
 
-def della_magprune(
-    x: torch.Tensor,
-    density: float,
-    epsilon: float,
-    rescale: bool = False,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
+def della_mask(mags: torch.Tensor, density: float, epsilon: float,
+               generator: torch.Generator | None = None) -> torch.Tensor:
     """DELLA MagPrune: keep entries at random with probabilities rising linearly with their
     magnitude rank along dim 1 (within each row of a matrix, across a vector), from
     ``density - epsilon`` for the smallest to ``density + epsilon`` for the largest."""
-    if density >= 1:
-        return x
     if density <= 0:
-        return torch.zeros_like(x)
+        return torch.zeros_like(mags, dtype=torch.bool)
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise ValueError(
             f"della: epsilon={epsilon} with density={density} puts density ± epsilon outside (0, 1); "
             f"epsilon must be below min(density, 1 - density) = {min(density, 1 - density):g}"
         )
-    rows = x.reshape(1, -1) if x.dim() < 2 else x
+    rows = mags.reshape(1, -1) if mags.dim() < 2 else mags
     n = rows.shape[1]
     # rank 0 = smallest magnitude in its row (argsort of argsort inverts the permutation)
-    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(_draw_dtype(x))
+    ranks = rows.argsort(dim=1).argsort(dim=1).to(_draw_dtype(mags))
     # A row of one entry has no spread: keep it with probability density (mergekit fails here).
     rank_norm = ranks / (n - 1) if n > 1 else torch.full_like(ranks, 0.5)
     probs = (density - epsilon) + rank_norm * (2 * epsilon)
-    mask = torch.bernoulli(probs, generator=generator)
-    return apply_mask(rows, mask.to(x.dtype), rescale).reshape(x.shape)
+    return torch.bernoulli(probs, generator=generator).bool().reshape(mags.shape)
+
+
+def della_magprune(x: torch.Tensor, density: float, epsilon: float, rescale: bool = False,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    if density >= 1:
+        return x
+    return apply_mask(x, della_mask(magnitudes(x), density, epsilon, generator), rescale)
+
+
+def keep_mask(mags: torch.Tensor, method: Sparsifier, density: float, gamma: float = 0.0, epsilon: float = 0.0,
+              generator: torch.Generator | None = None) -> torch.Tensor | None:
+    """Which entries of a delta survive ``method``, from its ``magnitudes``; None when all do."""
+    if density >= 1:
+        return None
+    if method == "magnitude":
+        return magnitude_mask(mags, density)
+    if method == "random":
+        return bernoulli_mask(mags, density, generator)
+    if method == "magnitude_outliers":
+        return magnitude_outliers_mask(mags, density, gamma)
+    if method == "della_magprune":
+        return della_mask(mags, density, epsilon, generator)
+    raise ValueError(f"unknown sparsification method {method!r}")
 
 
 def sparsify(
@@ -113,12 +183,5 @@ def sparsify(
     epsilon: float = 0.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    if method == "magnitude":
-        return magnitude(x, density, rescale)
-    if method == "random":
-        return bernoulli(x, density, rescale, generator)
-    if method == "magnitude_outliers":
-        return magnitude_outliers(x, density, gamma, rescale)
-    if method == "della_magprune":
-        return della_magprune(x, density, epsilon, rescale, generator)
-    raise ValueError(f"unknown sparsification method {method!r}")
+    mask = keep_mask(magnitudes(x), method, density, gamma, epsilon, generator)
+    return x if mask is None else apply_mask(x, mask, rescale)

@@ -14,7 +14,7 @@ import torch
 
 from .base import MergeMethod, MergeParams, ParamSpec, register
 from .common import resolve
-from .sparsify import Sparsifier, sparsify
+from .sparsify import Sparsifier, keep_mask, rescale_factor
 
 Consensus = Literal["sum", "count"]
 
@@ -26,18 +26,45 @@ EPSILON = ParamSpec(
 )
 
 
-def consensus_mask(deltas: torch.Tensor, method: Consensus, dtype: torch.dtype) -> torch.Tensor:
-    """True where a model's delta has the elected sign (TIES). The sign is elected per entry by
-    the sum of the weighted deltas ('sum') or by a vote of their signs ('count'); ties go to +."""
-    signs = deltas.sign().to(dtype)
+def elected_positive(weighted: list[torch.Tensor], method: Consensus) -> torch.Tensor:
+    """TIES sign election per entry: True where the elected sign is +. It is the sign of the sum
+    of the weighted deltas ('sum') or of a vote of their signs ('count'); ties go to +."""
     if method == "sum":
-        votes = deltas.sum(dim=0)
+        votes = torch.stack(weighted).sum(dim=0) if len(weighted) > 2 else sum(weighted)
     elif method == "count":
-        votes = signs.sum(dim=0)
+        votes = sum(d.sign() for d in weighted)
     else:
         raise ValueError(f"unknown consensus method {method!r}")
-    elected = (votes >= 0).to(dtype) * 2 - 1
-    return signs == elected
+    return votes >= 0
+
+
+def agrees(delta: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """sign(delta) == elected sign; a zero entry never agrees."""
+    return torch.where(positive, delta > 0, delta < 0)
+
+
+CHUNK = 1 << 19  # entries combined at a time: temporaries stay small and in cache
+
+
+def combine(weighted: list[torch.Tensor], weights: list[float], consensus: Consensus | None,
+            normalize: bool) -> torch.Tensor:
+    """Sum weighted deltas (only those agreeing with the elected sign, under consensus) and
+    divide by the summed weights of what was added when ``normalize``."""
+    if consensus is not None:
+        positive = elected_positive(weighted, consensus)
+        merged = torch.zeros_like(weighted[0])
+        divisor = torch.zeros_like(weighted[0])
+        for d, w in zip(weighted, weights):
+            agree = agrees(d, positive)
+            merged.add_(d * agree)
+            divisor.add_(agree, alpha=w)
+        divisor[divisor == 0] = 1
+    else:
+        merged = weighted[0] if len(weighted) == 1 else torch.stack(weighted).sum(dim=0)
+        divisor = torch.tensor(weights, dtype=merged.dtype, device=merged.device).sum()
+        if divisor.abs() < 1e-8:
+            divisor = torch.ones_like(divisor)
+    return merged.div_(divisor) if normalize else merged
 
 
 def generalized_task_arithmetic(
@@ -55,36 +82,40 @@ def generalized_task_arithmetic(
     shared, per_model = resolve(name, params, specs, len(tensors))
     if not tensors:
         return base.clone()
+    weights = [float(p["weight"]) for p in per_model]
 
-    deltas = []
+    # 1. per model: which delta entries survive sparsification, and the L1 rescale factor
+    masks, factors = [], []
     for x, p in zip(tensors, per_model):
-        delta = x - base
+        mask = factor = None
         if sparsifier is not None:
-            delta = sparsify(
-                delta, sparsifier, p["density"], rescale=shared["rescale"],
-                gamma=p.get("gamma", 0.0), epsilon=p.get("epsilon", 0.0), generator=params.generator,
-            )
-        deltas.append(delta)
-    deltas = torch.stack(deltas)
-    weights = torch.tensor([p["weight"] for p in per_model], dtype=deltas.dtype, device=deltas.device)
-    weights = weights.view(-1, *([1] * base.dim()))
-    deltas = deltas * weights
+            mags = (x - base).abs_()  # inputs are float32/float64, so no cast is needed
+            mask = keep_mask(mags, sparsifier, p["density"], p.get("gamma", 0.0), p.get("epsilon", 0.0),
+                             params.generator)
+            if mask is not None and shared["rescale"]:
+                factor = rescale_factor(mags, mask)
+            del mags
+        masks.append(None if mask is None else mask.reshape(-1))
+        factors.append(factor)
 
-    if consensus is not None:
-        mask = consensus_mask(deltas, consensus, torch.int8 if shared["int8_mask"] else deltas.dtype)
-        merged = (deltas * mask).sum(dim=0)
-        divisor = (weights * mask).sum(dim=0)  # per entry: weights of the models that agree
-        divisor[divisor == 0] = 1
-    else:
-        merged = deltas.sum(dim=0)
-        divisor = weights.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
-
-    if shared["normalize"]:
-        merged = merged / divisor
-    if shared["lambda"] != 1:
-        merged = merged * shared["lambda"]
-    return (base + merged).to(base.dtype)
+    # 2. chunk by chunk: masked, rescaled, weighted deltas -> combined -> added to the base
+    out = torch.empty_like(base)
+    b, o, xs = base.reshape(-1), out.view(-1), [x.reshape(-1) for x in tensors]
+    for start in range(0, b.numel(), CHUNK):
+        part = slice(start, start + CHUNK)
+        weighted = []
+        for x, mask, factor, w in zip(xs, masks, factors, weights):
+            d = x[part] - b[part]
+            if mask is not None:
+                d.mul_(mask[part])
+            if factor is not None:
+                d.mul_(factor)
+            weighted.append(d.mul_(w))
+        merged = combine(weighted, weights, consensus, shared["normalize"])
+        if shared["lambda"] != 1:
+            merged.mul_(shared["lambda"])
+        torch.add(b[part], merged, out=o[part])
+    return out
 
 
 def gta_method(
