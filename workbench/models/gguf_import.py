@@ -10,7 +10,6 @@ The result loads with a plain ``AutoModelForCausalLM.from_pretrained(out_dir)``.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import struct
@@ -134,36 +133,13 @@ def supported_architectures() -> set[str] | None:
     return archs
 
 
-@contextlib.contextmanager
-def _allow_gguf_without_accelerate() -> Iterator[None]:
-    """Let ``from_pretrained(gguf_file=...)`` run on CPU without ``accelerate`` installed.
-
-    transformers checks for accelerate before loading any GGUF, but its dequantizing CPU path
-    never uses it. When accelerate is missing the check alone is bypassed, for this call only.
-    """
-    if importlib.util.find_spec("accelerate") is not None:
-        yield
-        return
-    import transformers.modeling_utils as modeling_utils
-
-    original = modeling_utils.is_accelerate_available
-    modeling_utils.is_accelerate_available = lambda *a, **k: True
-    try:
-        yield
-    finally:
-        modeling_utils.is_accelerate_available = original
-
-
 def load_gguf_with_transformers(gguf_path: str | Path, dtype: str = "float32", tokenizer: bool = True):
     """``(model, tokenizer)`` loaded by transformers from a GGUF file, dequantized to ``dtype``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path = Path(gguf_path).absolute()
-    with _allow_gguf_without_accelerate():
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=getattr(torch, dtype)
-        )
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=getattr(torch, dtype))
     model.eval()
     tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name) if tokenizer else None
     return model, tok

@@ -59,11 +59,12 @@ def kth_largest(w: torch.Tensor, k: int) -> torch.Tensor:
     q = 1 - k / n
     margin = 4 / SELECT_SAMPLE**0.5 + 1e-3  # ~8 standard errors of a sample quantile
     lo, hi = torch.quantile(sample, torch.tensor([max(q - margin, 0.0), min(q + margin, 1.0)], device=w.device))
-    above = int((w > hi).sum())
-    band = w[(w >= lo) & (w <= hi)]
-    need = k - above  # rank of the answer among the band, counted from the top
-    if 1 <= need <= band.numel():
-        return torch.kthvalue(band, band.numel() - need + 1).values
+    above = int(torch.count_nonzero(w > hi))
+    if above < k <= int(torch.count_nonzero(w >= lo)):  # the answer lies in [lo, hi]
+        if lo == hi:  # e.g. the zeros of a sparse delta
+            return hi.to(w.dtype)
+        band = w[(w >= lo) & (w <= hi)]
+        return torch.kthvalue(band, band.numel() - (k - above) + 1).values
     return torch.kthvalue(w, n - k + 1).values
 
 
@@ -74,7 +75,7 @@ def top_k_mask(w: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones_like(w, dtype=torch.bool)
     threshold = kth_largest(w, k)
     mask = w > threshold
-    short = k - int(mask.sum())
+    short = k - int(torch.count_nonzero(mask))
     if short > 0 and threshold != 0:  # entries equal to 0 stay 0 whether kept or not
         mask[(w == threshold).nonzero().flatten()[:short]] = True
     return mask
