@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import struct
 import time
 from pathlib import Path
 from typing import Iterator
@@ -47,64 +46,8 @@ def check_gguf_file(path: str | Path) -> Path:
     return path
 
 
-_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value types
-_STRING, _ARRAY = 8, 9
-
-
-def _scan_architecture(path: Path) -> str | None:
-    """``general.architecture`` from the key/value header alone (it is normally the first key).
-
-    gguf's GGUFReader parses every field, the 49k-entry vocabulary included (~2 s); this reads
-    a few hundred bytes. Returns None for layouts it does not handle (GGUF v1, big-endian).
-    """
-    with open(path, "rb") as f:
-        def u(fmt: str):
-            size = struct.calcsize(fmt)
-            raw = f.read(size)
-            if len(raw) != size:
-                raise EOFError
-            return struct.unpack(fmt, raw)[0]
-
-        def skip(vtype: int) -> None:
-            if vtype == _STRING:
-                f.seek(u("<Q"), 1)
-            elif vtype == _ARRAY:
-                item_type, count = u("<I"), u("<Q")
-                if item_type in _SCALAR_SIZES:
-                    f.seek(_SCALAR_SIZES[item_type] * count, 1)
-                else:
-                    for _ in range(count):
-                        skip(item_type)
-            elif vtype in _SCALAR_SIZES:
-                f.seek(_SCALAR_SIZES[vtype], 1)
-            else:
-                raise ValueError(f"unknown GGUF value type {vtype}")
-
-        try:
-            f.seek(4)
-            version = u("<I")
-            if version < 2 or version > 0xFFFF:
-                return None
-            u("<Q")  # tensor count
-            for _ in range(u("<Q")):
-                key_len = u("<Q")
-                if key_len > 1 << 16:
-                    return None
-                key = f.read(key_len).decode("utf-8", "replace")
-                vtype = u("<I")
-                if key == "general.architecture" and vtype == _STRING:
-                    return f.read(u("<Q")).decode("utf-8")
-                skip(vtype)
-        except (EOFError, ValueError, UnicodeDecodeError, OverflowError):
-            return None
-    return None
-
-
 def gguf_architecture(path: Path) -> str:
     """``general.architecture`` of a GGUF file, read from its metadata only."""
-    arch = _scan_architecture(path)
-    if arch is not None:
-        return arch
     from gguf import GGUFReader
 
     try:
