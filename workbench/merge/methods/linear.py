@@ -21,7 +21,7 @@ def linear(base: torch.Tensor | None, tensors: list[torch.Tensor], params: Merge
     weights = [float(p["weight"]) for p in per_model]
     out = torch.zeros_like(tensors[0], dtype=dtype)
     for x, w in zip(tensors, weights):
-        out += x.to(dtype) * w
+        out.add_(x.to(dtype), alpha=w)
     if shared["normalize"]:
         total = sum(weights)
         if total == 0:  # mergekit would return inf/nan here

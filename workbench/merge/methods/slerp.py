@@ -19,17 +19,31 @@ def slerp(
     dtype = work_dtype(v0)
     a, b = v0.reshape(-1).to(dtype), v1.reshape(-1).to(dtype)
     t = torch.as_tensor(t, dtype=dtype, device=a.device)
-    norm_a, norm_b = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
+    aa, bb, ab = _dots(a, b)
+    norm_a, norm_b = aa.sqrt(), bb.sqrt()
     norm_a = torch.where(norm_a > eps, norm_a, 1)  # zero vectors: dot 0, so slerp at 90°
     norm_b = torch.where(norm_b > eps, norm_b, 1)
-    dot = ((a / norm_a) * (b / norm_b)).sum().clamp(-1, 1)
+    dot = (ab / (norm_a * norm_b)).to(dtype).clamp(-1, 1)
     if a.numel() == 0 or dot.abs() > dot_threshold:
         coef_a, coef_b = 1 - t, t
     else:
         theta = torch.acos(dot)
         coef_a = torch.sin((1 - t) * theta) / torch.sin(theta)
         coef_b = torch.sin(t * theta) / torch.sin(theta)
-    return (coef_a * a + coef_b * b).reshape(v0.shape).to(v0.dtype)
+    out = a * coef_a  # one output buffer, no full-size temporaries
+    return out.add_(b, alpha=float(coef_b)).reshape(v0.shape).to(v0.dtype)
+
+
+CHUNK = 1 << 20
+
+
+def _dots(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """a.a, b.b and a.b accumulated in float64, chunk by chunk (exact enough, little memory)."""
+    aa = bb = ab = torch.zeros((), dtype=torch.float64, device=a.device)
+    for start in range(0, a.numel(), CHUNK):
+        x, y = a[start:start + CHUNK].double(), b[start:start + CHUNK].double()
+        aa, bb, ab = aa + x.dot(x), bb + y.dot(y), ab + x.dot(y)
+    return aa, bb, ab
 
 
 def slerp_merge(base: torch.Tensor | None, tensors: list[torch.Tensor], params: MergeParams) -> torch.Tensor:

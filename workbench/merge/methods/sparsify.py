@@ -16,8 +16,10 @@ Sparsifier = Literal["magnitude", "random", "magnitude_outliers", "della_magprun
 
 def rescale_factor(mags: torch.Tensor, mask: torch.Tensor, eps: float = 1e-7) -> torch.Tensor | None:
     """``|x|_1 / |x * mask|_1`` from ``mags = |x|``: the factor that gives the survivors the input's
-    L1 norm; None when either norm is below ``eps`` (then nothing is rescaled)."""
-    before, after = mags.sum(), (mags * mask).sum()
+    L1 norm; None when either norm is below ``eps`` (then nothing is rescaled).
+    ``mags`` is scratch: it is overwritten with ``mags * mask``."""
+    before = mags.sum()
+    after = mags.mul_(mask).sum()
     if before < eps or after < eps:
         return None
     return before / after
@@ -26,7 +28,7 @@ def rescale_factor(mags: torch.Tensor, mask: torch.Tensor, eps: float = 1e-7) ->
 def apply_mask(x: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7) -> torch.Tensor:
     """``x * mask``, optionally rescaled to the L1 norm of ``x`` (skipped when either norm < eps)."""
     out = x * mask
-    factor = rescale_factor(x.abs(), mask, eps) if rescale else None
+    factor = rescale_factor(x.abs(), mask, eps) if rescale else None  # x.abs() is a fresh copy
     return out if factor is None else out * factor
 
 
