@@ -1,0 +1,156 @@
+"""The evolutionary search on tiny models, with objectives whose optimum is known."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from workbench.errors import WorkbenchError
+from workbench.search.genome import GenomeLayout
+from workbench.search.objective import Fitness
+from workbench.search.run import Search, read_history
+from workbench.search.spec import SpecError, load_spec, spec_from_dict
+
+
+def linear_spec(models, **extra) -> dict:
+    spec = {"name": "t", "models": [str(m) for m in models], "merge_method": "linear",
+            "evolve": {"weight": [0.0, 1.0]}, "objective": [{"task": "synthetic"}],
+            "budget": {"generations": 6, "population": 6}, "seed": 3, "sigma0": 0.3}
+    spec.update(extra)
+    return spec
+
+
+class DistanceObjective:
+    """score = exp(-|W - target|^2 / scale) over every parameter: 1 exactly at the target weights."""
+
+    def __init__(self, target: dict[str, torch.Tensor], fail_every: int = 0):
+        self.target = target
+        self.scale = sum(float((t ** 2).sum()) for t in target.values()) * 1e-3
+        self.calls = 0
+        self.fail_every = fail_every
+
+    def __call__(self, model, tokenizer, incumbent=None):
+        self.calls += 1
+        if self.fail_every and self.calls % self.fail_every == 0:
+            raise RuntimeError("a candidate that breaks")
+        sd = model.state_dict()
+        d = sum(float(((sd[k] - v) ** 2).sum()) for k, v in self.target.items())
+        return Fitness(float(np.exp(-d / self.scale)), {"synthetic": {"score": float(np.exp(-d / self.scale))}})
+
+
+def state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors")
+
+
+def test_genome_recipe_round_trip_per_layer_and_split(tiny_models):
+    base, a, b = tiny_models("llama", 3, num_layers=4)
+    spec = spec_from_dict({"models": [str(a), str(b)], "base_model": str(base), "merge_method": "ties",
+                           "evolve": {"weight": [0.0, 1.0], "density": [0.1, 1.0]}, "granularity": 2,
+                           "split_attention_mlp": True, "fixed": {"normalize": True},
+                           "objective": ["synthetic"]})
+    layout = GenomeLayout(spec, num_layers=4)
+    assert len(layout) == 2 * 2 * 2 * 2  # params x models x groups x parts
+    x = np.random.default_rng(0).uniform(size=len(layout))
+    recipe = layout.to_recipe(x)
+    np.testing.assert_allclose(layout.from_recipe(recipe), x, atol=1e-5)
+    w = recipe.models[0].parameters["weight"]
+    assert w[0]["filter"] == "attn" and len(w[0]["value"]) == 4 and w[0]["value"][0] == w[0]["value"][1]
+    from workbench.merge.plan import plan_merge
+
+    plan = plan_merge(recipe)  # the recipe validates and plans like any other
+    q0 = next(j for j in plan.jobs if j.out_name == "model.layers.0.self_attn.q_proj.weight")
+    q3 = next(j for j in plan.jobs if j.out_name == "model.layers.3.self_attn.q_proj.weight")
+    up3 = next(j for j in plan.jobs if j.out_name == "model.layers.3.mlp.up_proj.weight")
+    gene = {(g.param, g.model, g.group, g.part): layout.value(g, xi) for g, xi in zip(layout.genes, x)}
+    assert q0.params.per_model[0]["weight"] == pytest.approx(gene[("weight", str(a), 0, "attn")], abs=1e-6)
+    assert q3.params.per_model[1]["density"] == pytest.approx(gene[("density", str(b), 1, "attn")], abs=1e-6)
+    assert up3.params.per_model[0]["weight"] == pytest.approx(gene[("weight", str(a), 1, "rest")], abs=1e-6)
+    plan.close()
+
+
+def test_search_finds_a_known_optimum_and_writes_its_run(tiny_models, tmp_path):
+    a, b = tiny_models("llama", 2)
+    A, B = state(a), state(b)
+    target = {k: 0.2 * A[k] + 0.8 * B[k] for k in A}  # linear, normalized: weights in ratio 1:4
+    spec = spec_from_dict(linear_spec([a, b], budget={"generations": 12, "population": 8}))
+    search = Search(spec, tmp_path / "run", objective=DistanceObjective(target)).start()
+    final = search.run()
+    assert final.stop_reason == "generations"
+    best = final.incumbent
+    w = [m["parameters"]["weight"] for m in best["recipe"]["models"]]
+    assert w[1] / (w[0] + w[1]) == pytest.approx(0.8, abs=0.03)
+    assert best["score"] > 0.95
+    rows = read_history(tmp_path / "run")
+    assert len(rows) == 12 * 9  # 8 candidates and the mean per generation
+    assert {"generation", "genome", "recipe", "score", "tasks", "seconds", "merge_seconds"} <= set(rows[0])
+    best_yml = yaml.safe_load((tmp_path / "run" / "best.yml").read_text())
+    assert best_yml == best["recipe"] and best_yml["merge_method"] == "linear"
+
+
+def test_resume_after_kill_gives_the_same_history(tiny_models, tmp_path):
+    a, b = tiny_models("llama", 2)
+    A, B = state(a), state(b)
+    target = {k: 0.6 * A[k] + 0.4 * B[k] for k in A}
+    spec = spec_from_dict(linear_spec([a, b]))
+    Search(spec, tmp_path / "full", objective=DistanceObjective(target)).start().run()
+
+    s = Search(spec, tmp_path / "cut", objective=DistanceObjective(target)).start()
+    for _ in range(3):
+        s.step()
+    # a kill -9 in the middle of generation 3: half its rows written, no checkpoint
+    full_rows = read_history(tmp_path / "full")
+    with open(tmp_path / "cut" / "history.jsonl", "a") as f:
+        f.write(json.dumps(full_rows[3 * 7]) + "\n" + '{"generation": 3, "trunc')
+    np.random.seed(12345)  # the process state is gone; only the run directory counts
+    resumed = Search(spec_from_dict(linear_spec([a, b])), tmp_path / "cut",
+                     objective=DistanceObjective(target)).resume()
+    resumed.run()
+    cut_rows = read_history(tmp_path / "cut")
+    strip = lambda rows: [{k: r[k] for k in ("generation", "index", "genome", "score")} for r in rows]  # noqa: E731
+    assert strip(cut_rows) == strip(full_rows)
+
+
+def test_failing_candidates_do_not_stop_the_run(tiny_models, tmp_path):
+    a, b = tiny_models("llama", 2)
+    A = state(a)
+    spec = spec_from_dict(linear_spec([a, b], budget={"generations": 3, "population": 4}))
+    final = Search(spec, tmp_path / "run", objective=DistanceObjective(A, fail_every=3)).start().run()
+    rows = read_history(tmp_path / "run")
+    failed = [r for r in rows if r["error"]]
+    assert failed and all(r["score"] is None and "breaks" in r["error"] for r in failed)
+    assert final.incumbent["score"] is not None and len(rows) == 3 * 5
+
+
+def test_bad_specs_name_the_field(tmp_path, tiny_models):
+    a, b = tiny_models("llama", 2)
+    good = linear_spec([a, b])
+    cases = [
+        ({"merge_method": "passthrough"}, "merge_method"),
+        ({"evolve": {"weight": [1.0, 0.5]}}, "low < high"),
+        ({"evolve": {"normalize": [0, 1]}}, "not a numeric parameter"),
+        ({"objective": [{"task": "x", "split": "heldout"}]}, "heldout"),
+        ({"budget": {"population": 1}}, "population"),
+        ({"granularity": "sometimes"}, "granularity"),
+        ({"sigma0": 3}, "sigma0"),
+        ({"mutation": 1}, "unknown key"),
+    ]
+    for change, words in cases:
+        path = tmp_path / "spec.yml"
+        path.write_text(yaml.safe_dump(good | change))
+        with pytest.raises(SpecError, match=words) as e:
+            load_spec(path)
+        assert str(e.value).startswith(str(path))
+    with pytest.raises(WorkbenchError, match="not empty"):
+        (tmp_path / "busy").mkdir()
+        (tmp_path / "busy" / "x").write_text("")
+        Search(spec_from_dict(good), tmp_path / "busy", objective=DistanceObjective(state(a))).start()

@@ -1,0 +1,90 @@
+"""In-memory candidates: one resident model, each candidate's merged tensors written into it.
+
+The source tensors are read once and kept in memory; a candidate is planned from its recipe,
+and only the tensors whose resolved parameters changed since the previous candidate are merged
+again and copied into the resident model's parameters. Nothing touches disk per candidate.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from workbench.merge.executor import merge_tensor
+from workbench.merge.plan import MergePlan, TensorJob, plan_merge
+from workbench.merge.recipe import Recipe
+
+
+@dataclass
+class MergeStats:
+    seconds: float
+    tensors_merged: int
+    tensors_total: int
+
+
+def _signature(job: TensorJob) -> tuple:
+    p = job.params
+    return (job.base, tuple(job.others), tuple(sorted(p.shared.items())),
+            tuple(tuple(sorted(d.items())) for d in p.per_model))
+
+
+class InMemoryMerger:
+    """Holds the sources and a resident ``transformers`` model; :meth:`apply` merges a recipe into it."""
+
+    def __init__(self, recipe: Recipe, device: str = "cpu", seed: int = 0):
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        self.device = torch.device(device)
+        self.seed = seed
+        plan = plan_merge(recipe)
+        try:
+            ref = plan.models[plan.reference_model]
+            self.tokenizer = AutoTokenizer.from_pretrained(ref.path)
+            config = AutoConfig.from_pretrained(ref.path)
+            with torch.device(self.device):
+                self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+            self.compute_dtype = plan.compute_dtype()
+            self._sources: dict[tuple[str, str], torch.Tensor] = {}
+            for job in plan.jobs:
+                for i, name in ([job.base] if job.base else []) + job.others:
+                    key = (str(plan.models[i].path), name)
+                    if key not in self._sources:
+                        self._sources[key] = plan.models[i].get_tensor(name).to(self.device, self.compute_dtype)
+        finally:
+            plan.close()
+        self._targets = dict(self.model.named_parameters(remove_duplicate=False))
+        self._targets.update(dict(self.model.named_buffers(remove_duplicate=False)))
+        self._last: dict[str, tuple] = {}
+
+    def _inputs(self, plan: MergePlan, job: TensorJob):
+        def get(ref):
+            return self._sources[(str(plan.models[ref[0]].path), ref[1])]
+
+        return (get(job.base) if job.base else None), [get(r) for r in job.others]
+
+    def apply(self, recipe: Recipe) -> MergeStats:
+        """Merge ``recipe`` into the resident model (only the tensors whose parameters changed)."""
+        start = time.perf_counter()
+        plan = plan_merge(recipe)
+        merged = 0
+        try:
+            with torch.no_grad():
+                for job in plan.jobs:
+                    sig = _signature(job)
+                    if self._last.get(job.out_name) == sig:
+                        continue
+                    target = self._targets.get(job.out_name)
+                    if target is None:
+                        raise KeyError(f"the resident model has no tensor {job.out_name}")
+                    out = merge_tensor(plan, job, self._inputs(plan, job), self.device, self.seed)
+                    target.copy_(out)
+                    self._last[job.out_name] = sig
+                    merged += 1
+        except BaseException:
+            self._last.clear()  # the model is now partly merged: merge everything next time
+            raise
+        finally:
+            plan.close()
+        return MergeStats(time.perf_counter() - start, merged, len(plan.jobs))

@@ -1,0 +1,300 @@
+"""The evolutionary merge search: CMA-ES ask/tell over genomes, candidates merged in memory.
+
+Run directory::
+
+    spec.yml         the spec as run (with its seed)
+    history.jsonl    one row per evaluated candidate (generation, index, kind, genome, recipe,
+                     score, per-task scores, items, seconds, merge_seconds, error)
+    checkpoint.pkl   optimizer state after the last complete generation (written atomically)
+    best.yml         mergekit-compatible recipe of the incumbent
+    report.json/.md  the held-out report, at the end
+
+Resuming reads the checkpoint, drops history rows of any generation after it (so a kill -9
+mid-generation leaves no duplicates), restores numpy's global RNG (which pycma draws from) and
+continues; the result equals an uninterrupted run with the same seed.
+
+pycma pitfalls handled here: fitness is continuous and ``tolfun``/``tolflatfitness`` are off so
+a flat start does not stop the run; a failed candidate gets an explicit worst fitness; the mean
+(``xfavorite``) is evaluated every generation, since with a noisy fitness it beats ``xbest``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from workbench.atomic import atomic_file
+from workbench.errors import WorkbenchError
+from workbench.merge.recipe import Recipe, dump_recipe, recipe_from_dict
+from workbench.search.spec import SearchSpec, load_spec, spec_from_dict
+
+WORST = 2.0  # fitness (CMA minimizes -score, score in [0, 1]) given to a candidate that failed
+
+
+@dataclass
+class CandidateDone:
+    generation: int
+    index: int
+    kind: str  # "candidate" or "favorite" (the CMA mean)
+    score: float | None
+    tasks: dict
+    seconds: float
+    merge_seconds: float
+    error: str | None = None
+
+
+@dataclass
+class GenerationDone:
+    generation: int
+    best: float
+    mean: float
+    incumbent: float
+    evaluations: int
+    elapsed: float
+    eta: float | None  # seconds left by the budget, when it can be told
+
+
+@dataclass
+class SearchState:
+    generation: int = 0  # generations completed
+    evaluations: int = 0
+    elapsed: float = 0.0  # seconds of search, summed over resumes
+    incumbent: dict | None = None  # the best history row so far
+    stop_reason: str | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+def write_jsonl_rows(path: Path, rows: list[dict]) -> None:
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "history.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a row cut short by a kill: it and anything after belong to an unfinished generation
+    return rows
+
+
+def _cma_options(spec: SearchSpec) -> dict:
+    return {"bounds": [0, 1], "popsize": spec.budget.population, "seed": spec.seed + 1,  # 0 means "time"
+            "tolfun": 0, "tolfunhist": 0, "tolflatfitness": 10**9, "tolx": 0, "tolstagnation": 10**9,
+            "verbose": -9, "verb_log": 0, "verb_disp": 0, "signals_filename": "", "maxiter": 10**9}
+
+
+class Search:
+    """One search run: set up with :meth:`start` or :meth:`resume`, then :meth:`run`."""
+
+    def __init__(self, spec: SearchSpec, run_dir: str | Path, objective=None, device: str = "cpu"):
+        from workbench.search.candidates import InMemoryMerger
+        from workbench.search.genome import GenomeLayout
+
+        spec = resolve_models(spec)
+        self.spec = spec
+        self.run_dir = Path(run_dir)
+        probe = GenomeLayout(spec, 1)
+        from workbench.merge.plan import plan_merge
+
+        plan = plan_merge(probe.to_recipe(probe.start()))
+        num_layers = plan.num_layers
+        plan.close()
+        self.layout = GenomeLayout(spec, num_layers)
+        self.merger = InMemoryMerger(self.layout.to_recipe(self.layout.start()), device=device, seed=spec.seed)
+        if objective is None:
+            from workbench.search.objective import Objective
+
+            objective = Objective(spec)
+        self.objective = objective
+        self.state = SearchState()
+        self.es = None
+
+    # --- set-up ----------------------------------------------------------------------------
+    def start(self) -> "Search":
+        with warnings.catch_warnings():  # pycma warns that matplotlib (for its plots) is missing
+            warnings.simplefilter("ignore")
+            import cma
+
+        if self.run_dir.exists() and any(self.run_dir.iterdir()):
+            raise WorkbenchError(f"{self.run_dir} is not empty; resume it with --resume or choose another --out")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_file(self.run_dir / "spec.yml") as f:
+            f.write(json.dumps(self.spec.to_dict(), indent=2))
+        x0 = self._pad(self.layout.start())
+        self.es = cma.CMAEvolutionStrategy(x0, self.spec.sigma0, _cma_options(self.spec))
+        return self
+
+    def resume(self) -> "Search":
+        ckpt = self.run_dir / "checkpoint.pkl"
+        if not ckpt.is_file():
+            raise WorkbenchError(f"{self.run_dir}: no checkpoint.pkl to resume from")
+        with open(ckpt, "rb") as f:
+            data = pickle.load(f)  # our own file, written by _checkpoint below; it holds no model weights
+        self.es = pickle.loads(data["es"])
+        np.random.set_state(data["numpy_rng"])
+        self.state = data["state"]
+        rows = [r for r in read_history(self.run_dir) if r["generation"] < self.state.generation]
+        with atomic_file(self.run_dir / "history.jsonl") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        self.state.history = rows
+        return self
+
+    @staticmethod
+    def _pad(x: np.ndarray) -> np.ndarray:
+        # pycma needs at least 2 dimensions; a 1-gene genome gets an inert second gene
+        return np.append(x, 0.5) if len(x) == 1 else x
+
+    def _genes(self, x) -> np.ndarray:
+        return np.asarray(x)[: len(self.layout)]
+
+    # --- evaluation ------------------------------------------------------------------------
+    def evaluate(self, x, generation: int, index: int, kind: str) -> tuple[dict, CandidateDone]:
+        genes = self._genes(x)
+        recipe = self.layout.to_recipe(genes)
+        t0 = time.perf_counter()
+        merge_seconds, score, tasks, error = 0.0, None, {}, None
+        try:
+            merge_seconds = self.merger.apply(recipe).seconds
+            incumbent = self.state.incumbent["score"] if self.state.incumbent else None
+            fitness = self.objective(self.merger.model, self.merger.tokenizer, incumbent=incumbent)
+            score, tasks = float(fitness.score), fitness.tasks
+            if not math.isfinite(score):
+                raise ValueError(f"non-finite score {score}")
+        except Exception as e:  # a failed candidate is recorded and scored worst; the run goes on
+            error = f"{type(e).__name__}: {e}"
+            score = None
+            traceback.print_exc()
+        seconds = time.perf_counter() - t0
+        row = {"generation": generation, "index": index, "kind": kind, "genome": [round(float(g), 8) for g in genes],
+               "recipe": recipe.to_dict(), "score": score, "tasks": tasks, "seconds": round(seconds, 4),
+               "merge_seconds": round(merge_seconds, 4), "error": error}
+        return row, CandidateDone(generation, index, kind, score, tasks, seconds, merge_seconds, error)
+
+    # --- the loop --------------------------------------------------------------------------
+    def budget_left(self) -> str | None:
+        b, s = self.spec.budget, self.state
+        if b.generations is not None and s.generation >= b.generations:
+            return "generations"
+        if b.max_evaluations is not None and s.evaluations >= b.max_evaluations:
+            return "max_evaluations"
+        if b.max_minutes is not None and s.elapsed >= 60 * b.max_minutes:
+            return "max_minutes"
+        return None
+
+    def eta(self) -> float | None:
+        s, b = self.state, self.spec.budget
+        if s.generation == 0:
+            return None
+        per_gen = s.elapsed / s.generation
+        left = [per_gen * (b.generations - s.generation)] if b.generations else []
+        if b.max_minutes:
+            left.append(60 * b.max_minutes - s.elapsed)
+        return max(0.0, min(left)) if left else None
+
+    def run(self, on_candidate: Callable[[CandidateDone], None] | None = None,
+            on_generation: Callable[[GenerationDone], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> SearchState:
+        while True:
+            reason = self.budget_left() or (("cma: " + ",".join(self.es.stop())) if self.es.stop() else None)
+            if reason is None and should_stop is not None and should_stop():
+                reason = "stopped"
+            if reason:
+                self.state.stop_reason = reason
+                return self.state
+            self.step(on_candidate, on_generation, should_stop)
+
+    def step(self, on_candidate=None, on_generation=None, should_stop=None) -> GenerationDone:
+        """One generation: ask, evaluate, tell, evaluate the mean, then write history and checkpoint."""
+        t0 = time.perf_counter()
+        g = self.state.generation
+        X = self.es.ask()
+        rows, fitness = [], []
+        for i, x in enumerate(X):
+            row, event = self.evaluate(x, g, i, "candidate")
+            rows.append(row)
+            fitness.append(-row["score"] if row["score"] is not None else WORST)
+            if on_candidate:
+                on_candidate(event)
+        self.es.tell(X, fitness)
+        row, event = self.evaluate(self.es.mean, g, len(X), "favorite")
+        rows.append(row)
+        if on_candidate:
+            on_candidate(event)
+        scores = [r["score"] for r in rows if r["score"] is not None]
+        for r in rows:
+            if r["score"] is not None and (self.state.incumbent is None or r["score"] > self.state.incumbent["score"]):
+                self.state.incumbent = r
+        self.state.generation += 1
+        self.state.evaluations += len(rows)
+        self.state.elapsed += time.perf_counter() - t0
+        write_jsonl_rows(self.run_dir / "history.jsonl", rows)
+        self.state.history.extend(rows)
+        self._checkpoint()
+        done = GenerationDone(g, max(scores) if scores else math.nan, float(np.mean(scores)) if scores else math.nan,
+                              self.state.incumbent["score"] if self.state.incumbent else math.nan,
+                              self.state.evaluations, self.state.elapsed, self.eta())
+        if on_generation:
+            on_generation(done)
+        return done
+
+    def _checkpoint(self) -> None:
+        state = SearchState(self.state.generation, self.state.evaluations, self.state.elapsed,
+                            self.state.incumbent, self.state.stop_reason)  # history lives in history.jsonl
+        data = {"es": self.es.pickle_dumps(), "numpy_rng": np.random.get_state(), "state": state}
+        with atomic_file(self.run_dir / "checkpoint.pkl", "wb") as f:
+            pickle.dump(data, f)
+        if self.state.incumbent is not None:
+            with atomic_file(self.run_dir / "best.yml") as f:
+                f.write(dump_recipe(self.best_recipe()))
+
+    def best_recipe(self) -> Recipe:
+        if self.state.incumbent is None:
+            raise WorkbenchError(f"{self.run_dir}: no candidate has been scored yet")
+        return recipe_from_dict(self.state.incumbent["recipe"], source=self.spec.source)
+
+
+def resolve_models(spec: SearchSpec) -> SearchSpec:
+    """The spec with every model as an absolute path, so runs resume (and mergekit reads their
+    recipes) from anywhere."""
+    probe = Recipe(merge_method=spec.merge_method, source=spec.source)
+    data = spec.to_dict()
+    data["models"] = [str(probe.resolve_model(m)) for m in spec.models]
+    if spec.base_model:
+        data["base_model"] = str(probe.resolve_model(spec.base_model))
+    here = Path(spec.source).parent
+    for o in data["objective"]:
+        if spec.source != "<spec>" and (here / o["task"]).is_file():
+            o["task"] = str((here / o["task"]).absolute())
+    return spec_from_dict(data, source=spec.source)
+
+
+def open_search(spec_path: str | Path | None, run_dir: str | Path, resume: bool = False, **kwargs) -> Search:
+    """A new search from a spec file, or (``resume``) the search in ``run_dir`` from its spec."""
+    run_dir = Path(run_dir)
+    if resume:
+        spec_file = run_dir / "spec.yml"
+        if not spec_file.is_file():
+            raise WorkbenchError(f"{run_dir}: not a search run directory (no spec.yml)")
+        source = json.loads((run_dir / "spec.yml").read_text())
+        spec = spec_from_dict(source, source=str(spec_file))
+        return Search(spec, run_dir, **kwargs).resume()
+    spec = load_spec(spec_path)
+    return Search(spec, run_dir, **kwargs).start()
