@@ -154,3 +154,44 @@ def test_bad_specs_name_the_field(tmp_path, tiny_models):
         (tmp_path / "busy").mkdir()
         (tmp_path / "busy" / "x").write_text("")
         Search(spec_from_dict(good), tmp_path / "busy", objective=DistanceObjective(state(a))).start()
+
+
+def write_tiny_task(path: Path, n: int = 12) -> Path:
+    """A 2-choice task for the tiny word-level tokenizer: which word follows (a seeded rule)."""
+    rng = np.random.default_rng(0)
+    lines = []
+    for i, a in enumerate(rng.permutation(np.arange(3, 90))[: 2 * n].tolist()):
+        gold = int(rng.integers(0, 2))
+        choices = [f"w{a + 1}", f"w{a + 2}"] if gold == 0 else [f"w{a + 2}", f"w{a + 1}"]
+        lines.append(json.dumps({"split": "search" if i < n else "heldout", "context": f"w{a} w{a}",
+                                 "choices": choices, "gold": gold}))
+    (path.parent / "tiny.jsonl").write_text("\n".join(lines) + "\n")
+    path.write_text("name: tiny\ntype: multiple_choice\ndescription: a test task\nitems: tiny.jsonl\n")
+    return path
+
+
+def test_cli_search_export_merge_and_resume(tiny_models, tmp_path, capsys):
+    from workbench.cli import main
+
+    base, a, b = tiny_models("llama", 3)
+    task = write_tiny_task(tmp_path / "tiny.yml")
+    spec = {"name": "cli", "base_model": str(base), "models": [str(a), str(b)], "merge_method": "ties",
+            "evolve": {"weight": [0.0, 1.0], "density": [0.2, 1.0]}, "fixed": {"normalize": True},
+            "objective": [{"task": str(task)}], "budget": {"generations": 2, "population": 3}, "seed": 1}
+    (tmp_path / "s-search.yml").write_text(yaml.safe_dump(spec))
+    run = tmp_path / "run"
+    assert main(["search", str(tmp_path / "s-search.yml"), "--out", str(run), "--no-progress"]) == 0
+    rows = read_history(run)
+    assert len(rows) == 2 * 4 and all(r["score"] is not None and 0 <= r["score"] <= 1 for r in rows)
+    assert rows[0]["tasks"]["tiny"]["items"] == 12
+    report = json.loads((run / "report.json").read_text())
+    names = [e["name"] for e in report["entries"]]
+    assert names[0].startswith("search #1") and "base" in names and "ties (density 0.5)" in names
+    assert all(0 <= e["heldout"]["tiny"]["acc"] <= 1 for e in report["entries"])
+    assert main(["recipe", "export", str(run), str(tmp_path / "best.yml")]) == 0
+    assert main(["merge", str(tmp_path / "best.yml"), str(tmp_path / "merged"), "--no-progress"]) == 0
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    # a finished run resumes to nothing more: no new rows
+    assert main(["search", "--resume", str(run), "--no-progress", "--no-report"]) == 0
+    assert len(read_history(run)) == 8
+    assert main(["search", str(tmp_path / "s-search.yml"), "--out", str(run), "--no-progress"]) == 2  # not empty

@@ -283,6 +283,8 @@ def resolve_models(spec: SearchSpec) -> SearchSpec:
     for o in data["objective"]:
         if spec.source != "<spec>" and (here / o["task"]).is_file():
             o["task"] = str((here / o["task"]).absolute())
+    data["report_tasks"] = [str((here / t).absolute()) if spec.source != "<spec>" and (here / t).is_file() else t
+                            for t in data["report_tasks"]]
     return spec_from_dict(data, source=spec.source)
 
 

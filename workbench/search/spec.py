@@ -14,6 +14,7 @@
     fixed: {normalize: true}       # shared parameters held constant
     objective:
       - {task: zoo-combined, weight: 1.0}          # always the task's `search` split
+    report_tasks: [zoo-arith, zoo-french]          # also scored (held-out) in the final report
     budget: {generations: 12, population: 8, max_evaluations: null, max_minutes: 20}
     seed: 0
     racing: false
@@ -38,7 +39,7 @@ from workbench.merge.recipe import DTYPES, _line_map
 SEARCHABLE = ("ties", "dare_ties", "dare_linear", "task_arithmetic", "linear", "slerp", "breadcrumbs",
               "breadcrumbs_ties", "della", "della_linear")
 KEYS = {"name", "base_model", "models", "merge_method", "evolve", "granularity", "split_attention_mlp", "fixed",
-        "objective", "budget", "seed", "racing", "sigma0", "limit", "dtype", "batch_size"}
+        "objective", "budget", "seed", "racing", "sigma0", "limit", "dtype", "batch_size", "report_tasks"}
 BUDGET_KEYS = {"generations", "population", "max_evaluations", "max_minutes"}
 
 
@@ -78,6 +79,7 @@ class SearchSpec:
     limit: int | None = None
     dtype: str = "float32"
     batch_size: int = 32
+    report_tasks: list[str] = field(default_factory=list)  # scored on held-out at the end, beside the objective
     source: str = "<spec>"
 
     def to_dict(self) -> dict:
@@ -88,6 +90,7 @@ class SearchSpec:
             "fixed": dict(self.fixed), "objective": [{"task": o.task, "weight": o.weight} for o in self.objective],
             "budget": vars(self.budget).copy(), "seed": self.seed, "racing": self.racing, "sigma0": self.sigma0,
             "limit": self.limit, "dtype": self.dtype, "batch_size": self.batch_size,
+            "report_tasks": list(self.report_tasks),
         }
 
 
@@ -195,6 +198,9 @@ def spec_from_dict(data: Any, source: str = "<spec>", lines: dict | None = None)
             fail((key,), f"expected {want or kind.__name__}, got {v!r}")
         return v
 
+    report_tasks = data.get("report_tasks") or []
+    if not isinstance(report_tasks, list) or not all(isinstance(t, str) for t in report_tasks):
+        fail(("report_tasks",), "expected a list of task names or paths")
     spec = SearchSpec(
         models=models, merge_method=method, evolve=bounds, objective=objs, base_model=base,
         name=typed("name", str, "search"), granularity=gran,
@@ -205,6 +211,6 @@ def spec_from_dict(data: Any, source: str = "<spec>", lines: dict | None = None)
         limit=typed("limit", int, None, lambda v: v > 0, "a positive integer"),
         dtype=typed("dtype", str, "float32", lambda v: v in DTYPES, f"one of {DTYPES}"),
         batch_size=typed("batch_size", int, 32, lambda v: v > 0, "a positive integer"),
-        source=source,
+        report_tasks=report_tasks, source=source,
     )
     return spec

@@ -1,0 +1,88 @@
+"""`workbench search` and `workbench recipe export`: the search headless, with a live rich display."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from workbench.errors import WorkbenchError
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+def run_search_cli(args) -> int:
+    from workbench.search.report import heldout_report, report_markdown
+    from workbench.search.run import open_search
+
+    console = Console(stderr=True)
+    if args.resume:
+        run_dir = Path(args.resume)
+    else:
+        if args.spec is None or args.out is None:
+            raise WorkbenchError("workbench search: give SPEC.yml --out RUN_DIR, or --resume RUN_DIR")
+        run_dir = Path(args.out)
+    with console.status("loading the sources and tasks..."):
+        search = open_search(args.spec, run_dir, resume=bool(args.resume), device=args.device)
+    spec, state = search.spec, search.state
+    console.print(f"[bold]{spec.name}[/bold]: {spec.merge_method}, {search.layout.describe()}, seed {spec.seed}"
+                  + (f", resuming after generation {state.generation}" if args.resume else ""))
+    total = spec.budget.generations
+    with Progress(TextColumn("[bold]generation"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[info]}"), console=console, disable=args.no_progress) as progress:
+        bar = progress.add_task("", total=total, completed=state.generation, info="")
+        done_in_gen = [0]
+
+        def on_candidate(ev) -> None:
+            done_in_gen[0] += 1
+            progress.update(bar, info=f"candidate {done_in_gen[0]}/{spec.budget.population + 1} "
+                                      f"score {_fmt(ev.score)} (merge {ev.merge_seconds:.1f}s, {ev.seconds:.1f}s)")
+
+        def on_generation(ev) -> None:
+            done_in_gen[0] = 0
+            rate = ev.evaluations / (ev.elapsed / 60) if ev.elapsed else 0
+            eta = f", ETA {ev.eta / 60:.1f} min" if ev.eta is not None else ""
+            line = (f"gen {ev.generation}: best {_fmt(ev.best)} mean {_fmt(ev.mean)} incumbent {_fmt(ev.incumbent)}"
+                    f" | {ev.evaluations} evals, {rate:.1f}/min{eta}")
+            progress.update(bar, completed=ev.generation + 1, info="")
+            if args.no_progress:
+                console.print(line)
+            else:
+                progress.console.print(line)
+
+        final = search.run(on_candidate=on_candidate, on_generation=on_generation)
+    console.print(f"stopped: {final.stop_reason}; best search score {_fmt(final.incumbent and final.incumbent['score'])}"
+                  f"; recipe: {run_dir / 'best.yml'}")
+    if not args.no_report and final.incumbent is not None:
+        with console.status("held-out report..."):
+            report = heldout_report(search, top=args.report_top)
+        console.print(report_markdown(report))
+    print(run_dir)
+    return 0
+
+
+def export_recipe_cli(args) -> int:
+    """Write the incumbent recipe of a run (mergekit-compatible) to OUT.yml."""
+    from workbench.merge.recipe import dump_recipe, recipe_from_dict, save_recipe
+
+    run_dir = Path(args.run)
+    ckpt_best = run_dir / "best.yml"
+    if not (run_dir / "history.jsonl").is_file():
+        raise WorkbenchError(f"{run_dir}: not a search run directory (no history.jsonl)")
+    rows = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines() if line.strip()]
+    scored = [r for r in rows if r.get("score") is not None]
+    if not scored:
+        raise WorkbenchError(f"{run_dir}: no candidate has been scored yet")
+    best = max(scored, key=lambda r: r["score"])
+    recipe = recipe_from_dict(best["recipe"], source=str(ckpt_best))
+    save_recipe(recipe, args.out)
+    Console(stderr=True).print(f"recipe of generation {best['generation']} candidate {best['index']} "
+                               f"(search score {best['score']:.4f}) -> {args.out}")
+    if args.print:
+        print(dump_recipe(recipe))
+    return 0

@@ -1,0 +1,99 @@
+"""The held-out report at the end of a search: the best candidates against their ingredients.
+
+Every entry is merged in memory and scored on each report task's ``heldout`` split: the top
+candidates of the search, each source model alone, the base, and the plain merges a person
+would try first (a linear 50/50 of the sources and, with a base, TIES at density 0.5). The gap
+between a candidate's search score and its held-out scores shows how much the search overfit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from workbench.atomic import atomic_file
+from workbench.eval.evaluator import evaluate
+from workbench.eval.taskfile import load_task
+from workbench.merge.methods import METHODS
+from workbench.merge.recipe import recipe_from_dict
+
+HELDOUT = "heldout"
+
+
+def baseline_recipes(search) -> dict[str, dict]:
+    """Recipes (mergekit form) for the base, each source alone, and the plain linear / TIES merges."""
+    spec, sources = search.spec, search.layout.sources
+    out: dict[str, dict] = {}
+    if spec.base_model:
+        out["base"] = {"merge_method": "linear", "models": [{"model": spec.base_model, "parameters": {"weight": 1.0}}]}
+    for src in sources:
+        out[Path(src).name] = {"merge_method": "linear", "models": [{"model": src, "parameters": {"weight": 1.0}}]}
+    if len(sources) > 1:
+        w = round(1.0 / len(sources), 6)
+        out["linear (equal weights)"] = {"merge_method": "linear",
+                                         "models": [{"model": s, "parameters": {"weight": w}} for s in sources]}
+        if spec.base_model and METHODS[spec.merge_method].base != "none":
+            out["ties (density 0.5)"] = {"merge_method": "ties", "base_model": spec.base_model,
+                                         "models": [{"model": s, "parameters": {"weight": w, "density": 0.5}}
+                                                    for s in sources]}
+    return out
+
+
+def top_candidates(history: list[dict], k: int) -> list[dict]:
+    seen, top = set(), []
+    for row in sorted((r for r in history if r["score"] is not None), key=lambda r: -r["score"]):
+        key = tuple(row["genome"])
+        if key not in seen:
+            seen.add(key)
+            top.append(row)
+        if len(top) == k:
+            break
+    return top
+
+
+def heldout_report(search, top: int = 3, on_entry=None) -> dict:
+    """Score the entries on every report task's held-out split; write report.json and report.md."""
+    spec = search.spec
+    task_refs = list(dict.fromkeys([o.task for o in spec.objective] + list(spec.report_tasks)))
+    tasks = [load_task(t) for t in task_refs]
+    entries: list[tuple[str, dict, float | None]] = []
+    for i, row in enumerate(top_candidates(search.state.history, top)):
+        entries.append((f"search #{i + 1} (gen {row['generation']})", row["recipe"], row["score"]))
+    entries += [(name, recipe, None) for name, recipe in baseline_recipes(search).items()]
+    rows = []
+    for name, recipe_dict, search_score in entries:
+        search.merger.apply(recipe_from_dict(recipe_dict, source=spec.source))
+        results = evaluate(search.merger.model, search.merger.tokenizer, tasks, split=HELDOUT,
+                           batch_size=spec.batch_size)
+        row = {"name": name, "search_score": search_score, "recipe": recipe_dict,
+               "heldout": {t: {k: v for k, v in r.metrics.items()} for t, r in results.items()}}
+        rows.append(row)
+        if on_entry:
+            on_entry(row)
+    report = {"tasks": [t.name for t in tasks], "entries": rows}
+    with atomic_file(search.run_dir / "report.json") as f:
+        f.write(json.dumps(report, indent=2))
+    with atomic_file(search.run_dir / "report.md") as f:
+        f.write(report_markdown(report))
+    return report
+
+
+def main_metric(metrics: dict) -> tuple[str, float]:
+    for name in ("acc", "exact_match", "perplexity", "kl"):
+        if name in metrics:
+            return name, metrics[name]
+    return "score", metrics["score"]
+
+
+def report_markdown(report: dict) -> str:
+    tasks = report["tasks"]
+    head = "| model | search score | " + " | ".join(f"{t} (held-out)" for t in tasks) + " |"
+    lines = [head, "|" + " --- |" * (len(tasks) + 2)]
+    for row in report["entries"]:
+        cells = []
+        for t in tasks:
+            name, value = main_metric(row["heldout"][t])
+            cells.append(f"{value:.3f} {name}" if value is not None else "n/a")
+        s = f"{row['search_score']:.3f}" if row["search_score"] is not None else ""
+        lines.append(f"| {row['name']} | {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
