@@ -195,3 +195,13 @@ def test_cli_search_export_merge_and_resume(tiny_models, tmp_path, capsys):
     assert main(["search", "--resume", str(run), "--no-progress", "--no-report"]) == 0
     assert len(read_history(run)) == 8
     assert main(["search", str(tmp_path / "s-search.yml"), "--out", str(run), "--no-progress"]) == 2  # not empty
+
+
+def test_example_search_specs_validate():
+    specs = sorted((Path(__file__).parent.parent / "recipes").glob("*-search.yml"))
+    assert len(specs) >= 3
+    for path in specs:
+        spec = load_spec(path)
+        assert spec.objective and spec.budget.population >= 2
+        layout = GenomeLayout(spec, num_layers=30)
+        assert len(layout) >= 2
