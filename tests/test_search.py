@@ -205,3 +205,26 @@ def test_example_search_specs_validate():
         assert spec.objective and spec.budget.population >= 2
         layout = GenomeLayout(spec, num_layers=30)
         assert len(layout) >= 2
+
+
+def _histories_equal(a: Path, b: Path) -> None:
+    keep = ("generation", "index", "kind", "genome", "score")
+    assert [{k: r[k] for k in keep} for r in read_history(a)] == [{k: r[k] for k in keep} for r in read_history(b)]
+
+
+@pytest.mark.parametrize("backend", ["processes", "ray"])
+def test_parallel_backends_give_the_local_history(tiny_models, tmp_path, backend):
+    if backend == "ray":
+        pytest.importorskip("ray")
+    a, b = tiny_models("llama", 2)
+    A, B = state(a), state(b)
+    target = {k: 0.3 * A[k] + 0.7 * B[k] for k in A}
+    spec = spec_from_dict(linear_spec([a, b], budget={"generations": 2, "population": 4}))
+    local = Search(spec, tmp_path / "local", objective=DistanceObjective(target)).start()
+    local.run()
+    other = Search(spec, tmp_path / backend, objective=DistanceObjective(target), backend=backend, workers=2).start()
+    try:
+        other.run()
+    finally:
+        other.close()
+    _histories_equal(tmp_path / "local", tmp_path / backend)

@@ -28,7 +28,8 @@ def run_search_cli(args) -> int:
             raise WorkbenchError("workbench search: give SPEC.yml --out RUN_DIR, or --resume RUN_DIR")
         run_dir = Path(args.out)
     with console.status("loading the sources and tasks..."):
-        search = open_search(args.spec, run_dir, resume=bool(args.resume), device=args.device)
+        search = open_search(args.spec, run_dir, resume=bool(args.resume), device=args.device,
+                             backend=args.backend, workers=args.workers, address=args.address)
     spec, state = search.spec, search.state
     console.print(f"[bold]{spec.name}[/bold]: {spec.merge_method}, {search.layout.describe()}, seed {spec.seed}"
                   + (f", resuming after generation {state.generation}" if args.resume else ""))
@@ -55,13 +56,18 @@ def run_search_cli(args) -> int:
             else:
                 progress.console.print(line)
 
-        final = search.run(on_candidate=on_candidate, on_generation=on_generation)
+        try:
+            final = search.run(on_candidate=on_candidate, on_generation=on_generation)
+        except BaseException:
+            search.close()
+            raise
     console.print(f"stopped: {final.stop_reason}; best search score {_fmt(final.incumbent and final.incumbent['score'])}"
                   f"; recipe: {run_dir / 'best.yml'}")
     if not args.no_report and final.incumbent is not None:
         with console.status("held-out report..."):
             report = heldout_report(search, top=args.report_top)
         console.print(report_markdown(report))
+    search.close()
     print(run_dir)
     return 0
 

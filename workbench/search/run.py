@@ -25,7 +25,6 @@ import math
 import os
 import pickle
 import time
-import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +73,11 @@ class SearchState:
     history: list[dict] = field(default_factory=list)
 
 
+def _event(row: dict) -> CandidateDone:
+    return CandidateDone(row["generation"], row["index"], row["kind"], row["score"], row["tasks"], row["seconds"],
+                         row["merge_seconds"], row["error"])
+
+
 def write_jsonl_rows(path: Path, rows: list[dict]) -> None:
     with open(path, "a") as f:
         for row in rows:
@@ -104,28 +108,33 @@ def _cma_options(spec: SearchSpec) -> dict:
 class Search:
     """One search run: set up with :meth:`start` or :meth:`resume`, then :meth:`run`."""
 
-    def __init__(self, spec: SearchSpec, run_dir: str | Path, objective=None, device: str = "cpu"):
-        from workbench.search.candidates import InMemoryMerger
+    def __init__(self, spec: SearchSpec, run_dir: str | Path, objective=None, device: str = "cpu",
+                 backend: str = "local", workers: int = 2, address: str = "local"):
+        from workbench.merge.plan import plan_merge
+        from workbench.search.backends import make_backend
         from workbench.search.genome import GenomeLayout
 
         spec = resolve_models(spec)
         self.spec = spec
         self.run_dir = Path(run_dir)
         probe = GenomeLayout(spec, 1)
-        from workbench.merge.plan import plan_merge
-
         plan = plan_merge(probe.to_recipe(probe.start()))
         num_layers = plan.num_layers
         plan.close()
         self.layout = GenomeLayout(spec, num_layers)
-        self.merger = InMemoryMerger(self.layout.to_recipe(self.layout.start()), device=device, seed=spec.seed)
-        if objective is None:
-            from workbench.search.objective import Objective
-
-            objective = Objective(spec)
-        self.objective = objective
+        self.backend = make_backend(backend, spec, num_layers, objective, device, workers, address)
         self.state = SearchState()
         self.es = None
+
+    @property
+    def merger(self):
+        """The in-process merger (local backend), used for the held-out report."""
+        from workbench.search.backends import LocalBackend
+
+        if not isinstance(self.backend, LocalBackend):
+            self.backend.close()
+            self.backend = LocalBackend(self.spec, self.layout.num_layers)
+        return self.backend.worker.merger
 
     # --- set-up ----------------------------------------------------------------------------
     def start(self) -> "Search":
@@ -165,29 +174,6 @@ class Search:
     def _genes(self, x) -> np.ndarray:
         return np.asarray(x)[: len(self.layout)]
 
-    # --- evaluation ------------------------------------------------------------------------
-    def evaluate(self, x, generation: int, index: int, kind: str) -> tuple[dict, CandidateDone]:
-        genes = self._genes(x)
-        recipe = self.layout.to_recipe(genes)
-        t0 = time.perf_counter()
-        merge_seconds, score, tasks, error = 0.0, None, {}, None
-        try:
-            merge_seconds = self.merger.apply(recipe).seconds
-            incumbent = self.state.incumbent["score"] if self.state.incumbent else None
-            fitness = self.objective(self.merger.model, self.merger.tokenizer, incumbent=incumbent)
-            score, tasks = float(fitness.score), fitness.tasks
-            if not math.isfinite(score):
-                raise ValueError(f"non-finite score {score}")
-        except Exception as e:  # a failed candidate is recorded and scored worst; the run goes on
-            error = f"{type(e).__name__}: {e}"
-            score = None
-            traceback.print_exc()
-        seconds = time.perf_counter() - t0
-        row = {"generation": generation, "index": index, "kind": kind, "genome": [round(float(g), 8) for g in genes],
-               "recipe": recipe.to_dict(), "score": score, "tasks": tasks, "seconds": round(seconds, 4),
-               "merge_seconds": round(merge_seconds, 4), "error": error}
-        return row, CandidateDone(generation, index, kind, score, tasks, seconds, merge_seconds, error)
-
     # --- the loop --------------------------------------------------------------------------
     def budget_left(self) -> str | None:
         b, s = self.spec.budget, self.state
@@ -226,18 +212,18 @@ class Search:
         t0 = time.perf_counter()
         g = self.state.generation
         X = self.es.ask()
-        rows, fitness = [], []
-        for i, x in enumerate(X):
-            row, event = self.evaluate(x, g, i, "candidate")
+        incumbent = self.state.incumbent["score"] if self.state.incumbent else None
+        rows = []
+        for row in self.backend.map([(self._genes(x).tolist(), g, i, "candidate", incumbent)
+                                     for i, x in enumerate(X)]):
             rows.append(row)
-            fitness.append(-row["score"] if row["score"] is not None else WORST)
             if on_candidate:
-                on_candidate(event)
-        self.es.tell(X, fitness)
-        row, event = self.evaluate(self.es.mean, g, len(X), "favorite")
-        rows.append(row)
+                on_candidate(_event(row))
+        self.es.tell(X, [-r["score"] if r["score"] is not None else WORST for r in rows])
+        favorite = next(self.backend.map([(self._genes(self.es.mean).tolist(), g, len(X), "favorite", incumbent)]))
+        rows.append(favorite)
         if on_candidate:
-            on_candidate(event)
+            on_candidate(_event(favorite))
         scores = [r["score"] for r in rows if r["score"] is not None]
         for r in rows:
             if r["score"] is not None and (self.state.incumbent is None or r["score"] > self.state.incumbent["score"]):
@@ -254,6 +240,9 @@ class Search:
         if on_generation:
             on_generation(done)
         return done
+
+    def close(self) -> None:
+        self.backend.close()
 
     def _checkpoint(self) -> None:
         state = SearchState(self.state.generation, self.state.evaluations, self.state.elapsed,
