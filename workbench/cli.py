@@ -58,6 +58,12 @@ def cmd_models_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from workbench.eval.cli import run_eval_cli
+
+    return run_eval_cli(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from workbench.demo import run_demo
 
@@ -102,6 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("path", type=Path)
     inf.add_argument("--json", action="store_true")
     inf.set_defaults(func=cmd_models_info)
+
+    ev = sub.add_parser("eval", help="evaluate a model on task files (multiple choice, exact match, perplexity, kl)")
+    ev.add_argument("model", type=Path, help="model directory (safetensors) or a name in the home's models/")
+    ev.add_argument("tasks", nargs="+", metavar="TASK", help="a task header .yml or a built-in task name")
+    ev.add_argument("--split", default="search", help="split to evaluate (default: search)")
+    ev.add_argument("--limit", type=int, default=None, help="first N items of the split")
+    ev.add_argument("--json", type=Path, default=None, help="write {task: {metric, metric_stderr, ...}} here")
+    ev.add_argument("--log-samples", type=Path, default=None, help="write one JSON line per scored request")
+    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ev.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ev.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default 32)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    ev.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="merge the default model with two variants and print where the result is")
     d.set_defaults(func=cmd_demo)

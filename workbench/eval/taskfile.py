@@ -1,0 +1,367 @@
+"""Task files: a YAML header (``NAME.yml``) plus JSONL items, loaded and validated in one place.
+
+Header fields::
+
+    name: arc_mini                  # required
+    type: multiple_choice           # multiple_choice | exact_match | perplexity | kl
+    description: ...                # optional
+    items: arc_mini.jsonl           # required, relative to the header
+    chat_template: false            # wrap context/prompt as a user message (+ generation prompt)
+    num_fewshot: 0                  # examples drawn from fewshot_split, never the evaluated split
+    fewshot_split: fewshot
+    target_delimiter: " "           # between context and choice/answer ("" with chat_template)
+    fewshot_delimiter: "\\n\\n"     # between few-shot examples (no chat template)
+    stop: ["\\n"]                   # exact_match: stop strings
+    max_new_tokens: 32              # exact_match
+    normalize: [strip]              # exact_match: strip lower collapse_whitespace strip_punctuation
+    max_length: 512                 # perplexity/kl: window length in tokens
+    stride: 256                     # perplexity/kl: new tokens scored per window (<= max_length)
+    max_tokens: 4096                # perplexity/kl: tokens per split (documents taken in order)
+    reference: SmolLM2-135M-Instruct  # kl: teacher model directory or name in the home's models/
+    top_k: 32                       # kl
+
+Items, one JSON object per line, each with a ``split`` (and optionally ``id``/``meta``)::
+
+    multiple_choice  {"split", "context", "choices": [...], "gold": int}
+    exact_match      {"split", "prompt", "answers": [...]}
+    perplexity / kl  {"split", "file": PATH} or {"split", "text": ...}   # PATH may use {os_licenses}
+
+The same item (same context / prompt / text / file) in two splits is an error. Every error is a
+:class:`TaskError` naming ``file:line: field: problem``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from workbench.errors import WorkbenchError
+
+TYPES = ("multiple_choice", "exact_match", "perplexity", "kl")
+NORMALIZERS = ("strip", "lower", "collapse_whitespace", "strip_punctuation")
+OS_LICENSES = "/usr/share/common-licenses"
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "tasks"
+HELDOUT_SPLIT = "heldout"
+
+COMMON = {"name", "type", "description", "items", "chat_template"}
+BY_TYPE = {
+    "multiple_choice": {"num_fewshot", "fewshot_split", "target_delimiter", "fewshot_delimiter"},
+    "exact_match": {"num_fewshot", "fewshot_split", "target_delimiter", "fewshot_delimiter", "stop",
+                    "max_new_tokens", "normalize"},
+    "perplexity": {"max_length", "stride", "max_tokens"},
+    "kl": {"max_length", "stride", "max_tokens", "reference", "top_k"},
+}
+ITEM_FIELDS = {
+    "multiple_choice": ({"context", "choices", "gold"}, set()),
+    "exact_match": ({"prompt", "answers"}, set()),
+    "perplexity": (set(), {"file", "text"}),
+    "kl": (set(), {"file", "text"}),
+}
+ITEM_EXTRA = {"split", "id", "meta"}
+
+
+class TaskError(WorkbenchError, ValueError):
+    """A task header or item that does not validate."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One JSONL item: its split, its line in the file and its fields."""
+
+    split: str
+    line: int
+    data: dict
+
+    @property
+    def key(self) -> str:
+        """What identifies the item across splits (context, prompt, text or file)."""
+        d = self.data
+        raw = d.get("context", d.get("prompt", d.get("text", d.get("file", ""))))
+        if "choices" in d and not str(raw).strip():  # an empty context: the choices tell items apart
+            raw = json.dumps(d["choices"])
+        return " ".join(str(raw).split())
+
+
+@dataclass
+class Task:
+    """A validated task: header fields with defaults filled in, and its items."""
+
+    name: str
+    type: str
+    path: Path
+    items_path: Path
+    items: list[Item]
+    description: str = ""
+    chat_template: bool = False
+    num_fewshot: int = 0
+    fewshot_split: str | None = None
+    target_delimiter: str | None = " "
+    fewshot_delimiter: str = "\n\n"
+    stop: list[str] = field(default_factory=list)
+    max_new_tokens: int = 32
+    normalize: list[str] = field(default_factory=lambda: ["strip"])
+    max_length: int = 512
+    stride: int | None = None
+    max_tokens: int | None = None
+    reference: str | None = None
+    top_k: int = 32
+    fingerprint: str = ""
+
+    @property
+    def splits(self) -> list[str]:
+        return list(dict.fromkeys(it.split for it in self.items))
+
+    def split_items(self, split: str) -> list[Item]:
+        """The items of ``split`` in file order; an unknown split is an error."""
+        out = [it for it in self.items if it.split == split]
+        if not out:
+            raise TaskError(f"{self.items_path}: split: task {self.name!r} has no split {split!r} "
+                            f"(splits: {', '.join(self.splits) or 'none'})")
+        return out
+
+    def resolve_reference(self) -> Path:
+        """The kl teacher as a path: as written, else relative to the header, else in the home."""
+        from workbench.home import models_dir
+
+        ref = str(self.reference)
+        cands = [Path(ref).expanduser(), self.path.parent / ref, models_dir() / ref]
+        for c in cands:
+            if (c / "config.json").is_file():
+                return c.absolute()
+        raise TaskError(f"{self.path}: reference: model {ref!r} not found "
+                        f"(looked in: {', '.join(str(c) for c in cands)})")
+
+    def document_text(self, item: Item) -> str:
+        """The text of a perplexity/kl item (read from its file if it names one)."""
+        if "text" in item.data:
+            return item.data["text"]
+        return _item_file(self, item).read_text(encoding="utf-8", errors="replace")
+
+
+def _item_file(task: Task, item: Item) -> Path:
+    p = Path(str(item.data["file"]).replace("{os_licenses}", OS_LICENSES)).expanduser()
+    return p if p.is_absolute() else task.items_path.parent / p
+
+
+def _header_lines(text: str) -> dict[str, int]:
+    """1-based line of each top-level key of a YAML mapping (best effort)."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return {}
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
+
+
+def resolve_task_path(ref: str | Path) -> Path:
+    """A task reference as a header path: an existing file, else a built-in task by name."""
+    p = Path(ref).expanduser()
+    if p.is_file():
+        return p
+    name = p.name.removesuffix(".yml").removesuffix(".yaml")
+    for cand in (BUILTIN_DIR / f"{name}.yml", BUILTIN_DIR / f"{name}.yaml"):
+        if str(ref) in (name, f"{name}.yml", f"{name}.yaml") and cand.is_file():
+            return cand
+    available = sorted(q.stem for q in BUILTIN_DIR.glob("*.y*ml")) if BUILTIN_DIR.is_dir() else []
+    raise TaskError(f"{ref}: no such task file or built-in task (built-in: {', '.join(available) or 'none'})")
+
+
+def load_task(ref: str | Path) -> Task:
+    """Load and validate a task header and its items; raises :class:`TaskError`."""
+    path = resolve_task_path(ref)
+    text = path.read_text(encoding="utf-8")
+    lines = _header_lines(text)
+    try:
+        head = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise TaskError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(head, dict):
+        raise TaskError(f"{path}: a task header must be a YAML mapping")
+
+    def err(key: str, msg: str) -> TaskError:
+        where = f"{path}:{lines[key]}" if key in lines else str(path)
+        return TaskError(f"{where}: {key}: {msg}")
+
+    for key in ("name", "type", "items"):
+        if key not in head:
+            raise err(key, "required field is missing")
+    ttype = head["type"]
+    if ttype not in TYPES:
+        raise err("type", f"{ttype!r} is not one of {', '.join(TYPES)}")
+    allowed = COMMON | BY_TYPE[ttype]
+    for key in head:
+        if key not in allowed:
+            other = [t for t in TYPES if key in BY_TYPE[t]]
+            hint = f"only used by type {', '.join(other)}" if other else \
+                f"unknown field (expected: {', '.join(sorted(allowed))})"
+            raise err(str(key), hint)
+
+    def get(key: str, kind: type | tuple, default: Any, check=None, what: str = "") -> Any:
+        if key not in head or (head[key] is None and key not in ("name", "type", "items")):
+            return default
+        v = head[key]
+        if isinstance(v, bool) and kind is not bool:
+            raise err(key, f"expected {what or kind.__name__}, got {v!r}")
+        if not isinstance(v, kind) or (check and not check(v)):
+            raise err(key, f"expected {what or getattr(kind, '__name__', kind)}, got {v!r}")
+        return v
+
+    def str_list(key: str, default: list[str], nonempty: bool) -> list[str]:
+        v = get(key, list, default, what="a list of strings")
+        if not all(isinstance(s, str) and (s or not nonempty) for s in v):
+            raise err(key, f"expected a list of {'non-empty ' if nonempty else ''}strings, got {v!r}")
+        return list(v)
+
+    pos = lambda v: v > 0
+    task = Task(
+        name=get("name", str, None, bool, "a non-empty string"), type=ttype, path=path.absolute(),
+        items_path=path.parent / get("items", str, None, bool, "a non-empty file name"), items=[],
+        description=get("description", str, ""),
+        chat_template=get("chat_template", bool, False),
+        num_fewshot=get("num_fewshot", int, 0, lambda v: v >= 0, "an integer >= 0"),
+        fewshot_split=get("fewshot_split", str, None, bool, "a split name"),
+        target_delimiter=get("target_delimiter", str, None),
+        fewshot_delimiter=get("fewshot_delimiter", str, "\n\n"),
+        stop=str_list("stop", [], True),
+        max_new_tokens=get("max_new_tokens", int, 32, pos, "an integer >= 1"),
+        normalize=str_list("normalize", ["strip"], True),
+        max_length=get("max_length", int, 512, lambda v: v >= 2, "an integer >= 2"),
+        stride=get("stride", int, None, pos, "an integer >= 1"),
+        max_tokens=get("max_tokens", int, None, pos, "an integer >= 1"),
+        reference=get("reference", str, None, bool, "a model directory or name"),
+        top_k=get("top_k", int, 32, pos, "an integer >= 1"),
+    )
+    if task.target_delimiter is None:
+        task.target_delimiter = "" if task.chat_template else " "
+    for n in task.normalize:
+        if n not in NORMALIZERS:
+            raise err("normalize", f"{n!r} is not one of {', '.join(NORMALIZERS)}")
+    if task.stride is not None and task.stride > task.max_length:
+        raise err("stride", f"{task.stride} is larger than max_length {task.max_length}")
+    if ttype == "kl" and not task.reference:
+        raise err("reference", "required for type kl (the teacher model)")
+    if task.num_fewshot and not task.fewshot_split:
+        raise err("num_fewshot", f"{task.num_fewshot} few-shot examples need a fewshot_split")
+    if not task.items_path.is_file():
+        raise err("items", f"{task.items_path} does not exist")
+
+    task.items = _load_items(task)
+    if task.num_fewshot:
+        shots = [it for it in task.items if it.split == task.fewshot_split]
+        if len(shots) < task.num_fewshot:
+            raise err("num_fewshot", f"{task.num_fewshot} few-shot examples asked but split "
+                                     f"{task.fewshot_split!r} has {len(shots)} items")
+    digest = hashlib.sha256(json.dumps(head, sort_keys=True, default=str).encode())
+    digest.update(task.items_path.read_bytes())
+    task.fingerprint = digest.hexdigest()
+    return task
+
+
+def _load_items(task: Task) -> list[Item]:
+    need, one_of = ITEM_FIELDS[task.type]
+    allowed = need | one_of | ITEM_EXTRA
+    items: list[Item] = []
+    seen: dict[str, Item] = {}
+    fname = task.items_path
+    with open(fname, encoding="utf-8") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+
+            def err(key: str, msg: str, n: int = n) -> TaskError:
+                return TaskError(f"{fname}:{n}: {key}: {msg}")
+
+            try:
+                d = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise TaskError(f"{fname}:{n}: invalid JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(d, dict):
+                raise TaskError(f"{fname}:{n}: an item must be a JSON object, got {type(d).__name__}")
+            for key in d:
+                if key not in allowed:
+                    raise err(key, f"unknown field for a {task.type} item (expected: "
+                                   f"{', '.join(sorted(allowed))})")
+            for key in ["split", *sorted(need)]:
+                if key not in d:
+                    raise err(key, "required field is missing")
+            if not isinstance(d["split"], str) or not d["split"]:
+                raise err("split", f"expected a split name, got {d['split']!r}")
+            _check_item(task, d, err)
+            item = Item(d["split"], n, d)
+            prev = seen.get(item.key)
+            if prev is not None and prev.split != item.split:
+                field_name = next(k for k in ("context", "prompt", "text", "file") if k in d)
+                raise err(field_name, f"same item as line {prev.line} (split {prev.split!r}) but in split "
+                                      f"{item.split!r}: splits must be disjoint")
+            seen.setdefault(item.key, item)
+            items.append(item)
+    if not items:
+        raise TaskError(f"{fname}: no items")
+    return items
+
+
+def _check_item(task: Task, d: dict, err) -> None:
+    def is_str_list(v: Any, nonempty: bool) -> bool:
+        return isinstance(v, list) and len(v) > 0 and \
+            all(isinstance(s, str) and (s.strip() or not nonempty) for s in v)
+
+    if task.type == "multiple_choice":
+        if not isinstance(d["context"], str):
+            raise err("context", f"expected a string, got {d['context']!r}")
+        ch = d["choices"]
+        if not is_str_list(ch, True) or len(ch) < 2:
+            raise err("choices", f"expected a list of at least 2 non-blank strings, got {ch!r}")
+        g = d["gold"]
+        if not isinstance(g, int) or isinstance(g, bool):
+            raise err("gold", f"expected an integer index, got {g!r}")
+        if not 0 <= g < len(ch):
+            raise err("gold", f"{g} is out of range for {len(ch)} choices")
+    elif task.type == "exact_match":
+        if not isinstance(d["prompt"], str) or not d["prompt"]:
+            raise err("prompt", f"expected a non-empty string, got {d['prompt']!r}")
+        if not is_str_list(d["answers"], True):
+            raise err("answers", f"expected a list of non-blank strings, got {d['answers']!r}")
+    else:
+        has = [k for k in ("file", "text") if k in d]
+        if len(has) != 1:
+            raise err("file", "give exactly one of file or text" if has else "required: file or text")
+        k = has[0]
+        if not isinstance(d[k], str) or not d[k].strip():
+            raise err(k, f"expected a non-empty string, got {d[k]!r}")
+        if k == "file":
+            p = _item_file(task, Item(d["split"], 0, d))
+            if not p.is_file():
+                raise err("file", f"{p} does not exist")
+
+
+def normalize_text(s: str, steps: list[str]) -> str:
+    """Apply exact_match normalizers in a fixed order: lower, strip_punctuation, collapse, strip."""
+    if "lower" in steps:
+        s = s.lower()
+    if "strip_punctuation" in steps:
+        s = re.sub(r"[^\w\s]", "", s)
+    if "collapse_whitespace" in steps:
+        s = " ".join(s.split())
+    if "strip" in steps:
+        s = s.strip()
+    return s
+
+
+def check_search_objective(task: Task, split: str) -> None:
+    """Refuse ``heldout`` (and unknown splits) as a search objective, as mergekit-evolve refuses benchmarks."""
+    if split.lower() == HELDOUT_SPLIT or split.lower().startswith(HELDOUT_SPLIT + "_"):
+        raise TaskError(f"{task.path}: split: {split!r} of task {task.name!r} is held out for reporting and "
+                        f"cannot be a search objective (use e.g. 'search')")
+    if task.num_fewshot and split == task.fewshot_split:
+        raise TaskError(f"{task.path}: split: {split!r} of task {task.name!r} holds the few-shot examples "
+                        f"and cannot be a search objective")
+    task.split_items(split)
