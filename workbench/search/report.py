@@ -79,7 +79,7 @@ def heldout_report(search, top: int = 3, on_entry=None) -> dict:
 
 
 def main_metric(metrics: dict) -> tuple[str, float]:
-    for name in ("acc", "exact_match", "perplexity", "kl"):
+    for name in ("acc", "exact_match", "ppl", "kl"):
         if name in metrics:
             return name, metrics[name]
     return "score", metrics["score"]
