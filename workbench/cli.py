@@ -17,6 +17,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return run_merge_cli(args)
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from workbench.search.cli import run_search_cli
+
+    return run_search_cli(args)
+
+
+def cmd_recipe_export(args: argparse.Namespace) -> int:
+    from workbench.search.cli import export_recipe_cli
+
+    return export_recipe_cli(args)
+
+
 def cmd_recipe_validate(args: argparse.Namespace) -> int:
     from workbench.merge.recipe import load_recipe
     from workbench.merge.plan import plan_merge
@@ -70,6 +82,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo()
 
 
+def cmd_zoo_build(args: argparse.Namespace) -> int:
+    from workbench.zoo.build import build_zoo
+
+    for path in build_zoo(progress=not args.no_progress, only=args.only or None):
+        print(path)
+    return 0
+
+
+def cmd_zoo_status(args: argparse.Namespace) -> int:
+    from workbench.zoo.build import print_status, zoo_status
+
+    print_status(zoo_status(), json_out=args.json)
+    return 0
+
+
+def cmd_tui(args: argparse.Namespace) -> int:
+    from workbench.tui import run_app
+
+    return run_app()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="workbench", description=__doc__)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -89,6 +122,25 @@ def build_parser() -> argparse.ArgumentParser:
     rv = r.add_parser("validate", help="validate a recipe against its models without merging")
     rv.add_argument("recipe", type=Path)
     rv.set_defaults(func=cmd_recipe_validate)
+    rx = r.add_parser("export", help="write the best recipe of a search run (mergekit-compatible)")
+    rx.add_argument("run", type=Path, help="search run directory")
+    rx.add_argument("out", type=Path, help="recipe YAML to write")
+    rx.add_argument("--print", action="store_true", help="also print the recipe")
+    rx.set_defaults(func=cmd_recipe_export)
+
+    se = sub.add_parser("search", help="evolutionary (CMA-ES) search over merge recipes, in memory")
+    se.add_argument("spec", type=Path, nargs="?", help="search spec YAML (see recipes/*-search.yml)")
+    se.add_argument("--out", type=Path, help="run directory to create")
+    se.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its last generation")
+    se.add_argument("--device", default="cpu")
+    se.add_argument("--backend", default="local", choices=["local", "processes", "ray"],
+                    help="where candidates are evaluated (default: in this process)")
+    se.add_argument("--workers", type=int, default=2, help="worker processes or Ray actors (default 2)")
+    se.add_argument("--address", default="local", help="Ray cluster: 'auto', an address, or 'local' (start one)")
+    se.add_argument("--report-top", type=int, default=3, help="candidates in the held-out report (default 3)")
+    se.add_argument("--no-report", action="store_true", help="skip the held-out report at the end")
+    se.add_argument("--no-progress", action="store_true", help="plain lines instead of a live display")
+    se.set_defaults(func=cmd_search)
 
     models = sub.add_parser("models", help="prepare, import and inspect models").add_subparsers(
         dest="models_command", metavar="ACTION")
@@ -122,14 +174,29 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     ev.set_defaults(func=cmd_eval)
 
+    zoo = sub.add_parser("zoo", help="the default zoo: base model and two experts for merge search").add_subparsers(
+        dest="zoo_command", metavar="ACTION")
+    zb = zoo.add_parser("build", help="train the zoo's missing experts (resumable, cached in the home)")
+    zb.add_argument("--only", action="append", metavar="EXPERT", help="build only this expert (repeatable)")
+    zb.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    zb.set_defaults(func=cmd_zoo_build)
+    zs = zoo.add_parser("status", help="what of the zoo is built, partly trained or missing")
+    zs.add_argument("--json", action="store_true")
+    zs.set_defaults(func=cmd_zoo_status)
+
     d = sub.add_parser("demo", help="merge the default model with two variants and print where the result is")
     d.set_defaults(func=cmd_demo)
+
+    tu = sub.add_parser("tui", help="open the terminal UI (also what `workbench` alone does in a terminal)")
+    tu.set_defaults(func=cmd_tui)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None and sys.stdin.isatty() and sys.stdout.isatty():
+        args.func = cmd_tui  # `workbench` alone in a terminal opens the UI; piped, it prints the help
     if not hasattr(args, "func"):
         parser.print_help()
         return 0
