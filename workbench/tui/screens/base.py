@@ -1,0 +1,59 @@
+"""What every screen shares: the tab bar on top, the footer, access to the config."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import TYPE_CHECKING
+
+from textual.screen import Screen
+
+if TYPE_CHECKING:
+    from workbench.tui.app import WorkbenchApp
+    from workbench.tui.config import TuiConfig
+
+
+class WorkbenchScreen(Screen):
+    MODE = ""
+
+    @property
+    def wb(self) -> WorkbenchApp:
+        return self.app  # type: ignore[return-value]
+
+    @property
+    def config(self) -> TuiConfig:
+        return self.wb.config
+
+    def error(self, message: str, title: str = "error") -> None:
+        self.wb.error(message, title=title)
+
+    def info(self, message: str, title: str = "") -> None:
+        self.notify(message, title=title, markup=False)
+
+    def warn(self, message: str, title: str = "") -> None:
+        self.notify(message, title=title, severity="warning", markup=False)
+
+
+def guarded(method):
+    """Turn an exception in a handler or action into an error notification: an exception escaping
+    a Textual handler would stop the widget's message loop and exit the app."""
+    from workbench.tui.jobs import error_text
+
+    if inspect.iscoroutinefunction(method):
+        @functools.wraps(method)
+        async def run_async(self, *args, **kwargs):
+            try:
+                return await method(self, *args, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                self.app.error(error_text(e), title=f"{method.__name__} failed")
+
+        return run_async
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            self.app.error(error_text(e), title=f"{method.__name__} failed")
+
+    return run

@@ -1,0 +1,144 @@
+"""Export: a merged model (Hugging Face directory) from a recipe or a run's best recipe.
+
+Compressed exports (1.58/2-bit quantization) are not implemented yet; their section says so and
+offers no action.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Button, Checkbox, Footer, Input, Label, Select, Static
+
+from workbench.tui.config import apply_threads
+from workbench.tui.jobs import (
+    default_merge_out,
+    error_text,
+    example_recipes,
+    recipe_for_source,
+    run_merge,
+)
+from workbench.tui.messages import JobFailed, JobFinished, JobProgress
+from workbench.tui.runs import is_run_dir
+from workbench.tui.screens.base import WorkbenchScreen, guarded
+from workbench.tui.widgets import JobStatus, NavBar
+
+COMPRESSED_NOTE = (
+    "Not available yet. Compressed exports (1.58-bit and 2-bit quantization with LoRA recovery, GGUF) land "
+    "in a later version of the workbench; until then this section has no action and writes nothing. "
+    "Use the merged-model export above, or `workbench merge`."
+)
+
+
+class ExportScreen(WorkbenchScreen):
+    MODE = "export"
+    BINDINGS = [Binding("ctrl+r", "export", "Export merged model", id="export.merged")]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.exporting = False
+        self.result: Path | None = None
+
+    def compose(self) -> ComposeResult:
+        yield NavBar("export")
+        with Vertical(id="export-merged", classes="panel"):
+            yield Label("Merged model (Hugging Face safetensors directory)", classes="section")
+            with Horizontal(classes="controls"):
+                yield Select([], prompt="recipes and runs", id="export-select")
+                yield Input(id="export-source", placeholder="a recipe file, or a search run directory (its best recipe)")
+            with Horizontal(classes="controls"):
+                yield Input(id="export-out", placeholder="output directory (blank: $WORKBENCH_HOME/merges/<name>)")
+                yield Checkbox("overwrite", id="export-overwrite")
+                yield Button("Export", id="export", variant="success")
+            yield JobStatus(idle="no export running", id="export-job")
+            yield Label(Text(""), id="export-result")
+        with Vertical(id="export-compressed", classes="panel placeholder"):
+            yield Label("Compressed export (quantized): NOT AVAILABLE YET", classes="section")
+            yield Static(Text(COMPRESSED_NOTE), id="compressed-note")
+            yield Button("Export compressed (not available yet)", id="export-compressed-button", disabled=True)
+        yield Footer(compact=True)
+
+    @guarded
+    def on_screen_resume(self) -> None:  # each time the screen is shown, the first time included
+        self.refresh_sources()
+
+    def refresh_sources(self) -> None:
+        options = [(f"recipe: {p.name}", str(p)) for p in example_recipes()]
+        root = self.config.runs_dir
+        if root.is_dir():
+            runs = sorted((d for d in root.iterdir() if is_run_dir(d)), key=lambda d: -d.stat().st_mtime)
+            options += [(f"run: {d.name}", str(d)) for d in runs]
+        self.query_one("#export-select", Select).set_options(options)
+
+    @on(Select.Changed, "#export-select")
+    @guarded
+    def _picked(self, event: Select.Changed) -> None:
+        if event.value is not Select.BLANK:
+            self.query_one("#export-source", Input).value = str(event.value)
+
+    @on(Button.Pressed, "#export")
+    @guarded
+    def action_export(self) -> None:
+        if self.exporting:
+            self.warn("an export is running")
+            return
+        raw = self.query_one("#export-source", Input).value.strip()
+        if not raw:
+            self.error("give a recipe file or a run directory to export")
+            return
+        source = Path(raw).expanduser()
+        if not source.exists():
+            self.error(f"{source}: no such recipe file or run directory")
+            return
+        out_raw = self.query_one("#export-out", Input).value.strip()
+        name = source.name if source.is_dir() else source.stem
+        out = Path(out_raw).expanduser() if out_raw else default_merge_out(name)
+        overwrite = self.query_one("#export-overwrite", Checkbox).value
+        if out.exists() and not overwrite:
+            self.error(f"{out} already exists; choose another output or tick overwrite")
+            return
+        self.exporting = True
+        self.query_one("#export", Button).disabled = True
+        self.query_one("#export-result", Label).update(Text(""))
+        self.query_one("#export-job", JobStatus).start(f"exporting {source.name} into {out}...")
+        self.export(source, out, overwrite)
+
+    @work(thread=True, exclusive=True, group="export", exit_on_error=False, description="export merged model")
+    def export(self, source: Path, out: Path, overwrite: bool) -> None:
+        def on_tensor(done: int, total: int, name: str) -> None:
+            self.post_message(JobProgress("export", done, total, f"{done}/{total} {name}"))
+
+        try:
+            apply_threads(self.config.threads)
+            recipe = recipe_for_source(source)
+            result = run_merge(recipe, out, overwrite=overwrite, on_tensor=on_tensor)
+        except Exception as e:  # noqa: BLE001
+            self.post_message(JobFailed("export", error_text(e)))
+            return
+        self.post_message(JobFinished("export", result, f"exported {result.num_tensors} tensors to {result.out_dir} "
+                                                        f"({result.bytes_written / 1e6:.1f} MB) in {result.seconds:.1f} s"))
+
+    @guarded
+    def on_job_progress(self, message: JobProgress) -> None:
+        self.query_one("#export-job", JobStatus).progress(message.done, message.total, message.text)
+
+    @guarded
+    def on_job_finished(self, message: JobFinished) -> None:
+        self.exporting = False
+        self.query_one("#export", Button).disabled = False
+        self.result = message.result.out_dir
+        self.query_one("#export-job", JobStatus).finish(message.text)
+        self.query_one("#export-result", Label).update(Text(f"result: {self.result}", style="bold green"))
+        self.info(message.text, title="export done")
+
+    @guarded
+    def on_job_failed(self, message: JobFailed) -> None:
+        self.exporting = False
+        self.query_one("#export", Button).disabled = False
+        self.query_one("#export-job", JobStatus).fail(message.error)
+        self.error(message.error, title="export failed")
