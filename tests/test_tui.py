@@ -6,6 +6,7 @@ is mocked except the default model's preparation, which needs the real 135M mode
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import threading
 import time
@@ -26,6 +27,7 @@ from workbench.tui.app import WorkbenchApp
 from workbench.tui.config import TuiConfig, load_config
 
 SIZE = (120, 40)
+HAVE_ZOO = importlib.util.find_spec("workbench.zoo") is not None
 
 
 def write_tiny_task(path: Path, n: int = 12) -> Path:
@@ -306,7 +308,8 @@ async def test_models_list_add_and_prepare_default(env, tmp_path, monkeypatch):
         await wait_until(pilot, lambda: table.row_count == 1, what="the home's models")
         name, fmt, arch, _, dtype, layers = (str(c) for c in table.get_row_at(0)[:6])
         assert (name, fmt, dtype, layers) == ("tiny-a", "safetensors", "float32", "4") and "Llama" in arch
-        assert screen.query_one("#zoo", DataTable).row_count == 3  # base and two experts, all missing here
+        if HAVE_ZOO:
+            assert screen.query_one("#zoo", DataTable).row_count == 3  # base and two experts, all missing here
 
         screen.query_one("#model-path", Input).value = str(env.b)  # add a model by path
         await click(pilot, "#add")
@@ -470,6 +473,7 @@ def test_error_lines_and_heat_map_rows(tiny_models):
 
 
 @pytest.mark.asyncio
+@pytest.mark.skipif(not HAVE_ZOO, reason="no workbench.zoo in this checkout")
 async def test_search_screen_offers_the_quick_zoo_spec_once_the_zoo_is_built(env, monkeypatch):
     monkeypatch.setattr("workbench.zoo.build.is_built", lambda name: True)
     app = WorkbenchApp(env.config)

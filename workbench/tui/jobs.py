@@ -43,8 +43,10 @@ def example_recipes() -> list[Path]:
 
 def default_spec() -> Path | None:
     """recipes/zoo-quick-search.yml when the zoo is built (the spec needs its experts)."""
-    from workbench.zoo.build import EXPERTS, is_built
-
+    try:
+        from workbench.zoo.build import EXPERTS, is_built
+    except ImportError:  # a checkout without the zoo
+        return None
     if not all(is_built(name) for name in EXPERTS):
         return None
     return next((p for p in example_specs() if p.name == "zoo-quick-search.yml"), None)

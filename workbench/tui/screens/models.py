@@ -77,7 +77,6 @@ class ModelsScreen(WorkbenchScreen):
     @work(thread=True, exclusive=True, group="models-list", exit_on_error=False, description="list models")
     def load_models(self, extra: list[Path]) -> None:
         from workbench.models.info import list_models, model_info
-        from workbench.zoo.build import zoo_status
 
         try:
             rows = list_models()
@@ -86,7 +85,12 @@ class ModelsScreen(WorkbenchScreen):
                     rows.append(model_info(path))
                 except Exception as e:  # noqa: BLE001 - one bad path keeps its row, with the error
                     rows.append({"name": path.name, "path": str(path), "error": error_text(e)})
-            zoo = zoo_status()
+            try:
+                from workbench.zoo.build import zoo_status
+            except ImportError:  # a checkout without the zoo
+                zoo = []
+            else:
+                zoo = zoo_status()
         except Exception as e:  # noqa: BLE001
             self.post_message(JobFailed("list models", error_text(e)))
             return
@@ -178,10 +182,14 @@ class ModelsScreen(WorkbenchScreen):
     @work(thread=True, exclusive=True, group="models-job", exit_on_error=False, description="build zoo")
     def build_zoo(self) -> None:
         from workbench.models.default_model import prepare_default
-        from workbench.zoo.build import EXPERTS, expert_dir, is_built, train_expert
 
         worker = get_current_worker()
         job = "build zoo"
+        try:
+            from workbench.zoo.build import EXPERTS, expert_dir, is_built, train_expert
+        except ImportError:
+            self.post_message(JobFailed(job, "this version of the workbench has no zoo (workbench.zoo)"))
+            return
         try:
             apply_threads(self.config.threads)
             base = prepare_default(progress=False)
