@@ -10,6 +10,7 @@ took them (tests/snapshots/textual-version.txt), since Textual's rendering chang
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -75,6 +76,8 @@ async def screenshot(mode: str) -> str:
 @pytest.mark.asyncio
 @pytest.mark.parametrize("mode", ["search", "models", "recipe", "runs", "export"])
 async def test_screen_snapshot(mode, fixed_home):
+    if mode == "models" and importlib.util.find_spec("workbench.zoo") is None:
+        pytest.skip("the Models snapshot shows the zoo's table; this checkout has no workbench.zoo")
     svg = await screenshot(mode)
     path = SNAPSHOTS / f"{mode}.svg"
     if UPDATE:
