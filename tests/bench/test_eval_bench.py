@@ -28,7 +28,8 @@ line times one candidate's objective: all search splits of the three skill tasks
 
 Targets, asserted after every figure is printed: speedup_vs_lm_eval >= 3, max_ll_diff <= 1e-4,
 equal acc, fitness_seconds <= 10. Knobs: BENCH_EVAL_LIMIT (items per task, 25),
-BENCH_EVAL_NAIVE_LIMIT (8), BENCH_EVAL_THREADS ("1,2"), BENCH_EVAL_FITNESS_THREADS (the first of
+BENCH_EVAL_NAIVE_LIMIT (8), BENCH_EVAL_THREADS ("1"; "1,2" adds a 2-thread pass, which
+on a contended 2-core machine took over 5 minutes more), BENCH_EVAL_FITNESS_THREADS (the first of
 BENCH_EVAL_THREADS). lm-eval comes with the bench extra (`make bench`).
 """
 
@@ -44,7 +45,7 @@ import pytest
 
 LIMIT = int(os.environ.get("BENCH_EVAL_LIMIT", "25"))
 NAIVE_LIMIT = int(os.environ.get("BENCH_EVAL_NAIVE_LIMIT", "8"))
-THREADS = [int(x) for x in os.environ.get("BENCH_EVAL_THREADS", "1,2").split(",") if x.strip()]
+THREADS = [int(x) for x in os.environ.get("BENCH_EVAL_THREADS", "1").split(",") if x.strip()]
 FITNESS_THREADS = int(os.environ.get("BENCH_EVAL_FITNESS_THREADS", str(THREADS[0])))
 TASKS = ["zoo-arith", "zoo-french", "zoo-arith-french"]
 BATCH_SIZE = 32
@@ -74,6 +75,7 @@ def lm_eval_acc(samples: list[dict], lls: list[float]) -> float:
     return sum(hits) / len(hits)
 
 
+@pytest.mark.timeout(1800)
 def test_evaluator_against_lm_eval_and_naive():
     pytest.importorskip("lm_eval", reason="lm-eval is installed by `make bench` (the bench extra)")
     import torch
