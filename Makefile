@@ -21,8 +21,9 @@ setup: $(VENV)/.installed
 model: setup
 	$(VENV)/bin/workbench models prepare-default
 
+# The main job: the terminal UI in a terminal; headless (no TTY), the end-to-end merge demo.
 run: model
-	$(VENV)/bin/workbench demo
+	@if [ -t 0 ] && [ -t 1 ]; then $(VENV)/bin/workbench tui; else $(VENV)/bin/workbench demo; fi
 
 test: model
 	$(PY) -m pytest
@@ -32,7 +33,7 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 	touch $@
 
 bench: model $(VENV)/.bench-installed
-	$(PY) -m pytest -q -s tests/bench -p no:cacheprovider --override-ini addopts=
+	$(PY) -m pytest -q -s tests/bench -p no:cacheprovider --override-ini addopts= --tb=line -o timeout=1800
 
 clean:
 	rm -rf $(VENV) build *.egg-info
