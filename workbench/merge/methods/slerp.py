@@ -19,12 +19,13 @@ def slerp(
     dtype = work_dtype(v0)
     a, b = v0.reshape(-1).to(dtype), v1.reshape(-1).to(dtype)
     t = torch.as_tensor(t, dtype=dtype, device=a.device)
-    aa, bb, ab = _dots(a, b)
-    norm_a, norm_b = aa.sqrt(), bb.sqrt()
+    norm_a, norm_b = _chunked_norm(a), _chunked_norm(b)
     norm_a = torch.where(norm_a > eps, norm_a, 1)  # zero vectors: dot 0, so slerp at 90°
     norm_b = torch.where(norm_b > eps, norm_b, 1)
-    dot = (ab / (norm_a * norm_b)).to(dtype).clamp(-1, 1)
-    if a.numel() == 0 or dot.abs() > dot_threshold:
+    chunks = _chunks(a)
+    if chunks:
+        dot = torch.stack([((a[c] / norm_a) * (b[c] / norm_b)).sum() for c in chunks]).sum().clamp(-1, 1)
+    if not chunks or dot.abs() > dot_threshold:
         coef_a, coef_b = 1 - t, t
     else:
         theta = torch.acos(dot)
@@ -34,16 +35,18 @@ def slerp(
     return out.add_(b, alpha=float(coef_b)).reshape(v0.shape).to(v0.dtype)
 
 
-CHUNK = 1 << 20
+CHUNK = 1 << 20  # entries per chunk: bounded temporaries; sums in this order match mergekit's to float32 rounding
 
 
-def _dots(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """a.a, b.b and a.b accumulated in float64, chunk by chunk (exact enough, little memory)."""
-    aa = bb = ab = torch.zeros((), dtype=torch.float64, device=a.device)
-    for start in range(0, a.numel(), CHUNK):
-        x, y = a[start:start + CHUNK].double(), b[start:start + CHUNK].double()
-        aa, bb, ab = aa + x.dot(x), bb + y.dot(y), ab + x.dot(y)
-    return aa, bb, ab
+def _chunks(x: torch.Tensor) -> list[slice]:
+    return [slice(i, i + CHUNK) for i in range(0, x.numel(), CHUNK)]
+
+
+def _chunked_norm(x: torch.Tensor) -> torch.Tensor:
+    """The L2 norm as the norm of per-chunk norms."""
+    if x.numel() == 0:
+        return torch.zeros((), dtype=x.dtype, device=x.device)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x[c]) for c in _chunks(x)]))
 
 
 def slerp_merge(base: torch.Tensor | None, tensors: list[torch.Tensor], params: MergeParams) -> torch.Tensor:
