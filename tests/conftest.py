@@ -5,8 +5,11 @@ Nothing here downloads anything; every model is made from a config with a fixed 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
@@ -79,3 +82,17 @@ def tiny_models(tmp_path):
                          for i in range(1, n)]
 
     return make
+
+
+def write_tiny_task(path: Path, n: int = 12) -> Path:
+    """A 2-choice task for the tiny word-level tokenizer: which word follows (a seeded rule)."""
+    rng = np.random.default_rng(0)
+    lines = []
+    for i, a in enumerate(rng.permutation(np.arange(3, 90))[: 2 * n].tolist()):
+        gold = int(rng.integers(0, 2))
+        choices = [f"w{a + 1}", f"w{a + 2}"] if gold == 0 else [f"w{a + 2}", f"w{a + 1}"]
+        lines.append(json.dumps({"split": "search" if i < n else "heldout", "context": f"w{a} w{a}",
+                                 "choices": choices, "gold": gold}))
+    (path.parent / "tiny.jsonl").write_text("\n".join(lines) + "\n")
+    path.write_text("name: tiny\ntype: multiple_choice\ndescription: a test task\nitems: tiny.jsonl\n")
+    return path

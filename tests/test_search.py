@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import write_tiny_task
 from workbench.errors import WorkbenchError
 from workbench.search.genome import GenomeLayout
 from workbench.search.objective import Fitness
@@ -154,20 +152,6 @@ def test_bad_specs_name_the_field(tmp_path, tiny_models):
         (tmp_path / "busy").mkdir()
         (tmp_path / "busy" / "x").write_text("")
         Search(spec_from_dict(good), tmp_path / "busy", objective=DistanceObjective(state(a))).start()
-
-
-def write_tiny_task(path: Path, n: int = 12) -> Path:
-    """A 2-choice task for the tiny word-level tokenizer: which word follows (a seeded rule)."""
-    rng = np.random.default_rng(0)
-    lines = []
-    for i, a in enumerate(rng.permutation(np.arange(3, 90))[: 2 * n].tolist()):
-        gold = int(rng.integers(0, 2))
-        choices = [f"w{a + 1}", f"w{a + 2}"] if gold == 0 else [f"w{a + 2}", f"w{a + 1}"]
-        lines.append(json.dumps({"split": "search" if i < n else "heldout", "context": f"w{a} w{a}",
-                                 "choices": choices, "gold": gold}))
-    (path.parent / "tiny.jsonl").write_text("\n".join(lines) + "\n")
-    path.write_text("name: tiny\ntype: multiple_choice\ndescription: a test task\nitems: tiny.jsonl\n")
-    return path
 
 
 def test_cli_search_export_merge_and_resume(tiny_models, tmp_path, capsys):

@@ -22,26 +22,13 @@ pytest.importorskip("pytest_asyncio")
 from textual.widgets import DataTable, Input, Label, TextArea
 
 from workbench.merge.recipe import load_recipe
+from conftest import write_tiny_task
 from workbench.search.run import open_search, read_history
 from workbench.tui.app import WorkbenchApp
 from workbench.tui.config import TuiConfig, load_config
 
 SIZE = (120, 40)
 HAVE_ZOO = importlib.util.find_spec("workbench.zoo") is not None
-
-
-def write_tiny_task(path: Path, n: int = 12) -> Path:
-    """A 2-choice task for the tiny word-level tokenizer (as in tests/test_search.py)."""
-    rng = np.random.default_rng(0)
-    lines = []
-    for i, a in enumerate(rng.permutation(np.arange(3, 90))[: 2 * n].tolist()):
-        gold = int(rng.integers(0, 2))
-        choices = [f"w{a + 1}", f"w{a + 2}"] if gold == 0 else [f"w{a + 2}", f"w{a + 1}"]
-        lines.append(json.dumps({"split": "search" if i < n else "heldout", "context": f"w{a} w{a}",
-                                 "choices": choices, "gold": gold}))
-    (path.parent / "tiny.jsonl").write_text("\n".join(lines) + "\n")
-    path.write_text("name: tiny\ntype: multiple_choice\ndescription: a test task\nitems: tiny.jsonl\n")
-    return path
 
 
 @pytest.fixture

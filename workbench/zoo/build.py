@@ -16,7 +16,6 @@ A build trains only what is missing; a training run checkpoints every few steps 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -24,9 +23,10 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from workbench.errors import WorkbenchError
+from workbench.locks import file_lock
 from workbench.home import DEFAULT_MODEL_NAME, models_dir, workbench_home
 from workbench.zoo import generators as gen
 from workbench.zoo.train import TrainConfig
@@ -84,22 +84,9 @@ def is_built(name: str) -> bool:
     return (d / "train.json").is_file() and (d / "model.safetensors").is_file() and (d / "config.json").is_file()
 
 
-@contextlib.contextmanager
-def _lock(name: str) -> Iterator[None]:
+def _lock(name: str):
     """One build of an expert at a time (a second `zoo build` waits, then finds it built)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    path = work_dir(name).parent / f".{name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return file_lock(work_dir(name).parent / f".{name}.lock")
 
 
 def _fingerprint(spec: ExpertSpec, base: Path) -> dict:
