@@ -55,6 +55,18 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * scale)
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (VmHWM). ``ru_maxrss`` is not used: a process started by a
+    large parent inherits the parent's figure there."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def check_device(device: str) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -162,7 +174,7 @@ def execute_merge(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu", 
         write_output_files(plan, tmp, dtype_out, seed, out_dir.name)
 
     return MergeResult(out_dir=out_dir, seconds=time.perf_counter() - start, bytes_written=total_bytes,
-                       peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                       peak_rss_bytes=peak_rss_bytes(),
                        num_tensors=len(plan.jobs), num_shards=len(shards))
 
 
