@@ -187,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="merge the default model with two variants and print where the result is")
     d.set_defaults(func=cmd_demo)
 
+    from workbench.quant.cli import add_parsers as add_quant_parsers
+
+    add_quant_parsers(sub)
+
     tu = sub.add_parser("tui", help="open the terminal UI (also what `workbench` alone does in a terminal)")
     tu.set_defaults(func=cmd_tui)
     return p

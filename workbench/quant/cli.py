@@ -1,0 +1,283 @@
+"""`workbench quantize`, `workbench recover` and `workbench export`: progress bars and a summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from workbench.errors import WorkbenchError
+from workbench.quant.options import RecoverOptions
+
+console = Console(stderr=True)
+EVAL_TASK = "zoo-perplexity"  # its `heldout` split: license texts never used for calibration
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, disable=not enabled)
+
+
+def _float_model(path: str | Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise WorkbenchError(f"{path}: not a model directory (no config.json); import a GGUF file first with "
+                             "`workbench models import-gguf`")
+    if not any(path.glob("*.safetensors")):
+        raise WorkbenchError(f"{path}: no .safetensors weights (only safetensors and GGUF are read)")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True).eval()
+    return model, AutoTokenizer.from_pretrained(str(path))
+
+
+def heldout_perplexity(model, tokenizer, task: str = EVAL_TASK) -> float:
+    import torch
+
+    from workbench.eval.evaluator import evaluate
+
+    with torch.no_grad():
+        return evaluate(model, tokenizer, task, split="heldout")[task.split("/")[-1].removesuffix(".yml")].metrics["ppl"]
+
+
+def _summary(title: str, rows: list[tuple[str, str]]) -> None:
+    table = Table(title=title, show_header=False)
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def run_quantize_cli(args: argparse.Namespace) -> int:
+    import torch
+
+    from workbench.quant.config import check_model, load_quant_config
+    from workbench.quant.model import (
+        float_weight,
+        linear_layers,
+        quantize_model,
+        save_quantized,
+        size_report,
+    )
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_quant_config(args.config)
+    model, tok = _float_model(args.model)
+    check_model(cfg, {n: tuple(float_weight(m).shape) for n, m in linear_layers(model).items()})
+    ppl_float = None if args.no_eval else heldout_perplexity(model, tok)
+    start = time.perf_counter()
+    with _progress(not args.no_progress) as bar:
+        task = bar.add_task("quantizing", total=None, info="")
+        quantize_model(model, cfg, lambda name, i, n: bar.update(task, completed=i, total=n, info=name))
+    seconds = time.perf_counter() - start
+    save_quantized(model, args.out, args.model, cfg, extra={"source_model": str(Path(args.model).absolute())})
+    ppl = None if args.no_eval else heldout_perplexity(model, tok)
+    report = {**size_report(model, cfg.storage), "seconds": seconds, "ppl_float": ppl_float, "ppl": ppl,
+              "out": str(args.out), "disk_bytes": sum(p.stat().st_size for p in Path(args.out).iterdir())}
+    _summary(f"quantized {args.model} -> {args.out}", [
+        ("layers", str(report["quantized_layers"])),
+        ("bits per weight (linear layers, scales and zeros counted)", f"{report['bits_per_weight']:.3f}"),
+        ("  with adapters", f"{report['bits_per_weight_with_adapters']:.3f}"),
+        ("size on disk", _mb(report["disk_bytes"])),
+        ("time", f"{seconds:.1f} s"),
+        (f"held-out perplexity ({EVAL_TASK}) float -> quantized",
+         "skipped" if ppl is None else f"{ppl_float:.2f} -> {ppl:.2f}")])
+    if args.json:
+        Path(args.json).write_text(json.dumps(report) + "\n")
+    return 0
+
+
+def run_recover_cli(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    from workbench.quant.corpus import corpus_texts, token_windows
+    from workbench.quant.model import (
+        load_quantized,
+        read_quant_meta,
+        save_quantized,
+        size_report,
+    )
+    from workbench.quant.recover import Recovery
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    meta = read_quant_meta(args.qdir)
+    if not any(e["lora_rank"] for e in meta["layers"].values()) and args.scale_lr <= 0:
+        raise WorkbenchError(f"{args.qdir}: nothing to train: no LoRA adapters (quantize with `lora: {{rank: N}}`) "
+                             "and --scale-lr 0")
+    teacher_dir = Path(args.teacher)
+    if not (teacher_dir / "config.json").is_file():
+        raise WorkbenchError(f"--teacher {teacher_dir}: not a model directory (no config.json)")
+    t_cfg, s_cfg = AutoConfig.from_pretrained(str(teacher_dir)), AutoConfig.from_pretrained(str(args.qdir))
+    for key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers"):
+        if getattr(t_cfg, key, None) != getattr(s_cfg, key, None):
+            raise WorkbenchError(f"--teacher {teacher_dir}: {key} is {getattr(t_cfg, key, None)!r}, but the quantized "
+                                 f"model's is {getattr(s_cfg, key, None)!r}")
+    opts = RecoverOptions(steps=args.steps, block_steps=args.block_steps, lr=args.lr, block_lr=args.block_lr,
+                          scale_lr=args.scale_lr, seq_len=args.seq_len, batch_size=args.batch_size,
+                          max_tokens=args.max_tokens, block_tokens=args.block_tokens, top_k=args.top_k, dtype=args.dtype,
+                          time_budget=None if args.time_budget is None else args.time_budget * 60,
+                          checkpoint_every=args.checkpoint_every, seed=args.seed)
+    tok = AutoTokenizer.from_pretrained(str(args.qdir))
+    windows = token_windows(tok, corpus_texts(args.corpus), opts.seq_len, opts.max_tokens, opts.seed)
+    student = load_quantized(args.qdir)
+    ppl_before = None if args.no_eval else heldout_perplexity(student, tok)
+    work = Path(str(args.out).rstrip("/") + ".work")
+    if work.exists() and not args.resume and (work / "checkpoint.pt").exists():
+        console.print(f"[yellow]resuming[/yellow] from {work} (delete it to start over)")
+
+    def load_teacher():
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32,
+                                                    use_safetensors=True).eval()
+
+    with _progress(not args.no_progress) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(phase: str, done: int, total: int, loss: float | None) -> None:
+            if phase not in tasks:
+                tasks[phase] = bar.add_task({"blocks": "block reconstruction", "teacher": "teacher top-k",
+                                             "e2e": "end-to-end KL"}[phase], total=total, info="")
+            bar.update(tasks[phase], completed=done, total=total, info="" if loss is None else f"loss {loss:.4f}")
+
+        rec = Recovery(student, windows, opts, work, load_teacher, progress)
+        result = rec.run()
+    ppl_after = None if args.no_eval else heldout_perplexity(student, tok)
+    losses = [json.loads(line) for line in (work / "loss.jsonl").read_text().splitlines()]
+    extra = {"source_model": meta.get("source_model"), "recovery": {
+        "options": vars(opts), "corpus": args.corpus, "calibration_tokens": int(windows.numel()),
+        "seconds": result["elapsed"], "steps": result["step"], "ppl_before": ppl_before, "ppl_after": ppl_after}}
+    cfg = None
+    from workbench.quant.config import quant_config_from_dict
+
+    if meta.get("config"):
+        cfg = quant_config_from_dict(meta["config"], str(Path(args.qdir) / "quant_config.json"))
+    save_quantized(student, args.out, args.qdir, cfg, extra=extra)
+    (Path(args.out) / "loss.jsonl").write_text((work / "loss.jsonl").read_text())
+    report = {**size_report(student), **extra["recovery"], "out": str(args.out)}
+    e2e = [r["loss"] for r in losses if r["phase"] == "e2e"]
+    _summary(f"recovered {args.qdir} -> {args.out}", [
+        ("calibration", f"{args.corpus}: {windows.numel()} tokens"),
+        ("time", f"{result['elapsed'] / 60:.1f} min ({result['step']} end-to-end steps)"),
+        ("end-to-end KL first -> last", f"{e2e[0]:.3f} -> {e2e[-1]:.3f}" if e2e else "-"),
+        ("loss curve", _sparkline(e2e)),
+        ("bits per weight (base / with adapters)",
+         f"{report['bits_per_weight']:.3f} / {report['bits_per_weight_with_adapters']:.3f}"),
+        (f"held-out perplexity ({EVAL_TASK}) before -> after",
+         "skipped" if ppl_after is None else f"{ppl_before:.2f} -> {ppl_after:.2f}")])
+    if args.json:
+        Path(args.json).write_text(json.dumps(report) + "\n")
+    if not args.keep_work:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _sparkline(values: list[float], width: int = 40) -> str:
+    if not values:
+        return "-"
+    bars = "▁▂▃▄▅▆▇█"
+    step = max(1, len(values) // width)
+    pts = [sum(values[i:i + step]) / len(values[i:i + step]) for i in range(0, len(values), step)]
+    lo, hi = min(pts), max(pts)
+    return "".join(bars[int((p - lo) / (hi - lo + 1e-12) * (len(bars) - 1))] for p in pts)
+
+
+def run_export_cli(args: argparse.Namespace) -> int:
+    from workbench.quant.model import load_quantized, read_quant_meta, save_quantized
+
+    meta = read_quant_meta(args.qdir)
+    model = load_quantized(args.qdir)
+    out = Path(args.out)
+    if args.format == "safetensors":
+        save_quantized(model, out, args.qdir, storage=args.storage,
+                       extra={k: v for k, v in meta.items() if k not in ("format", "version", "layers", "tied", "config")})
+        report = {"format": "safetensors", "path": str(out)}
+    elif args.format == "peft":
+        from workbench.export.peft import export_peft
+
+        report = export_peft(model, args.qdir, out)
+    elif args.format == "hf":
+        from workbench.export.hf import export_hf
+
+        report = export_hf(model, args.qdir, out)
+    else:
+        from workbench.export.gguf import export_gguf, export_lora_gguf
+
+        report = export_gguf(args.qdir, out, ternary_type=args.ternary_type, fallback=args.fallback)
+        if any(e["lora_rank"] for e in meta["layers"].values()):
+            lora_out = out.with_name(out.stem + ".lora.gguf")
+            report["lora"] = export_lora_gguf(args.qdir, lora_out)
+    console.print_json(json.dumps(report, default=str))
+    return 0
+
+
+def add_parsers(sub) -> None:
+    q = sub.add_parser("quantize", help="quantize a model's linear layers (ternary, 1-4 bit) with optional LoRA")
+    q.add_argument("model", help="float model directory (safetensors)")
+    q.add_argument("--config", required=True, help="quantization config YAML (see recipes/ternary.yml, 2bit.yml)")
+    q.add_argument("--out", required=True, help="output directory (compressed safetensors)")
+    q.add_argument("--no-eval", action="store_true", help="skip the held-out perplexity before and after")
+    q.add_argument("--no-progress", action="store_true")
+    q.add_argument("--threads", type=int)
+    q.add_argument("--json", help="write the summary as JSON to this file")
+    q.set_defaults(func=run_quantize_cli)
+
+    r = sub.add_parser("recover", help="train the quantized model's adapters by distillation from the float model")
+    r.add_argument("qdir", help="quantized model directory (from `workbench quantize`)")
+    r.add_argument("--teacher", required=True, help="the float model directory")
+    r.add_argument("--corpus", default="pydoc,licenses",
+                   help="calibration text: pydoc, licenses (held-out ones excluded) and/or text files")
+    r.add_argument("--out", required=True, help="output directory; work in progress lives in OUT.work")
+    d = RecoverOptions()
+    r.add_argument("--steps", type=int, default=d.steps, help="end-to-end KL steps")
+    r.add_argument("--block-steps", type=int, default=d.block_steps, help="reconstruction steps per block (0: skip)")
+    r.add_argument("--lr", type=float, default=d.lr)
+    r.add_argument("--block-lr", type=float, default=d.block_lr)
+    r.add_argument("--scale-lr", type=float, default=d.scale_lr, help="learning rate of scales/zeros (0: frozen)")
+    r.add_argument("--seq-len", type=int, default=d.seq_len)
+    r.add_argument("--batch-size", type=int, default=d.batch_size)
+    r.add_argument("--max-tokens", type=int, default=d.max_tokens, help="calibration tokens")
+    r.add_argument("--block-tokens", type=int, default=d.block_tokens)
+    r.add_argument("--top-k", type=int, default=d.top_k, help="teacher log-probs cached per position")
+    r.add_argument("--dtype", default=d.dtype, choices=("bfloat16", "float32"), help="autocast dtype for training")
+    r.add_argument("--time-budget", type=float, help="minutes for training (both phases)")
+    r.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    r.add_argument("--seed", type=int, default=d.seed)
+    r.add_argument("--resume", action="store_true", help="(default when OUT.work holds a checkpoint)")
+    r.add_argument("--keep-work", action="store_true", help="keep OUT.work (checkpoint, teacher cache, loss)")
+    r.add_argument("--no-eval", action="store_true")
+    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--threads", type=int)
+    r.add_argument("--json")
+    r.set_defaults(func=run_recover_cli)
+
+    e = sub.add_parser("export", help="export a quantized model: safetensors, peft adapter, GGUF or plain HF")
+    e.add_argument("qdir", help="quantized model directory")
+    e.add_argument("--format", required=True, choices=("safetensors", "peft", "gguf", "hf"))
+    e.add_argument("--out", required=True, help="output directory (a .gguf file for gguf)")
+    e.add_argument("--storage", default="packed", choices=("packed", "trits"),
+                   help="safetensors: ternary codes at 2 bits (packed) or 1.6 bits (trits)")
+    e.add_argument("--ternary-type", default="TQ2_0", choices=("TQ2_0", "TQ1_0"), help="gguf: type of ternary layers")
+    e.add_argument("--fallback", default="F16", choices=("F16", "Q8_0"),
+                   help="gguf: type of quantized layers no GGUF low-bit type can hold exactly")
+    e.set_defaults(func=run_export_cli)

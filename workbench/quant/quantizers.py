@@ -1,0 +1,128 @@
+"""Weight quantizers: plain functions from a float weight [out, in] to codes, scales and zeros.
+
+Two kinds, both grouped along the input dimension (see `packing.py`):
+
+* ``ternary`` (1.58-bit, BitNet b1.58): value = (code - 1) * scale, code in {0, 1, 2}, one float16
+  scale per group. ``absmean`` sets the scale to the group's mean |w|; ``lsq`` then alternates
+  rounding and the least-squares scale <w, t> / <t, t>, which never increases the squared error.
+* ``asym`` (1..4 bits): value = (code - zero) * scale with a float16 scale and zero per group.
+  ``rtn`` is min/max round-to-nearest; ``hqq`` keeps the min/max scale and solves for the zero by
+  half-quadratic splitting under an l_p (p < 1) error, as HQQ does (Badri & Shaji, 2023).
+
+The returned scale and zero are already rounded to float16 and the codes are computed with those
+rounded values, so `dequantize` reproduces exactly what every consumer (kernels, GGUF) sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+TERNARY_METHODS = ("absmean", "lsq")
+ASYM_METHODS = ("rtn", "hqq")
+
+
+@dataclass
+class QuantizedWeight:
+    kind: str  # "ternary" | "asym"
+    bits: int  # bits per code: 2 for ternary, 1..4 for asym
+    group_size: int
+    codes: torch.Tensor  # [out, in] uint8
+    scale: torch.Tensor  # [out, in // group_size] float16
+    zero: torch.Tensor | None  # [out, in // group_size] float16, None for ternary
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+
+def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    out, inp = w.shape
+    if group_size <= 0 or inp % group_size:
+        raise ValueError(f"group_size {group_size} does not divide the row length {inp}")
+    return w.float().reshape(out, inp // group_size, group_size)
+
+
+def quantize_ternary(w: torch.Tensor, group_size: int, method: str = "lsq", iters: int = 10) -> QuantizedWeight:
+    """Symmetric {-1, 0, +1} x scale per group."""
+    if method not in TERNARY_METHODS:
+        raise ValueError(f"ternary method must be one of {TERNARY_METHODS}, got {method!r}")
+    g = _groups(w, group_size)
+    scale = g.abs().mean(-1, keepdim=True).clamp_min(1e-8)
+    if method == "lsq":
+        for _ in range(iters):
+            t = (g / scale).round().clamp(-1, 1)
+            tt = (t * t).sum(-1, keepdim=True)
+            scale = torch.where(tt > 0, (g * t).sum(-1, keepdim=True) / tt.clamp_min(1), scale).clamp_min(1e-8)
+    scale = scale.half().float().clamp_min(6e-8)  # smallest positive float16 subnormal
+    t = (g / scale).round().clamp(-1, 1)
+    codes = (t + 1).to(torch.uint8).reshape(w.shape)
+    return QuantizedWeight("ternary", 2, group_size, codes, scale.squeeze(-1).half(), None)
+
+
+def _shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
+    """Generalised soft-threshold: the proximal step of the l_p norm used by HQQ."""
+    return torch.sign(x) * torch.relu(x.abs() - (1.0 / beta) * x.abs().clamp_min(1e-12).pow(p - 1))
+
+
+def _hqq_zero(g: torch.Tensor, inv_scale: torch.Tensor, zero: torch.Tensor, max_code: int, iters: int = 20,
+              lp: float = 0.7, beta: float = 10.0, kappa: float = 1.01) -> torch.Tensor:
+    """Half-quadratic solve for the zero with the scale fixed; stops when the l1 error rises."""
+    best_zero, best_err = zero, float("inf")
+    for _ in range(iters):
+        q = (g * inv_scale + zero).round().clamp(0, max_code)
+        rec = (q - zero) / inv_scale
+        err_w = _shrink_lp(g - rec, beta, lp)
+        zero = (q - (g - err_w) * inv_scale).mean(-1, keepdim=True)
+        beta *= kappa
+        err = (g - rec).abs().mean().item()
+        if err >= best_err:
+            break
+        best_zero, best_err = zero, err
+    return best_zero
+
+
+def quantize_asym(w: torch.Tensor, bits: int, group_size: int, method: str = "hqq") -> QuantizedWeight:
+    """Asymmetric `bits`-bit codes with a float16 scale and zero per group."""
+    if bits not in (1, 2, 3, 4):
+        raise ValueError(f"asymmetric quantization supports 1, 2, 3 or 4 bits, got {bits}")
+    if method not in ASYM_METHODS:
+        raise ValueError(f"asymmetric method must be one of {ASYM_METHODS}, got {method!r}")
+    g = _groups(w, group_size)
+    max_code = (1 << bits) - 1
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scale = ((hi - lo) / max_code).clamp_min(1e-8)
+    zero = -lo / scale
+    if method == "hqq":
+        zero = _hqq_zero(g, 1.0 / scale, zero, max_code)
+    scale = scale.half().float().clamp_min(6e-8)
+    zero = zero.half().float()
+    codes = (g / scale + zero).round().clamp(0, max_code).to(torch.uint8).reshape(w.shape)
+    return QuantizedWeight("asym", bits, group_size, codes, scale.squeeze(-1).half(), zero.squeeze(-1).half())
+
+
+def quantize_weight(w: torch.Tensor, bits: float | str, group_size: int, method: str | None = None) -> QuantizedWeight:
+    """Dispatch on `bits`: 1.58 (or "ternary") is ternary, 1..4 is asymmetric."""
+    if bits in (1.58, "1.58", "ternary"):
+        return quantize_ternary(w, group_size, method or "lsq")
+    return quantize_asym(w, int(bits), group_size, method or "hqq")
+
+
+def dequantize(q: QuantizedWeight, codes: torch.Tensor | None = None, scale: torch.Tensor | None = None,
+               zero: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(code - zero) * scale per group, in `dtype`. Overrides let training pass trainable scales."""
+    codes = q.codes if codes is None else codes
+    scale = q.scale if scale is None else scale
+    zero = q.zero if zero is None else zero
+    out, inp = codes.shape
+    c = codes.reshape(out, inp // q.group_size, q.group_size).to(dtype)
+    z = 1.0 if q.kind == "ternary" else zero.to(dtype).unsqueeze(-1)
+    return ((c - z) * scale.to(dtype).unsqueeze(-1)).reshape(out, inp)
+
+
+def bits_per_weight(kind: str, bits: int, group_size: int, storage: str = "packed") -> float:
+    """Bits on disk per weight, scales and zeros included (float16 each)."""
+    code_bits = 1.6 if (kind == "ternary" and storage == "trits") else float(bits)
+    meta = 16 if kind == "ternary" else 32
+    return code_bits + meta / group_size
