@@ -28,8 +28,9 @@ run: model
 test: model
 	$(PY) -m pytest
 
+# DISABLE_CUDA: hqq (the quantization peer) builds no CUDA extension.
 $(VENV)/.bench-installed: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[dev,bench]"
+	DISABLE_CUDA=1 $(PY) -m pip install -q -e ".[dev,bench]"
 	touch $@
 
 bench: model $(VENV)/.bench-installed

@@ -49,7 +49,8 @@ def heldout_perplexity(model, tokenizer, task: str = EVAL_TASK) -> float:
     from workbench.eval.evaluator import evaluate
 
     with torch.no_grad():
-        return evaluate(model, tokenizer, task, split="heldout")[task.split("/")[-1].removesuffix(".yml")].metrics["ppl"]
+        (result,) = evaluate(model, tokenizer, task, split="heldout").values()
+    return result.metrics["ppl"]
 
 
 def _summary(title: str, rows: list[tuple[str, str]]) -> None:
@@ -80,14 +81,14 @@ def run_quantize_cli(args: argparse.Namespace) -> int:
     cfg = load_quant_config(args.config)
     model, tok = _float_model(args.model)
     check_model(cfg, {n: tuple(float_weight(m).shape) for n, m in linear_layers(model).items()})
-    ppl_float = None if args.no_eval else heldout_perplexity(model, tok)
+    ppl_float = None if args.no_eval else heldout_perplexity(model, tok, args.eval_task)
     start = time.perf_counter()
     with _progress(not args.no_progress) as bar:
         task = bar.add_task("quantizing", total=None, info="")
         quantize_model(model, cfg, lambda name, i, n: bar.update(task, completed=i, total=n, info=name))
     seconds = time.perf_counter() - start
     save_quantized(model, args.out, args.model, cfg, extra={"source_model": str(Path(args.model).absolute())})
-    ppl = None if args.no_eval else heldout_perplexity(model, tok)
+    ppl = None if args.no_eval else heldout_perplexity(model, tok, args.eval_task)
     report = {**size_report(model, cfg.storage), "seconds": seconds, "ppl_float": ppl_float, "ppl": ppl,
               "out": str(args.out), "disk_bytes": sum(p.stat().st_size for p in Path(args.out).iterdir())}
     _summary(f"quantized {args.model} -> {args.out}", [
@@ -96,7 +97,7 @@ def run_quantize_cli(args: argparse.Namespace) -> int:
         ("  with adapters", f"{report['bits_per_weight_with_adapters']:.3f}"),
         ("size on disk", _mb(report["disk_bytes"])),
         ("time", f"{seconds:.1f} s"),
-        (f"held-out perplexity ({EVAL_TASK}) float -> quantized",
+        (f"held-out perplexity ({args.eval_task}) float -> quantized",
          "skipped" if ppl is None else f"{ppl_float:.2f} -> {ppl:.2f}")])
     if args.json:
         Path(args.json).write_text(json.dumps(report) + "\n")
@@ -134,11 +135,12 @@ def run_recover_cli(args: argparse.Namespace) -> int:
                           scale_lr=args.scale_lr, seq_len=args.seq_len, batch_size=args.batch_size,
                           max_tokens=args.max_tokens, block_tokens=args.block_tokens, top_k=args.top_k, dtype=args.dtype,
                           time_budget=None if args.time_budget is None else args.time_budget * 60,
-                          checkpoint_every=args.checkpoint_every, seed=args.seed)
+                          checkpoint_every=args.checkpoint_every,
+                          snapshot_every=None if args.snapshot_every is None else args.snapshot_every * 60, seed=args.seed)
     tok = AutoTokenizer.from_pretrained(str(args.qdir))
     windows = token_windows(tok, corpus_texts(args.corpus), opts.seq_len, opts.max_tokens, opts.seed)
     student = load_quantized(args.qdir)
-    ppl_before = None if args.no_eval else heldout_perplexity(student, tok)
+    ppl_before = None if args.no_eval else heldout_perplexity(student, tok, args.eval_task)
     work = Path(str(args.out).rstrip("/") + ".work")
     if work.exists() and not args.resume and (work / "checkpoint.pt").exists():
         console.print(f"[yellow]resuming[/yellow] from {work} (delete it to start over)")
@@ -158,9 +160,10 @@ def run_recover_cli(args: argparse.Namespace) -> int:
                                              "e2e": "end-to-end KL"}[phase], total=total, info="")
             bar.update(tasks[phase], completed=done, total=total, info="" if loss is None else f"loss {loss:.4f}")
 
-        rec = Recovery(student, windows, opts, work, load_teacher, progress)
+        rec = Recovery(student, windows, opts, work, load_teacher, progress,
+                       _teacher_cache_path(teacher_dir, windows, opts))
         result = rec.run()
-    ppl_after = None if args.no_eval else heldout_perplexity(student, tok)
+    ppl_after = None if args.no_eval else heldout_perplexity(student, tok, args.eval_task)
     losses = [json.loads(line) for line in (work / "loss.jsonl").read_text().splitlines()]
     extra = {"source_model": meta.get("source_model"), "recovery": {
         "options": vars(opts), "corpus": args.corpus, "calibration_tokens": int(windows.numel()),
@@ -181,7 +184,7 @@ def run_recover_cli(args: argparse.Namespace) -> int:
         ("loss curve", _sparkline(e2e)),
         ("bits per weight (base / with adapters)",
          f"{report['bits_per_weight']:.3f} / {report['bits_per_weight_with_adapters']:.3f}"),
-        (f"held-out perplexity ({EVAL_TASK}) before -> after",
+        (f"held-out perplexity ({args.eval_task}) before -> after",
          "skipped" if ppl_after is None else f"{ppl_before:.2f} -> {ppl_after:.2f}")])
     if args.json:
         Path(args.json).write_text(json.dumps(report) + "\n")
@@ -190,6 +193,18 @@ def run_recover_cli(args: argparse.Namespace) -> int:
 
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _teacher_cache_path(teacher_dir: Path, windows, opts) -> Path:
+    """Shared by runs with the same teacher, calibration windows, k and dtype (e.g. 2-bit and ternary)."""
+    import hashlib
+
+    from workbench.eval.kl import model_files_hash
+    from workbench.home import workbench_home
+
+    h = hashlib.sha256(f"{model_files_hash(teacher_dir)}\0{opts.top_k}\0{opts.dtype}\0".encode())
+    h.update(windows.numpy().tobytes())
+    return workbench_home() / "recover-cache" / f"{h.hexdigest()[:32]}.safetensors"
 
 
 def _sparkline(values: list[float], width: int = 40) -> str:
@@ -236,6 +251,7 @@ def add_parsers(sub) -> None:
     q.add_argument("model", help="float model directory (safetensors)")
     q.add_argument("--config", required=True, help="quantization config YAML (see recipes/ternary.yml, 2bit.yml)")
     q.add_argument("--out", required=True, help="output directory (compressed safetensors)")
+    q.add_argument("--eval-task", default=EVAL_TASK, help="perplexity task whose heldout split is reported")
     q.add_argument("--no-eval", action="store_true", help="skip the held-out perplexity before and after")
     q.add_argument("--no-progress", action="store_true")
     q.add_argument("--threads", type=int)
@@ -262,9 +278,11 @@ def add_parsers(sub) -> None:
     r.add_argument("--dtype", default=d.dtype, choices=("bfloat16", "float32"), help="autocast dtype for training")
     r.add_argument("--time-budget", type=float, help="minutes for training (both phases)")
     r.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    r.add_argument("--snapshot-every", type=float, help="minutes between adapter snapshots in OUT.work/snapshots")
     r.add_argument("--seed", type=int, default=d.seed)
     r.add_argument("--resume", action="store_true", help="(default when OUT.work holds a checkpoint)")
     r.add_argument("--keep-work", action="store_true", help="keep OUT.work (checkpoint, teacher cache, loss)")
+    r.add_argument("--eval-task", default=EVAL_TASK, help="perplexity task whose heldout split is reported")
     r.add_argument("--no-eval", action="store_true")
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--threads", type=int)

@@ -21,4 +21,5 @@ class RecoverOptions:
     time_budget: float | None = None  # seconds for both phases; None: run every step
     block_fraction: float = 0.3  # share of the time budget for the block phase
     checkpoint_every: int = 25
+    snapshot_every: float | None = None  # seconds between snapshots of the adapters (None: none)
     seed: int = 0

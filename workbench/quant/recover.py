@@ -12,8 +12,9 @@ Two phases, both on calibration token windows (`corpus.py`):
    need not stay in memory.
 
 The work directory holds ``checkpoint.pt`` (trainable tensors, optimizer, phase and step, written
-atomically after every block and every ``checkpoint_every`` steps), ``teacher_topk.safetensors`` and
-``loss.jsonl``; a rerun with the same directory resumes where the last checkpoint left off.
+atomically after every block and every ``checkpoint_every`` steps) and ``loss.jsonl``; the teacher's
+top-k cache goes to ``teacher_cache`` (the CLI keys it by teacher files and windows in the home).
+A rerun with the same directory resumes where the last checkpoint left off.
 Batches are drawn from generators seeded with (seed, phase, step), so a resumed run sees the same
 batches as an uninterrupted one.
 """
@@ -114,9 +115,10 @@ def _run_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _block_outputs(block: nn.Module, x: torch.Tensor, kwargs: dict, batch_size: int) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([_run_block(block, x[i:i + batch_size], kwargs) for i in range(0, len(x), batch_size)])
+def _block_outputs(block: nn.Module, x: torch.Tensor, kwargs: dict, batch_size: int, dtype: str) -> torch.Tensor:
+    with torch.no_grad(), autocast(dtype):
+        return torch.cat([_run_block(block, x[i:i + batch_size], kwargs).float()
+                          for i in range(0, len(x), batch_size)])
 
 
 def teacher_topk(teacher: nn.Module, windows: torch.Tensor, k: int, batch_size: int,
@@ -151,11 +153,13 @@ class Recovery:
     """One recovery run over a work directory (resumable)."""
 
     def __init__(self, student: nn.Module, windows: torch.Tensor, opts: RecoverOptions, work_dir: Path,
-                 teacher_loader: Callable[[], nn.Module], progress: Progress | None = None):
+                 teacher_loader: Callable[[], nn.Module], progress: Progress | None = None,
+                 teacher_cache: Path | None = None):
         self.student, self.windows, self.opts = student, windows, opts
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.teacher_loader, self.progress = teacher_loader, progress
+        self.teacher_cache_path = Path(teacher_cache) if teacher_cache else self.work_dir / "teacher_topk.safetensors"
         self.params = trainable(student, opts.scale_lr)
         self.state = {"phase": "blocks" if opts.block_steps else "e2e", "block": 0, "step": 0, "elapsed": 0.0}
         self.optimizer: torch.optim.Optimizer | None = None
@@ -190,6 +194,16 @@ class Recovery:
         with atomic_file(self.work_dir / "checkpoint.pt", "wb") as f:
             torch.save(ck, f)
 
+    def snapshot(self) -> None:
+        """Keep the trainable tensors as they are now (for perplexity-vs-training-time curves)."""
+        from safetensors.torch import save_file
+
+        minutes = self.elapsed / 60
+        path = self.work_dir / "snapshots" / f"{minutes:07.2f}min-step{self.state['step']}.safetensors"
+        path.parent.mkdir(exist_ok=True)
+        save_file({n: p.detach().contiguous() for n, p in self.params.items()}, str(path))
+        self.state["next_snapshot"] = self.elapsed + self.opts.snapshot_every
+
     def _log(self, **row) -> None:
         with open(self.work_dir / "loss.jsonl", "a") as f:
             f.write(json.dumps({**row, "elapsed": round(self.elapsed, 2)}) + "\n")
@@ -220,16 +234,22 @@ class Recovery:
         t_layers, s_layers = decoder_layers(teacher), decoder_layers(self.student)
         x_fp, kwargs = capture_block_inputs(teacher, windows, o.batch_size)
         x_q, _ = capture_block_inputs(self.student, windows, o.batch_size)
-        budget = self._budget(o.block_fraction)
-        per_block = None if budget is None else budget / len(s_layers)
+        deadline = self._budget(o.block_fraction)
+        forward_seconds = 0.0  # the last block's two forward passes, to leave time for them
         for i, (tb, sb) in enumerate(zip(t_layers, s_layers)):
-            y_fp = _block_outputs(tb, x_fp, kwargs, o.batch_size)
+            t0 = time.perf_counter()
+            y_fp = _block_outputs(tb, x_fp, kwargs, o.batch_size, o.dtype)
             if i >= self.state["block"]:
-                self._train_block(i, sb, x_q, y_fp, kwargs, per_block)
+                seconds = None if deadline is None else max(
+                    0.0, (deadline - self.elapsed) / (len(s_layers) - i) - forward_seconds)
+                t1 = time.perf_counter()
+                self._train_block(i, sb, x_q, y_fp, kwargs, seconds)
+                t0 += time.perf_counter() - t1
                 self.state["block"] = i + 1
                 self.checkpoint()
-            x_q = _block_outputs(sb, x_q, kwargs, o.batch_size)
+            x_q = _block_outputs(sb, x_q, kwargs, o.batch_size, o.dtype)
             x_fp = y_fp
+            forward_seconds = time.perf_counter() - t0
             if self.progress:
                 self.progress("blocks", i + 1, len(s_layers), None)
 
@@ -259,7 +279,7 @@ class Recovery:
     def _teacher_cache(self, teacher: nn.Module | None) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file, save
 
-        path = self.work_dir / "teacher_topk.safetensors"
+        path = self.teacher_cache_path
         if path.is_file():
             cache = load_file(str(path))
             if cache["logprobs"].shape[:2] == tuple(self.windows.shape):
@@ -267,6 +287,7 @@ class Recovery:
         teacher = teacher if teacher is not None else self.teacher_loader()
         with autocast(self.opts.dtype):
             cache = teacher_topk(teacher, self.windows, self.opts.top_k, self.opts.batch_size, self.progress)
+        path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(path, "wb") as f:
             f.write(save({k: v.contiguous() for k, v in cache.items()}))
         return cache
@@ -275,11 +296,13 @@ class Recovery:
         o = self.opts
         if self.optimizer is None:
             self.optimizer = _optimizer(self.params, o.lr, o.scale_lr)
-        sched_total = o.steps
         budget = self._budget(1.0)
+        start = self.state.setdefault("e2e_start", self.elapsed)
         for step in range(self.state["step"], o.steps):
+            # Progress through the schedule: by steps, or by time when a time budget ends the run first.
+            done = step / o.steps if budget is None else max(step / o.steps, (self.elapsed - start) / max(1.0, budget - start))
             for group, base in zip(self.optimizer.param_groups, (o.lr, o.scale_lr)):
-                group["lr"] = base * _cosine(step, sched_total)
+                group["lr"] = base * _cosine(step, done)
             idx = _batch(len(self.windows), o.batch_size, o.seed, 0, step)
             with autocast(o.dtype):
                 logits = self.student(self.windows[idx], use_cache=False).logits
@@ -293,16 +316,19 @@ class Recovery:
                 self.progress("e2e", step + 1, o.steps, loss.item())
             if (step + 1) % o.checkpoint_every == 0:
                 self.checkpoint()
+            if o.snapshot_every and self.elapsed >= self.state.get("next_snapshot", o.snapshot_every):
+                self.snapshot()
             if budget is not None and self.elapsed > budget:
                 break
 
 
-def _cosine(step: int, total: int, warmup: int = 5) -> float:
+def _cosine(step: int, done: float, warmup: int = 5) -> float:
+    """Linear warm-up over `warmup` steps, then cosine from 1 to 0.1 as `done` goes from 0 to 1."""
     import math
 
     if step < warmup:
         return (step + 1) / warmup
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
 
 
 def kl_on_windows(student: nn.Module, windows: torch.Tensor, cache: dict[str, torch.Tensor],
