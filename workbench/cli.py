@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     from workbench.quant.cli import add_parsers as add_quant_parsers
 
     add_quant_parsers(sub)
+    from workbench.quant.bench_kernels import add_bench_kernels_parser
+
+    add_bench_kernels_parser(sub)
 
     tu = sub.add_parser("tui", help="open the terminal UI (also what `workbench` alone does in a terminal)")
     tu.set_defaults(func=cmd_tui)

@@ -1,0 +1,70 @@
+"""End-to-end decoding of SmolLM2-135M through `QuantLinear`: kernels against the pure-torch path and
+against the float32 model, side by side in one run (`make bench`, pytest -s).
+
+Greedy decoding, batch 1, BENCH_DECODE_TOKENS (default 64) new tokens after a short chat prompt,
+torch's default threads. Each model decodes BENCH_DECODE_REPEATS (default 3) times; the figure is
+the best tokens/s. One JSON line per figure:
+
+    {"bench": "decode", "model": "float32"|"2bit"|"ternary", "path": "kernels"|"torch", "tokens_per_s": ...,
+     "speedup_vs_fp32": ..., "same_tokens_as_torch_path": true}
+
+Targets (asserted after printing): the kernel path gives the pure-torch path's tokens; tokens/s of the
+2-bit and ternary models with kernels >= 2x the float32 model's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+RECIPES = Path(__file__).parents[2] / "recipes"
+
+
+def _decode(model, ids, n):
+    best, out = 0.0, None
+    for _ in range(int(os.environ.get("BENCH_DECODE_REPEATS", "3"))):
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        best = max(best, n / (time.perf_counter() - t))
+    return out, best
+
+
+def test_decode_speed_kernels_vs_torch_vs_float(monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workbench.models.default_model import prepare_default
+    from workbench.quant.config import load_quant_config
+    from workbench.quant.model import quantize_model
+
+    path = Path(os.environ.get("BENCH_MODEL_DIR") or prepare_default())
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt")
+    ids = ids["input_ids"] if not torch.is_tensor(ids) else ids
+    n = int(os.environ.get("BENCH_DECODE_TOKENS", "64"))
+    _, fp32 = _decode(AutoModelForCausalLM.from_pretrained(path).eval(), ids, n)
+    print(json.dumps({"bench": "decode", "model": "float32", "path": "dense", "tokens_per_s": round(fp32, 2),
+                      "threads": torch.get_num_threads()}), flush=True)
+    results = {}
+    for name, recipe in (("2bit", "2bit.yml"), ("ternary", "ternary.yml")):
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        quantize_model(model, load_quant_config(RECIPES / recipe))
+        outs = {}
+        for label, flag in (("torch", "0"), ("kernels", "1")):
+            monkeypatch.setenv("WORKBENCH_KERNELS", flag)
+            outs[label], speed = _decode(model, ids, n)
+            results[(name, label)] = speed
+            print(json.dumps({"bench": "decode", "model": name, "path": label, "tokens_per_s": round(speed, 2),
+                              "speedup_vs_fp32": round(speed / fp32, 3),
+                              "same_tokens_as_torch_path": bool(torch.equal(outs[label], outs["torch"]))}),
+                  flush=True)
+        assert torch.equal(outs["kernels"], outs["torch"])
+    if os.environ.get("BENCH_NO_TARGETS") != "1":
+        for name in ("2bit", "ternary"):
+            assert results[(name, "kernels")] >= 2 * fp32, (name, results[(name, "kernels")], fp32)

@@ -1,0 +1,192 @@
+"""Dispatch to fused low-bit matmul kernels (`kernels/`), with the pure-torch path as the fallback.
+
+`fused_matmul(layer, x)` returns x @ W.T for a `QuantLinear`'s quantized base weight (no bias, no
+LoRA), or None when no kernel applies, in which case `QuantLinear` dequantizes and multiplies.
+
+Kernels exist for 2-bit codes in the block-64 layout (2-bit asymmetric and ternary) and inputs of at
+most `MAX_ROWS` rows (decode; prefill is left to dequantize + matmul):
+
+* CPU: `kernels/cpu/lowbit.cpp`, a torch op compiled on first use with `torch.utils.cpp_extension`
+  and cached under ``$WORKBENCH_HOME/kernels`` (15-60 s on 2 cores, once per source version).
+* CUDA: `kernels/triton/lowbit.py`, imported only when an input is on a CUDA device.
+
+``WORKBENCH_KERNELS=0`` turns both off. A kernel that cannot be built or imported is reported once
+(a `RuntimeWarning`) and the pure-torch path is used from then on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+# Rows (after flattening leading dims) up to which the kernels are used; above, dequantize + matmul.
+# Measured on 2 cores: the CPU kernel beats dequantize + matmul at 64 rows for every benchmark shape
+# (1.1x at 576x576 bf16, 5x at 4096x4096); at 128 rows it loses on SmolLM2-sized layers.
+MAX_ROWS = 64
+KERNEL_DIR = Path(__file__).resolve().parents[2] / "kernels"
+CPU_SOURCE = KERNEL_DIR / "cpu" / "lowbit.cpp"
+TRITON_SOURCE = KERNEL_DIR / "triton" / "lowbit.py"
+# ISA-specific code carries its own `#pragma GCC target`, so no -march: the cache may be shared
+CPU_CFLAGS = ["-O3", "-std=c++17", "-fopenmp"]
+CPU_LDFLAGS = ["-fopenmp"]
+
+_lock = threading.Lock()
+_cpu: dict[str, Any] = {}  # "ops" once loaded, or "error"
+_triton: dict[str, Any] = {}  # "module" once imported, or "error"
+_EMPTY = torch.empty(0)
+
+
+def enabled() -> bool:
+    """False when ``WORKBENCH_KERNELS`` is 0/false/off/no."""
+    return os.environ.get("WORKBENCH_KERNELS", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def kernel_cache_dir() -> Path:
+    from workbench.home import workbench_home
+
+    return workbench_home() / "kernels"
+
+
+def _cpu_build_name() -> str:
+    """Build name keyed by the source, flags, torch and Python, so a change never loads a stale build."""
+    key = CPU_SOURCE.read_bytes() + repr((CPU_CFLAGS, torch.__version__, sys.version_info[:2])).encode()
+    return "workbench_lowbit_" + hashlib.sha1(key).hexdigest()[:12]
+
+
+def _build_cpu() -> Any:
+    from torch.utils import cpp_extension
+
+    name = _cpu_build_name()
+    build_dir = kernel_cache_dir() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    if not (build_dir / f"{name}.so").exists():
+        print(f"workbench: compiling the low-bit CPU kernels into {build_dir} (once; up to a minute)",
+              file=sys.stderr, flush=True)
+    cpp_extension.load(name=name, sources=[str(CPU_SOURCE)], extra_cflags=CPU_CFLAGS, extra_ldflags=CPU_LDFLAGS,
+                       build_directory=str(build_dir), is_python_module=False, verbose=False)
+    return torch.ops.workbench_lowbit
+
+
+def _report_unavailable(what: str, err: BaseException) -> None:
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    warnings.warn(f"workbench: the low-bit {what} kernels are unavailable ({type(err).__name__}: {first_line}); "
+                  "using the pure-torch dequantize + matmul path", RuntimeWarning, stacklevel=3)
+
+
+def cpu_ops() -> Any | None:
+    """`torch.ops.workbench_lowbit`, compiling it on the first call; None if it cannot be built."""
+    if "ops" in _cpu:
+        return _cpu["ops"]
+    if "error" in _cpu:
+        return None
+    with _lock:
+        if "ops" not in _cpu and "error" not in _cpu:
+            try:
+                _cpu["ops"] = _build_cpu()
+            except Exception as e:  # noqa: BLE001 -- no compiler, no ninja, a build error: torch path
+                _cpu["error"] = e
+                _report_unavailable("CPU", e)
+    return _cpu.get("ops")
+
+
+def triton_module() -> ModuleType | None:
+    """`kernels/triton/lowbit.py`, imported on the first call (never on CPU-only paths); None if unusable."""
+    if "module" in _triton:
+        return _triton["module"]
+    if "error" in _triton:
+        return None
+    with _lock:
+        if "module" not in _triton and "error" not in _triton:
+            try:
+                spec = importlib.util.spec_from_file_location("workbench_triton_lowbit", TRITON_SOURCE)
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)  # imports triton
+                _triton["module"] = module
+            except Exception as e:  # noqa: BLE001 -- no triton, or one that does not fit this torch
+                _triton["error"] = e
+                _report_unavailable("Triton", e)
+    return _triton.get("module")
+
+
+def _status(state: dict[str, Any], key: str) -> str:
+    if key in state:
+        return "ready"
+    if "error" in state:
+        err = state["error"]
+        return f"error: {type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+    return "not loaded"
+
+
+def available(build: bool = True) -> dict[str, Any]:
+    """Kernel status: ``{"enabled", "max_rows", "cpu": {"status", "isa"}, "triton": {"status"}}``.
+
+    With `build`, compiles (or loads) the CPU kernels first; the Triton kernels are imported only where
+    CUDA is available.
+    """
+    if build and enabled():
+        cpu_ops()
+        if torch.cuda.is_available():
+            triton_module()
+    cpu: dict[str, Any] = {"status": _status(_cpu, "ops")}
+    if "ops" in _cpu:
+        cpu["isa"] = _cpu["ops"].lowbit_isa()
+    triton = {"status": _status(_triton, "module") if torch.cuda.is_available() else "no CUDA device"}
+    return {"enabled": enabled(), "max_rows": MAX_ROWS, "cpu": cpu, "triton": triton}
+
+
+def _float32(t: torch.Tensor | None) -> torch.Tensor:
+    if t is None:
+        return _EMPTY
+    return t if t.dtype == torch.float32 else t.float()
+
+
+_CPU_DTYPES = (torch.float32, torch.bfloat16)
+_CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def fused_matmul(layer, x: torch.Tensor) -> torch.Tensor | None:
+    """x @ dequantized(layer).T by a fused kernel, or None when none applies (see the module doc).
+
+    Inference only: the kernels have no backward, and `QuantLinear` calls this with grad disabled.
+    """
+    if layer.bits != 2 or not enabled():
+        return None
+    # straight from the module's dicts: nn.Module.__getattr__ costs about a microsecond per tensor
+    qweight = layer._buffers["qweight"]
+    scale, zero = layer._parameters["scale"], layer._parameters.get("zero")
+    shape, k = x.shape, layer.in_features
+    rows = x.numel() // k if k else 0
+    if shape[-1] != k or rows == 0 or rows > MAX_ROWS:
+        return None
+    device = x.device
+    if device.type == "cpu" and qweight.device.type == "cpu" and x.dtype in _CPU_DTYPES:
+        gemm = _cpu.get("gemm")
+        if gemm is None:
+            ops = cpu_ops()
+            if ops is None:
+                return None
+            gemm = _cpu["gemm"] = ops.lowbit_gemm.default
+        y = gemm(x.reshape(rows, k), qweight, _float32(scale), _float32(zero), layer.group_size, k)
+    elif device.type == "cuda" and qweight.device == device and x.dtype in _CUDA_DTYPES:
+        module = triton_module()
+        if module is None:
+            return None
+        y = module.lowbit_gemm(x.reshape(rows, k), qweight, _float32(scale), None if zero is None else _float32(zero),
+                               layer.group_size, k)
+    else:
+        return None
+    return y.view(*shape[:-1], layer.out_features)
+
+
+def reference_matmul(layer, x: torch.Tensor) -> torch.Tensor:
+    """The pure-torch path: dequantize to x's dtype and multiply (what `QuantLinear` falls back to)."""
+    return torch.nn.functional.linear(x, layer.dequantized_weight(x.dtype))
