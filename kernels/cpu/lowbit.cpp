@@ -732,12 +732,53 @@ std::string lowbit_set_isa(const std::string& isa) {
 
 std::string lowbit_isa() { return isa_name(g_isa); }
 
+// y += scaling * (x @ A^T) @ B^T for the LoRA adapters of a layer, in place (float32 only). At decode
+// sizes (a few rows, rank 4-64) two torch matmuls cost tens of microseconds of dispatch each; these
+// loops cost a few.
+at::Tensor lowbit_lora_add(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                           double scaling) {
+  TORCH_CHECK(x.dim() == 2 && A.dim() == 2 && B.dim() == 2 && y.dim() == 2, "lowbit_lora_add: 2-D tensors expected");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && A.scalar_type() == at::kFloat && B.scalar_type() == at::kFloat &&
+                  y.scalar_type() == at::kFloat,
+              "lowbit_lora_add: float32 tensors expected");
+  const int64_t R = x.size(0), K = x.size(1), r = A.size(0), N = B.size(0);
+  TORCH_CHECK(A.size(1) == K && B.size(1) == r && y.size(0) == R && y.size(1) == N && y.is_contiguous(),
+              "lowbit_lora_add: shapes do not match: x [R, K], A [r, K], B [N, r], y [R, N] contiguous");
+  const at::Tensor xc = x.contiguous(), ac = A.contiguous(), bc = B.contiguous();
+  const float *xp = xc.data_ptr<float>(), *ap = ac.data_ptr<float>(), *bp = bc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  thread_local std::vector<float> t;
+  if (static_cast<int64_t>(t.size()) < R * r) t.resize(R * r);
+  for (int64_t b = 0; b < R; ++b)
+    for (int64_t j = 0; j < r; ++j) {
+      float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t k = 0; k < K; ++k) acc += ap[j * K + k] * xp[b * K + k];
+      t[b * r + j] = acc * static_cast<float>(scaling);
+    }
+  const float* tp = t.data();
+  at::parallel_for(0, N, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, r * R)), [&](int64_t lo, int64_t hi) {
+    for (int64_t n = lo; n < hi; ++n)
+      for (int64_t b = 0; b < R; ++b) {
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t j = 0; j < r; ++j) acc += bp[n * r + j] * tp[b * r + j];
+        yp[b * N + n] += acc;
+      }
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(workbench_lowbit, m) {
   m.def("lowbit_gemm(Tensor x, Tensor qweight, Tensor scale, Tensor zero, int group_size, int K) -> Tensor");
   m.def("lowbit_set_isa(str isa) -> str", &lowbit_set_isa);
   m.def("lowbit_isa() -> str", &lowbit_isa);
+  m.def("lowbit_lora_add(Tensor(a!) y, Tensor x, Tensor A, Tensor B, float scaling) -> Tensor(a!)");
 }
 
-TORCH_LIBRARY_IMPL(workbench_lowbit, CPU, m) { m.impl("lowbit_gemm", &lowbit_gemm); }
+TORCH_LIBRARY_IMPL(workbench_lowbit, CPU, m) {
+  m.impl("lowbit_gemm", &lowbit_gemm);
+  m.impl("lowbit_lora_add", &lowbit_lora_add);
+}

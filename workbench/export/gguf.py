@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from hashlib import sha256
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 from safetensors.torch import load_file
 
+from workbench.atomic import atomic_path
 from workbench.export.gguf_names import (
     PRE_TOKENIZER_PROBE,
     PRE_TOKENIZERS,
@@ -103,26 +102,6 @@ class _Source:
 
     def heads(self, module: str) -> int | None:
         return qk_heads(self.arch, module, self.hp["head_count"], self.hp["head_count_kv"])
-
-
-@contextmanager
-def _atomic_path(target: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path beside ``target``, renamed over it when the block succeeds (removed otherwise).
-
-    `workbench.atomic.atomic_file` yields an open file; gguf's writer opens its output by path."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _write(writer: gguf.GGUFWriter, path: Path) -> None:
@@ -279,7 +258,7 @@ def export_gguf(qdir: str | Path, out_path: str | Path, *, ternary_type: str = "
 
     writer.add_file_type(FILE_TYPES[ternary if ternary.name in by_type else fb])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    with _atomic_path(out_path) as tmp:
+    with atomic_path(out_path) as tmp:
         _write(writer, tmp)
     for t in by_type.values():
         t["bits_per_weight"] = 8 * t["bytes"] / max(t["weights"], 1)
@@ -399,7 +378,7 @@ def export_lora_gguf(qdir: str | Path, out_path: str | Path) -> dict[str, Any]:
         writer.add_tensor(f"{base}.weight.lora_a", a)
         writer.add_tensor(f"{base}.weight.lora_b", b)
         params += a.size + b.size
-    with _atomic_path(out_path) as tmp:
+    with atomic_path(out_path) as tmp:
         _write(writer, tmp)
     ranks = sorted({e["lora_rank"] for e in lora.values()})
     return {"path": str(out_path), "architecture": name, "tensor_count": 2 * len(lora), "layers": len(lora),

@@ -190,3 +190,24 @@ def fused_matmul(layer, x: torch.Tensor) -> torch.Tensor | None:
 def reference_matmul(layer, x: torch.Tensor) -> torch.Tensor:
     """The pure-torch path: dequantize to x's dtype and multiply (what `QuantLinear` falls back to)."""
     return torch.nn.functional.linear(x, layer.dequantized_weight(x.dtype))
+
+
+def fused_lora_add(layer, x: torch.Tensor, y: torch.Tensor) -> bool:
+    """y += scaling * x @ A.T @ B.T in place by the CPU kernel (float32, decode sizes); False when it
+    does not apply and the caller must add the adapters itself."""
+    if not enabled() or x.dtype != torch.float32 or y.dtype != torch.float32 or x.device.type != "cpu":
+        return False
+    rows = x.numel() // layer.in_features
+    if rows > MAX_ROWS or not y.is_contiguous():
+        return False
+    add = _cpu.get("lora_add")
+    if add is None:
+        ops = cpu_ops()
+        if ops is None:
+            return False
+        add = _cpu["lora_add"] = ops.lowbit_lora_add.default
+    a, b = layer._parameters["lora_A"], layer._parameters["lora_B"]
+    if a.dtype != torch.float32 or b.dtype != torch.float32:
+        return False
+    add(y.view(rows, layer.out_features), x.reshape(rows, layer.in_features), a, b, layer.scaling)
+    return True

@@ -129,14 +129,12 @@ class QuantLinear(nn.Module):
         from workbench.quant import kernels
 
         fused = kernels.fused_matmul(self, x) if not torch.is_grad_enabled() else None
-        if fused is not None:
-            y = fused
-        else:
-            y = nn.functional.linear(x, self.dequantized_weight(x.dtype))
+        y = fused if fused is not None else nn.functional.linear(x, self.dequantized_weight(x.dtype))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        if self.lora_rank:
-            y = y + (x @ self.lora_A.to(x.dtype).t()) @ (self.lora_B.to(x.dtype).t() * self.scaling)
+        if self.lora_rank and not (fused is not None and kernels.fused_lora_add(self, x, y)):
+            lora = (x @ self.lora_A.to(x.dtype).t()) @ self.lora_B.to(x.dtype).t()
+            y = y + (lora if self.scaling == 1.0 else lora * self.scaling)
         return y
 
     def extra_repr(self) -> str:
