@@ -47,6 +47,7 @@ def atomic_file(target: str | os.PathLike, mode: str = "w") -> Iterator:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        _chmod_default(tmp)
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
@@ -66,8 +67,21 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        _chmod_default(tmp)
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _chmod_default(path: str) -> None:
+    """mkstemp creates files readable by the owner only; give them the usual umask permissions."""
+    umask = 0o022
+    try:  # read, not set-and-restore: os.umask is process-wide and threads may be creating files
+        for line in open("/proc/self/status"):
+            if line.startswith("Umask:"):
+                umask = int(line.split()[1], 8)
+    except OSError:
+        pass
+    os.chmod(path, 0o666 & ~umask)

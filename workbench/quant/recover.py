@@ -186,6 +186,23 @@ class Recovery:
         if ck.get("optimizer") is not None:
             self.optimizer = _optimizer(self.params, self.opts.lr, self.opts.scale_lr)
             self.optimizer.load_state_dict(ck["optimizer"])
+        self._truncate_log()
+
+    def _truncate_log(self) -> None:
+        """Drop loss rows written after the checkpoint, so a resumed run logs each step once."""
+        path = self.work_dir / "loss.jsonl"
+        if not path.is_file():
+            return
+        phase, block, step = self.state["phase"], self.state["block"], self.state["step"]
+
+        def kept(row: dict) -> bool:
+            if row["phase"] == "blocks":
+                return phase != "blocks" or row["block"] < block
+            return phase == "done" or (phase == "e2e" and row["step"] < step)
+
+        rows = [line for line in path.read_text().splitlines() if line and kept(json.loads(line))]
+        with atomic_file(path) as f:
+            f.write("".join(r + "\n" for r in rows))
 
     def checkpoint(self) -> None:
         self.state["elapsed"] = self.elapsed
