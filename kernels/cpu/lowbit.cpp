@@ -734,7 +734,39 @@ std::string lowbit_isa() { return isa_name(g_isa); }
 
 // y += scaling * (x @ A^T) @ B^T for the LoRA adapters of a layer, in place (float32 only). At decode
 // sizes (a few rows, rank 4-64) two torch matmuls cost tens of microseconds of dispatch each; these
-// loops cost a few.
+// loops cost a few. The same loops are compiled for AVX2+FMA and for plain x86-64.
+template <bool kUnused>
+inline void lora_loops(const float* xp, const float* ap, const float* bp, float* yp, float* tp, int64_t R,
+                       int64_t K, int64_t r, int64_t N, float scaling) {
+  for (int64_t b = 0; b < R; ++b)
+    for (int64_t j = 0; j < r; ++j) {
+      float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t k = 0; k < K; ++k) acc += ap[j * K + k] * xp[b * K + k];
+      tp[b * r + j] = acc * scaling;
+    }
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t b = 0; b < R; ++b) {
+      float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t j = 0; j < r; ++j) acc += bp[n * r + j] * tp[b * r + j];
+      yp[b * N + n] += acc;
+    }
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+void lora_avx2(const float* xp, const float* ap, const float* bp, float* yp, float* tp, int64_t R, int64_t K,
+               int64_t r, int64_t N, float scaling) {
+  lora_loops<true>(xp, ap, bp, yp, tp, R, K, r, N, scaling);
+}
+#pragma GCC pop_options
+
+void lora_scalar(const float* xp, const float* ap, const float* bp, float* yp, float* tp, int64_t R, int64_t K,
+                 int64_t r, int64_t N, float scaling) {
+  lora_loops<false>(xp, ap, bp, yp, tp, R, K, r, N, scaling);
+}
+
 at::Tensor lowbit_lora_add(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
                            double scaling) {
   TORCH_CHECK(x.dim() == 2 && A.dim() == 2 && B.dim() == 2 && y.dim() == 2, "lowbit_lora_add: 2-D tensors expected");
@@ -745,27 +777,11 @@ at::Tensor lowbit_lora_add(at::Tensor y, const at::Tensor& x, const at::Tensor& 
   TORCH_CHECK(A.size(1) == K && B.size(1) == r && y.size(0) == R && y.size(1) == N && y.is_contiguous(),
               "lowbit_lora_add: shapes do not match: x [R, K], A [r, K], B [N, r], y [R, N] contiguous");
   const at::Tensor xc = x.contiguous(), ac = A.contiguous(), bc = B.contiguous();
-  const float *xp = xc.data_ptr<float>(), *ap = ac.data_ptr<float>(), *bp = bc.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
   thread_local std::vector<float> t;
   if (static_cast<int64_t>(t.size()) < R * r) t.resize(R * r);
-  for (int64_t b = 0; b < R; ++b)
-    for (int64_t j = 0; j < r; ++j) {
-      float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t k = 0; k < K; ++k) acc += ap[j * K + k] * xp[b * K + k];
-      t[b * r + j] = acc * static_cast<float>(scaling);
-    }
-  const float* tp = t.data();
-  at::parallel_for(0, N, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, r * R)), [&](int64_t lo, int64_t hi) {
-    for (int64_t n = lo; n < hi; ++n)
-      for (int64_t b = 0; b < R; ++b) {
-        float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t j = 0; j < r; ++j) acc += bp[n * r + j] * tp[b * r + j];
-        yp[b * N + n] += acc;
-      }
-  });
+  auto loops = g_isa >= Isa::Avx2 ? lora_avx2 : lora_scalar;
+  loops(xc.data_ptr<float>(), ac.data_ptr<float>(), bc.data_ptr<float>(), y.data_ptr<float>(), t.data(), R, K, r, N,
+        static_cast<float>(scaling));
   return y;
 }
 
