@@ -9,6 +9,7 @@
       - {pattern: 'layers\\.0\\.', skip: true}
     lora: {rank: 16, alpha: 16, init: svd}   # adapters on every quantized layer (rank 0: none)
     storage: packed      # on disk: "packed" (2 bits per ternary code) or "trits" (1.6 bits)
+    embeddings: float32  # token embeddings and output head: float32 or bfloat16 (half the bytes)
 
 Errors name the file, the line and the field; `check_model` names every layer a setting cannot
 apply to, before any weight is quantized.
@@ -28,7 +29,7 @@ from workbench.merge.recipe import _line_map
 from workbench.quant.quantizers import ASYM_METHODS, TERNARY_METHODS
 
 BITS = (1, 1.58, 2, 3, 4)
-TOP_KEYS = {"bits", "group_size", "method", "skip", "layers", "lora", "storage", "seed"}
+TOP_KEYS = {"bits", "group_size", "method", "skip", "layers", "lora", "storage", "seed", "embeddings"}
 LAYER_KEYS = {"pattern", "bits", "group_size", "method", "skip"}
 LORA_KEYS = {"rank", "alpha", "init"}
 
@@ -67,6 +68,7 @@ class QuantConfig:
     layers: list[dict] = field(default_factory=list)
     lora: LoraConfig = field(default_factory=LoraConfig)
     storage: str = "packed"
+    embeddings: str = "float32"
     seed: int = 0
     source: str = "<config>"
 
@@ -87,7 +89,7 @@ class QuantConfig:
         return {"bits": self.bits, "group_size": self.group_size, "method": self.method, "skip": self.skip,
                 "layers": self.layers, "lora": {"rank": self.lora.rank, "alpha": self.lora.alpha,
                                                 "init": self.lora.init},
-                "storage": self.storage, "seed": self.seed}
+                "storage": self.storage, "embeddings": self.embeddings, "seed": self.seed}
 
 
 def _setting(bits: float, group_size: int, method: str | None) -> LayerSetting:
@@ -174,6 +176,10 @@ def quant_config_from_dict(data: Any, source: str = "<config>", lines: dict | No
     if storage not in ("packed", "trits"):
         fail(("storage",), f"expected 'packed' or 'trits', got {storage!r}")
     cfg.storage = storage
+    embeddings = data.get("embeddings", "float32")
+    if embeddings not in ("float32", "bfloat16"):
+        fail(("embeddings",), f"expected 'float32' or 'bfloat16', got {embeddings!r}")
+    cfg.embeddings = embeddings
     seed = data.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         fail(("seed",), f"expected an integer, got {seed!r}")

@@ -29,6 +29,7 @@ from workbench.atomic import atomic_dir
 from workbench.errors import WorkbenchError
 from workbench.quant import packing
 from workbench.quant.config import QuantConfig, check_model
+from workbench.quant.embeddings import BFloat16Embedding, cast_embeddings
 from workbench.quant.linear import QuantLinear
 from workbench.quant.quantizers import quantize_weight
 
@@ -83,6 +84,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig,
         done[name] = ql
         if progress:
             progress(name, i + 1, len(settings))
+    cast_embeddings(model, cfg.embeddings)
     return done
 
 
@@ -121,7 +123,8 @@ def save_quantized(model: nn.Module, out: str | Path, source_dir: str | Path | N
     for m in quant_layers(model).values():
         m.round_to_storage_()
     tensors, tied = quantized_state(model, storage)
-    meta = {"format": FORMAT, "version": 1, "config": cfg.to_dict() if cfg else None,
+    embeddings = "bfloat16" if isinstance(model.get_input_embeddings(), BFloat16Embedding) else "float32"
+    meta = {"format": FORMAT, "version": 1, "config": cfg.to_dict() if cfg else None, "embeddings": embeddings,
             "layers": {n: layer_entry(m, storage) for n, m in quant_layers(model).items()},
             "tied": tied, **(extra or {})}
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -158,6 +161,7 @@ def load_quantized(qdir: str | Path, dtype: torch.dtype = torch.float32) -> nn.M
     qdir = Path(qdir)
     meta = read_quant_meta(qdir)
     model = empty_model(qdir, dtype)
+    cast_embeddings(model, meta.get("embeddings", "float32"))
     for name, e in meta["layers"].items():
         set_module(model, name, QuantLinear(e["in_features"], e["out_features"], e["kind"], e["bits"],
                                             e["group_size"], e["bias"], e["lora_rank"], e["lora_alpha"]))
