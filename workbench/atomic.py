@@ -37,28 +37,9 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
 
 
 @contextmanager
-def atomic_file(target: str | os.PathLike, mode: str = "w") -> Iterator:
-    """Open a temporary file beside ``target`` and rename it over ``target`` when closed cleanly."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        _chmod_default(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-@contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside ``target``, renamed over it when the block succeeds (removed otherwise),
-    for writers that open their output by path themselves (gguf's)."""
+    for writers that open their output by path themselves (gguf's); `atomic_file` builds on it."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
@@ -79,9 +60,17 @@ def _chmod_default(path: str) -> None:
     """mkstemp creates files readable by the owner only; give them the usual umask permissions."""
     umask = 0o022
     try:  # read, not set-and-restore: os.umask is process-wide and threads may be creating files
-        for line in open("/proc/self/status"):
-            if line.startswith("Umask:"):
-                umask = int(line.split()[1], 8)
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    umask = int(line.split()[1], 8)
     except OSError:
         pass
     os.chmod(path, 0o666 & ~umask)
+
+
+@contextmanager
+def atomic_file(target: str | os.PathLike, mode: str = "w") -> Iterator:
+    """Open a temporary file beside ``target`` and rename it over ``target`` when closed cleanly."""
+    with atomic_path(target) as tmp, open(tmp, mode) as f:
+        yield f
