@@ -9,21 +9,28 @@ from pathlib import Path
 from workbench.errors import WorkbenchError
 
 
-def load_model(model_dir: Path, dtype: str = "float32"):
-    """A safetensors model directory as (model, tokenizer); pickled checkpoints are refused."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def resolve_model_dir(model_dir: str | Path) -> Path:
+    """A model directory, given as a path or a name in the workbench home, holding safetensors weights."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         from workbench.home import models_dir
 
         named = models_dir() / str(model_dir)
         if not (named / "config.json").is_file():
-            raise WorkbenchError(f"{model_dir}: not a model directory (no config.json)")
+            raise WorkbenchError(f"{model_dir}: not a model directory (no config.json); a GGUF file is imported "
+                                 "with `workbench models import-gguf`")
         model_dir = named
     if not any(p.name.endswith(".safetensors") for p in model_dir.iterdir()):
         raise WorkbenchError(f"{model_dir}: no .safetensors weights (pickled checkpoints are not read)")
+    return model_dir
+
+
+def load_model(model_dir: str | Path, dtype: str = "float32"):
+    """A safetensors model directory as (model, tokenizer); pickled checkpoints are refused."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = resolve_model_dir(model_dir)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -31,6 +31,7 @@ import yaml
 
 from workbench.errors import RecipeError
 from workbench.merge.methods import METHODS, MergeMethod, ParamSpec
+from workbench.yaml_lines import field_location, parse_with_lines
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
@@ -97,10 +98,7 @@ class Recipe:
 
     def where(self, path: tuple) -> str:
         """``file:line`` for a field path such as ('models', 1, 'parameters', 'weight')."""
-        for n in range(len(path), -1, -1):
-            if path[:n] in self.lines:
-                return f"{self.source}:{self.lines[path[:n]]}"
-        return self.source
+        return field_location(self.source, self.lines, path)
 
     def to_dict(self) -> dict:
         """The recipe in mergekit's form (what :func:`dump_recipe` writes)."""
@@ -138,23 +136,6 @@ def _entry_dict(entry: ModelEntry) -> dict:
     return d
 
 
-# --- YAML with line numbers ----------------------------------------------------------------
-
-def _line_map(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict[tuple, int]:
-    """Map each field path of a composed YAML document to its 1-based line number."""
-    out = {} if out is None else out
-    out.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            key = (*path, k.value)
-            out[key] = k.start_mark.line + 1
-            _line_map(v, key, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, v in enumerate(node.value):
-            _line_map(v, (*path, i), out)
-    return out
-
-
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file."""
     path = Path(path)
@@ -164,14 +145,7 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
-    try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        raise RecipeError(f"{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
-    lines = _line_map(node) if node is not None else {}
+    data, lines = parse_with_lines(text, source, RecipeError)
     return recipe_from_dict(data, source=source, lines=lines)
 
 

@@ -29,20 +29,6 @@ def _progress(enabled: bool) -> Progress:
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, disable=not enabled)
 
 
-def _float_model(path: str | Path):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise WorkbenchError(f"{path}: not a model directory (no config.json); import a GGUF file first with "
-                             "`workbench models import-gguf`")
-    if not any(path.glob("*.safetensors")):
-        raise WorkbenchError(f"{path}: no .safetensors weights (only safetensors and GGUF are read)")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True).eval()
-    return model, AutoTokenizer.from_pretrained(str(path))
-
-
 def heldout_perplexity(model, tokenizer, task: str = EVAL_TASK) -> float:
     import torch
 
@@ -78,8 +64,11 @@ def run_quantize_cli(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from workbench.eval.cli import load_model, resolve_model_dir
+
     cfg = load_quant_config(args.config)
-    model, tok = _float_model(args.model)
+    source = resolve_model_dir(args.model)
+    model, tok = load_model(source)
     check_model(cfg, {n: tuple(float_weight(m).shape) for n, m in linear_layers(model).items()})
     ppl_float = None if args.no_eval else heldout_perplexity(model, tok, args.eval_task)
     start = time.perf_counter()
@@ -87,7 +76,7 @@ def run_quantize_cli(args: argparse.Namespace) -> int:
         task = bar.add_task("quantizing", total=None, info="")
         quantize_model(model, cfg, lambda name, i, n: bar.update(task, completed=i, total=n, info=name))
     seconds = time.perf_counter() - start
-    save_quantized(model, args.out, args.model, cfg, extra={"source_model": str(Path(args.model).absolute())})
+    save_quantized(model, args.out, source, cfg, extra={"source_model": str(source.absolute())})
     ppl = None if args.no_eval else heldout_perplexity(model, tok, args.eval_task)
     report = {**size_report(model, cfg.storage), "seconds": seconds, "ppl_float": ppl_float, "ppl": ppl,
               "out": str(args.out), "disk_bytes": sum(p.stat().st_size for p in Path(args.out).iterdir())}

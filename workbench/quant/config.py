@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from workbench.errors import WorkbenchError
-from workbench.merge.recipe import _line_map
 from workbench.quant.quantizers import ASYM_METHODS, TERNARY_METHODS
+from workbench.yaml_lines import field_location, parse_with_lines
 
 BITS = (1, 1.58, 2, 3, 4)
 TOP_KEYS = {"bits", "group_size", "method", "skip", "layers", "lora", "storage", "seed", "embeddings"}
@@ -102,23 +101,16 @@ def load_quant_config(path: str | Path) -> QuantConfig:
     path = Path(path)
     if not path.is_file():
         raise QuantConfigError(f"{path}: quantization config not found")
-    text = path.read_text()
-    try:
-        node = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise QuantConfigError(f"{path}: not valid YAML: {e}") from None
-    return quant_config_from_dict(data, str(path), _line_map(node) if node is not None else {})
+    data, lines = parse_with_lines(path.read_text(), str(path), QuantConfigError)
+    return quant_config_from_dict(data, str(path), lines)
 
 
 def quant_config_from_dict(data: Any, source: str = "<config>", lines: dict | None = None) -> QuantConfig:
     lines = lines or {}
 
     def fail(path: tuple, msg: str):
-        line = next((lines[path[:i]] for i in range(len(path), 0, -1) if path[:i] in lines), None)
-        where = f"{source}:{line}" if line else source
         field_name = ".".join(str(p) for p in path) or "config"
-        raise QuantConfigError(f"{where}: {field_name}: {msg}")
+        raise QuantConfigError(f"{field_location(source, lines, path)}: {field_name}: {msg}")
 
     if not isinstance(data, dict):
         fail((), "expected a mapping with at least `bits`")

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from workbench.quant import packing
+from workbench.quant import kernels, packing
 from workbench.quant.quantizers import QuantizedWeight, dequantize
 
 
@@ -126,8 +126,6 @@ class QuantLinear(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from workbench.quant import kernels
-
         fused = kernels.fused_matmul(self, x) if not torch.is_grad_enabled() else None
         y = fused if fused is not None else nn.functional.linear(x, self.dequantized_weight(x.dtype))
         if self.bias is not None:

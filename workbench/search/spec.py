@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from workbench.errors import WorkbenchError
 from workbench.merge.methods import METHODS
-from workbench.merge.recipe import DTYPES, _line_map
+from workbench.merge.recipe import DTYPES
+from workbench.yaml_lines import field_location, parse_with_lines
 
 SEARCHABLE = ("ties", "dare_ties", "dare_linear", "task_arithmetic", "linear", "slerp", "breadcrumbs",
               "breadcrumbs_ties", "della", "della_linear")
@@ -98,13 +98,7 @@ def load_spec(path: str | Path) -> SearchSpec:
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{path}: search spec not found")
-    text = path.read_text()
-    try:
-        data = yaml.safe_load(text)
-        lines = _line_map(yaml.compose(text)) if data is not None else {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise SpecError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML") from None
+    data, lines = parse_with_lines(path.read_text(), str(path), SpecError)
     return spec_from_dict(data, source=str(path), lines=lines)
 
 
@@ -112,8 +106,7 @@ def spec_from_dict(data: Any, source: str = "<spec>", lines: dict | None = None)
     lines = lines or {}
 
     def fail(path: tuple, msg: str):
-        where = next((f"{source}:{lines[path[:n]]}" for n in range(len(path), -1, -1) if path[:n] in lines), source)
-        raise SpecError(f"{where}: {'.'.join(map(str, path)) or 'spec'}: {msg}")
+        raise SpecError(f"{field_location(source, lines, path)}: {'.'.join(map(str, path)) or 'spec'}: {msg}")
 
     if not isinstance(data, dict):
         fail((), "expected a mapping")
