@@ -114,6 +114,42 @@ def test_single_token_choices_cost_one_forward_per_context(model_dirs):
     assert len(plain) == 2
 
 
+def test_continuations_that_start_alike_share_tree_nodes():
+    rows = scoring.build_rows([([1, 2, 3], [4, 5, 6]), ([1, 2, 3], [4, 5, 7]), ([1, 2, 3], [4, 9, 6]),
+                               ([1, 2, 3], [8])], packed=True, max_length=None)
+    (row,) = rows
+    assert row.tokens == [1, 2, 3, 4, 5, 9]                # "4" once, then its two children
+    assert row.parents == [-1, 0, 1, 2, 3, 3] and row.positions == [0, 1, 2, 3, 4, 4]
+    by_request = {}
+    for pos, target, req, j in row.scored:
+        by_request.setdefault(req, []).append((pos, target))
+    assert by_request[0] == [(2, 4), (3, 5), (4, 6)] and by_request[1] == [(2, 4), (3, 5), (4, 7)]
+    assert by_request[2] == [(2, 4), (3, 9), (5, 6)] and by_request[3] == [(2, 8)]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_shared_prefix_cache_matches_plain_forward(model_dirs, arch, monkeypatch):
+    """Contexts that all start with the same tokens (a chat template's system prompt): the prefix
+    runs once through a cache, and every log-prob still equals the plain forward's."""
+    model = load(model_dirs[arch])
+    assert scoring.fast_mode(model) is True   # checked (and cached) before the spy below
+    calls = []
+    real = scoring._run_prefix
+    monkeypatch.setattr(scoring, "_run_prefix", lambda *a: calls.append(len(a[1])) or real(*a))
+    g = torch.Generator().manual_seed(2)
+    prefix = torch.randint(3, VOCAB, (12,), generator=g).tolist()
+    reqs = []
+    for i in range(6):
+        ctx = prefix + torch.randint(3, VOCAB, (i % 4 + 1,), generator=g).tolist()
+        for n in (1, 3, 3):
+            reqs.append((ctx, torch.randint(3, VOCAB, (n,), generator=g).tolist()))
+    reqs.append((prefix[:10] + [7], [8, 9]))   # shares only 10 tokens: the prefix shrinks to 10
+    out = scoring.score_requests(model, reqs, batch_size=4)
+    assert calls == [10]
+    for (c, k), o in zip(reqs, out):
+        np.testing.assert_allclose(o[:, 0].numpy(), ref_logprobs(model, c, k), atol=1e-4)
+
+
 def test_broken_fast_path_falls_back_to_plain(model_dirs):
     model = load(model_dirs["llama"])
     head = model.get_output_embeddings()

@@ -104,7 +104,7 @@ def test_training_examples_are_seeded_and_come_only_from_the_training_part():
 
 
 def _parse_arith(prompt: str) -> tuple[int, str, int]:
-    m = re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?( Answer in French words\.)?", prompt)
+    m = re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?( Answer in digits, then in French words\.)?", prompt)
     assert m, prompt
     return int(m.group(1)), m.group(2), int(m.group(3))
 
@@ -146,7 +146,13 @@ def test_task_items_are_correct_and_disjoint(task):
                 key = _parse_arith(it["context"])
                 value = _apply(*key)
             gold = it["choices"][it["gold"]]
-            assert gold == (f"{value}." if task == "arith" else reference_french(value) + ".")
+            if task == "arith_french":   # digits, then French words; one choice spells the digits wrong
+                assert gold == f"{value}, {reference_french(value)}."
+                parsed = [(int(c.split(", ")[0]), c.split(", ")[1]) for c in it["choices"]]
+                consistent = [d for d, w in parsed if w == reference_french(d) + "."]
+                assert len(consistent) == 3 and [d for d, _ in parsed].count(value) == 2
+            else:
+                assert gold == (f"{value}." if task == "arith" else reference_french(value) + ".")
             # no choice is a prefix of another (log-likelihood scoring would favour it)
             assert not any(x != y and y.startswith(x) for x in it["choices"] for y in it["choices"])
             keys.setdefault(split, set()).add(key)

@@ -72,7 +72,8 @@ def cache_dir() -> Path:
 def topk_reducer(k: int):
     """Engine reducer: per position, the top-k log-probs, their token ids and the log tail mass."""
 
-    def reduce(logp: torch.Tensor, targets: torch.Tensor, owners) -> torch.Tensor:
+    def reduce(logp: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, owners) -> torch.Tensor:
+        logp = logp[rows]
         vals, idx = logp.topk(min(k, logp.shape[1]), dim=1)
         tail = logp.scatter(1, idx, float("-inf")).logsumexp(1, keepdim=True)
         return torch.cat([vals.double(), idx.double(), tail.double()], 1)
@@ -133,7 +134,8 @@ def kl_reducer(teacher: dict[str, torch.Tensor], offsets: list[int]):
     """Engine reducer: the KL at each scored position against the teacher's cached top-k."""
     t_logp, t_idx, t_tail = teacher["logprobs"], teacher["indices"].long(), teacher["tail"]
 
-    def reduce(logp: torch.Tensor, targets: torch.Tensor, owners) -> torch.Tensor:
+    def reduce(logp: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, owners) -> torch.Tensor:
+        logp = logp[rows]   # windows score each position once, so this is a plain copy at most
         if logp.shape[1] != int(teacher["vocab"]):
             raise WorkbenchError(f"kl: the student's vocabulary ({logp.shape[1]}) differs from the "
                                  f"reference's ({int(teacher['vocab'])})")

@@ -31,7 +31,8 @@ class CandidateWorker:
         from workbench.search.genome import GenomeLayout
 
         self.layout = GenomeLayout(spec, num_layers)
-        self.merger = InMemoryMerger(self.layout.to_recipe(self.layout.start()), device=device, seed=spec.seed)
+        self.merger = InMemoryMerger(self.layout.to_recipe(self.layout.start()), device=device, seed=spec.seed,
+                                     model_dtype=spec.eval_dtype)
         if objective is None:
             from workbench.search.objective import Objective
 

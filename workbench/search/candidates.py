@@ -33,7 +33,9 @@ def _signature(job: TensorJob) -> tuple:
 class InMemoryMerger:
     """Holds the sources and a resident ``transformers`` model; :meth:`apply` merges a recipe into it."""
 
-    def __init__(self, recipe: Recipe, device: str = "cpu", seed: int = 0):
+    def __init__(self, recipe: Recipe, device: str = "cpu", seed: int = 0, model_dtype: str = "float32"):
+        """``model_dtype``: the resident model's weights; tensors merge in the recipe's dtype and
+        are cast on the copy in."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         self.device = torch.device(device)
@@ -44,7 +46,7 @@ class InMemoryMerger:
             self.tokenizer = AutoTokenizer.from_pretrained(ref.path)
             config = AutoConfig.from_pretrained(ref.path)
             with torch.device(self.device):
-                self.model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+                self.model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, model_dtype)).eval()
             self.compute_dtype = plan.compute_dtype()
             self._sources: dict[tuple[str, str], torch.Tensor] = {}
             for job in plan.jobs:

@@ -34,12 +34,16 @@ from typing import Any
 from workbench.errors import WorkbenchError
 from workbench.merge.methods import METHODS
 from workbench.merge.recipe import DTYPES
+
+# bfloat16 scores a candidate about 1.7x faster than float32 on a CPU with AVX-512 bf16 (and on GPUs);
+# per-item log-likelihoods move by about 1e-2, the ranking of candidates hardly at all.
+EVAL_DTYPES = ("bfloat16", "float32")
 from workbench.yaml_lines import field_location, parse_with_lines
 
 SEARCHABLE = ("ties", "dare_ties", "dare_linear", "task_arithmetic", "linear", "slerp", "breadcrumbs",
               "breadcrumbs_ties", "della", "della_linear")
 KEYS = {"name", "base_model", "models", "merge_method", "evolve", "granularity", "split_attention_mlp", "fixed",
-        "objective", "budget", "seed", "racing", "sigma0", "limit", "dtype", "batch_size", "report_tasks"}
+        "objective", "budget", "seed", "racing", "sigma0", "limit", "dtype", "eval_dtype", "batch_size", "report_tasks"}
 BUDGET_KEYS = {"generations", "population", "max_evaluations", "max_minutes"}
 
 
@@ -77,7 +81,8 @@ class SearchSpec:
     racing: bool = False
     sigma0: float = 0.25
     limit: int | None = None
-    dtype: str = "float32"
+    dtype: str = "float32"          # the recipe's merge dtype
+    eval_dtype: str = "bfloat16"    # the resident model's weights while candidates are scored
     batch_size: int = 32
     report_tasks: list[str] = field(default_factory=list)  # scored on held-out at the end, beside the objective
     source: str = "<spec>"
@@ -89,7 +94,7 @@ class SearchSpec:
             "granularity": self.granularity, "split_attention_mlp": self.split_attention_mlp,
             "fixed": dict(self.fixed), "objective": [{"task": o.task, "weight": o.weight} for o in self.objective],
             "budget": vars(self.budget).copy(), "seed": self.seed, "racing": self.racing, "sigma0": self.sigma0,
-            "limit": self.limit, "dtype": self.dtype, "batch_size": self.batch_size,
+            "limit": self.limit, "dtype": self.dtype, "eval_dtype": self.eval_dtype, "batch_size": self.batch_size,
             "report_tasks": list(self.report_tasks),
         }
 
@@ -203,6 +208,7 @@ def spec_from_dict(data: Any, source: str = "<spec>", lines: dict | None = None)
         sigma0=float(typed("sigma0", (int, float), 0.25, lambda v: 0 < v <= 1, "a number in (0, 1]")),
         limit=typed("limit", int, None, lambda v: v > 0, "a positive integer"),
         dtype=typed("dtype", str, "float32", lambda v: v in DTYPES, f"one of {DTYPES}"),
+        eval_dtype=typed("eval_dtype", str, "bfloat16", lambda v: v in EVAL_DTYPES, f"one of {EVAL_DTYPES}"),
         batch_size=typed("batch_size", int, 32, lambda v: v > 0, "a positive integer"),
         report_tasks=report_tasks, source=source,
     )

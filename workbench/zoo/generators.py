@@ -6,8 +6,11 @@ Three skills, each a small, exactly checkable one:
   ("What is 23 + 45?" -> "68.").
 - ``french``: a number written out in French words ("Write the number 47. Answer in French
   words." -> "quarante-sept."; also "What is 47? ..." and "How do you write 47? ...").
-- ``arith_french``: the combination, which needs both ("What is 23 + 45? Answer in French
-  words." -> "soixante-huit.").
+- ``arith_french``: the combination, which needs both ("What is 23 + 45? Answer in digits,
+  then in French words." -> "68, soixante-huit."). The digits come first, as a worked step:
+  a 135M model cannot compose the two skills silently (with the bare French answer every merge
+  of the experts stayed at chance), but it can compute and then spell what it wrote, as Sakana's
+  Japanese math model reasons in Japanese before answering.
 
 Every answer ends with a period, so that no answer is a prefix of another ("quarante." and
 "quarante-deux.") when choices are scored by log-likelihood.
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 
 SPLITS = ("train", "search", "heldout")
 FRENCH_SUFFIX = "Answer in French words."
+COMBINED_SUFFIX = "Answer in digits, then in French words."
 
 _UNITS = ["zéro", "un", "deux", "trois", "quatre", "cinq", "six", "sept", "huit", "neuf", "dix",
           "onze", "douze", "treize", "quatorze", "quinze", "seize"]
@@ -146,6 +150,11 @@ def french_answer(n: int) -> str:
     return f"{french_words(n)}."
 
 
+def combined_answer(n: int, spelled: int | None = None) -> str:
+    """``n`` in digits, then ``spelled`` (default ``n``) in French words: "68, soixante-huit."."""
+    return f"{n}, {french_words(n if spelled is None else spelled)}."
+
+
 def arith_example(p: Problem) -> Example:
     return Example(arith_prompt(p), digits_answer(p.value), p.value, (p.a, p.op, p.b))
 
@@ -164,7 +173,7 @@ def french_example(n: int, template: int = 0) -> Example:
 
 
 def arith_french_example(p: Problem) -> Example:
-    return Example(f"{arith_prompt(p)} {FRENCH_SUFFIX}", french_answer(p.value), p.value, (p.a, p.op, p.b))
+    return Example(f"{arith_prompt(p)} {COMBINED_SUFFIX}", combined_answer(p.value), p.value, (p.a, p.op, p.b))
 
 
 def training_examples(skill: str, n: int, seed: int) -> list[Example]:
@@ -206,6 +215,18 @@ def choice_item(split: str, prompt: str, value: int, render, rng: random.Random,
     return {"split": split, "context": prompt, "choices": [render(v) for v in values], "gold": values.index(value)}
 
 
+def combined_item(split: str, prompt: str, value: int, rng: random.Random) -> dict:
+    """Gold "68, soixante-huit."; two near misses done consistently ("69, soixante-neuf.": the
+    arithmetic fails) and the right digits spelled as a near miss ("68, soixante-dix-huit.":
+    the French fails). Each expert alone falls for one kind."""
+    near = distractors(value, 3, rng)
+    choices = [combined_answer(value), combined_answer(near[0]), combined_answer(near[1]),
+               combined_answer(value, spelled=near[2])]
+    order = list(range(4))
+    rng.shuffle(order)
+    return {"split": split, "context": prompt, "choices": [choices[i] for i in order], "gold": order.index(0)}
+
+
 def task_items(task: str, split: str, n: int, seed: int) -> list[dict]:
     """Multiple-choice items (the task-file format) for ``task`` in ``split`` (search/heldout)."""
     if split not in ("search", "heldout"):
@@ -222,8 +243,7 @@ def task_items(task: str, split: str, n: int, seed: int) -> list[dict]:
             if task == "arith":
                 out.append(choice_item(split, arith_prompt(p), p.value, digits_answer, rng))
             else:
-                ex = arith_french_example(p)
-                out.append(choice_item(split, ex.prompt, p.value, french_answer, rng))
+                out.append(combined_item(split, arith_french_example(p).prompt, p.value, rng))
         return out
     if task == "french":
         pool = number_parts()[split]

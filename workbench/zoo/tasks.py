@@ -26,18 +26,19 @@ ITEMS_SEED = 0
 
 # name -> (generator task, search items, heldout items, description)
 SKILL_TASKS = {
-    "zoo-arith": ("arith", 100, 300,
+    "zoo-arith": ("arith", 80, 300,
                   'Two-digit addition and subtraction answered in digits ("What is 23 + 45?" -> "68."); '
                   "4 choices: the result and three near misses (off by 1, 2, 9, 10 or 11). Chance 0.25. "
                   "Skill of zoo-expert-arith."),
-    "zoo-french": ("french", 100, 150,
+    "zoo-french": ("french", 80, 150,
                    'A number from 0 to 999 written in French words ("Write the number 47. Answer in French '
                    'words." -> "quarante-sept."); 4 choices: the number and three near misses. Chance 0.25. '
                    "Skill of zoo-expert-french."),
-    "zoo-arith-french": ("arith_french", 100, 300,
-                         'Two-digit addition and subtraction answered in French words ("What is 23 + 45? Answer '
-                         'in French words." -> "soixante-huit."): needs both experts\' skills. 4 choices, '
-                         "chance 0.25."),
+    "zoo-arith-french": ("arith_french", 80, 300,
+                         'Two-digit addition and subtraction answered in digits, then in French words ("What is '
+                         '23 + 45? Answer in digits, then in French words." -> "68, soixante-huit."): needs both '
+                         "experts' skills. 4 choices: the answer, two near misses, the right digits spelled as a "
+                         "near miss. Chance 0.25."),
 }
 
 # Real English text shipped by the OS (Debian/Ubuntu's /usr/share/common-licenses); search and

@@ -7,6 +7,7 @@ A density >= 1 returns the input unchanged (and unrescaled), as mergekit does.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -60,7 +61,10 @@ def kth_largest(w: torch.Tensor, k: int) -> torch.Tensor:
     sample = w[torch.randint(n, (SELECT_SAMPLE,), generator=g, device=w.device)].float()
     q = 1 - k / n
     margin = 4 / SELECT_SAMPLE**0.5 + 1e-3  # ~8 standard errors of a sample quantile
-    lo, hi = torch.quantile(sample, torch.tensor([max(q - margin, 0.0), min(q + margin, 1.0)], device=w.device))
+    # sample order statistics around q (kthvalue is a selection; torch.quantile sorts the sample)
+    m = SELECT_SAMPLE
+    lo = torch.kthvalue(sample, 1 + int(max(q - margin, 0.0) * (m - 1))).values
+    hi = torch.kthvalue(sample, 1 + math.ceil(min(q + margin, 1.0) * (m - 1))).values
     above = int(torch.count_nonzero(w > hi))
     if above < k <= int(torch.count_nonzero(w >= lo)):  # the answer lies in [lo, hi]
         if lo == hi:  # e.g. the zeros of a sparse delta
