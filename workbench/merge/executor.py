@@ -147,20 +147,25 @@ def execute_merge(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu", 
         writers = [StreamingShardWriter(tmp / n, shard) for n, shard in zip(names, shards)]
         try:
             # read the next tensor's inputs in a thread while this one is merged, unless they are
-            # big: then memory matters more than the overlap
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                pending = None
+            # big: then memory matters more than the overlap; the previous result is written by
+            # another thread meanwhile (file writes release the GIL), one tensor at a time
+            with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writer:
+                pending = written = None
                 for i, job in enumerate(plan.jobs):
                     inputs = pending.result() if pending else read_inputs(plan, job, dev, compute)
                     pending = None
                     if i + 1 < len(plan.jobs) and input_bytes(plan, plan.jobs[i + 1]) <= PREFETCH_BYTES:
-                        pending = pool.submit(read_inputs, plan, plan.jobs[i + 1], dev, compute)
-                    out = merge_tensor(plan, job, inputs, dev, seed)
+                        pending = reader.submit(read_inputs, plan, plan.jobs[i + 1], dev, compute)
+                    out = merge_tensor(plan, job, inputs, dev, seed).to(dtype_out)
                     del inputs
-                    writers[shard_of[job.out_name]].write(job.out_name, out.to(dtype_out))
+                    if written is not None:
+                        written.result()
+                    written = writer.submit(writers[shard_of[job.out_name]].write, job.out_name, out)
                     del out
                     if on_tensor:
                         on_tensor(i + 1, len(plan.jobs), job.out_name)
+                if written is not None:
+                    written.result()
         except BaseException:
             for w in writers:
                 w.abort()
