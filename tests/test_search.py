@@ -141,6 +141,7 @@ def test_bad_specs_name_the_field(tmp_path, tiny_models):
         ({"granularity": "sometimes"}, "granularity"),
         ({"sigma0": 3}, "sigma0"),
         ({"mutation": 1}, "unknown key"),
+        ({"eval_dtype": "float16"}, "eval_dtype"),
     ]
     for change, words in cases:
         path = tmp_path / "spec.yml"
@@ -212,3 +213,49 @@ def test_parallel_backends_give_the_local_history(tiny_models, tmp_path, backend
     finally:
         other.close()
     _histories_equal(tmp_path / "local", tmp_path / backend)
+
+
+def test_resident_model_holds_the_eval_dtype(tiny_models, tmp_path):
+    """The resident model is bfloat16 by default (spec eval_dtype); tensors merge in float32 and
+    are rounded once, on the copy in."""
+    from workbench.merge.executor import execute_merge
+    from workbench.merge.plan import plan_merge
+    from workbench.search.candidates import InMemoryMerger
+    from workbench.search.genome import GenomeLayout
+
+    a, b = tiny_models("llama", 2)
+    spec = spec_from_dict(linear_spec([a, b]))
+    assert spec.eval_dtype == "bfloat16"
+    layout = GenomeLayout(spec, 2)
+    recipe = layout.to_recipe(np.full(len(layout), 0.3))
+    merger = InMemoryMerger(recipe, model_dtype=spec.eval_dtype)
+    merger.apply(recipe)
+    plan = plan_merge(recipe)
+    try:
+        execute_merge(plan, tmp_path / "merged")
+    finally:
+        plan.close()
+    ref = state(tmp_path / "merged")
+    got = dict(merger.model.named_parameters())
+    for name, tensor in ref.items():
+        assert got[name].dtype == torch.bfloat16
+        assert torch.equal(got[name], tensor.to(torch.bfloat16)), name
+
+
+def test_merger_tells_recipes_apart_by_model_not_position(tiny_models):
+    """Each source alone is model 0 of its own recipe (the held-out report does this): switching
+    between them must merge again, not keep the previous model."""
+    from workbench.merge.recipe import recipe_from_dict
+    from workbench.search.candidates import InMemoryMerger
+
+    a, b = tiny_models("llama", 2)
+    alone = {m: recipe_from_dict({"merge_method": "linear", "models": [{"model": str(m), "parameters": {"weight": 1.0}}]})
+             for m in (a, b)}
+    both = recipe_from_dict({"merge_method": "linear", "models": [
+        {"model": str(m), "parameters": {"weight": 0.5}} for m in (a, b)]})
+    merger = InMemoryMerger(both, model_dtype="float32")   # holds both sources
+    for m in (a, b, a):
+        assert merger.apply(alone[m]).tensors_merged > 0
+        got = dict(merger.model.named_parameters())
+        for name, tensor in state(m).items():
+            assert torch.equal(got[name], tensor), (m, name)

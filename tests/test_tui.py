@@ -19,7 +19,7 @@ import yaml
 pytest.importorskip("textual")
 pytest.importorskip("pytest_asyncio")
 
-from textual.widgets import DataTable, Input, Label, TextArea
+from textual.widgets import Checkbox, DataTable, Input, Label, Select, TextArea
 
 from workbench.merge.recipe import load_recipe
 from conftest import write_tiny_task
@@ -362,11 +362,171 @@ async def test_runs_compare_resume_and_export(env, tmp_path):
         saved = load_recipe(tmp_path / "exported" / "mergekit_config.yml")
         best = max(read_history(env.runs / "run-a"), key=lambda r: r["score"])
         assert saved.to_dict() == best["recipe"]
-        assert export.query_one("#export-compressed-button").disabled
-        assert "Not available yet" in str(export.query_one("#compressed-note").render())
+        note = str(export.query_one("#compressed-note").render())
+        assert "Quantize screen (F6)" in note and "not available" not in note.lower()
         export.query_one("#export-source", Input).value = str(tmp_path / "missing")
         await pilot.press("ctrl+r")
         assert "no such recipe file" in notifications(app, "error")[-1].message
+
+
+# --- Quantize -------------------------------------------------------------------------------
+
+TINY_QUANT = "bits: 2\ngroup_size: 16\nlora: {rank: 4}\n"  # the tiny Llama's rows are 32 or 64 long
+
+
+def fill_quantize(screen, **values: str) -> None:
+    """Set the Quantize screen's inputs by id suffix (model, config, minutes, out, export-out)."""
+    for key, value in values.items():
+        screen.query_one(f"#quant-{key.replace('_', '-')}", Input).value = value
+
+
+@pytest.mark.asyncio
+async def test_quantize_screen_is_reachable_by_f6_the_tabs_and_export(env):
+    from workbench.tui.jobs import quant_configs
+
+    app = WorkbenchApp(env.config)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f6")
+        assert app.screen.MODE == "quantize"
+        assert str(app.screen.query_one("#quant-config-select", Select).value).endswith("recipes/2bit.yml")
+        names = {p.name for p in quant_configs()}  # the Select's options
+        assert {"2bit.yml", "ternary.yml", "mixed-2bit-4bit.yml", "mixed-ternary.yml"} <= names
+        assert "zoo-ties.yml" not in names
+        await pilot.press("f2")
+        assert app.screen.MODE == "models"
+        await pilot.click("#quantize")  # the tab in the nav bar
+        await wait_until(pilot, lambda: app.screen.MODE == "quantize", what="the Quantize tab")
+        await pilot.press("f5")
+        await click(pilot, "#goto-quantize")  # the Export screen's pointer
+        await wait_until(pilot, lambda: app.screen.MODE == "quantize", what="the pointer's button")
+
+
+@pytest.mark.asyncio
+async def test_quantize_and_export_match_the_cli(env, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from workbench.cli import main
+    from workbench.quant.model import load_quantized, quant_layers
+
+    cfg = tmp_path / "tiny-2bit.yml"
+    cfg.write_text(TINY_QUANT)
+    q, st, hf = tmp_path / "q", tmp_path / "q-st", tmp_path / "q-hf"
+    app = WorkbenchApp(env.config)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f6")
+        screen = app.screen
+        fill_quantize(screen, model=str(env.base), config=str(cfg), minutes="0", out=str(q), export_out=str(st))
+        screen.query_one("#quant-format", Select).value = "safetensors"
+        await pilot.press("ctrl+r")
+        await wait_until(pilot, lambda: screen.result is not None, what="the quantization")
+        await app.workers.wait_for_complete()
+        result = screen.result
+        assert result.quantized["quantized_layers"] == 28 and result.recovery is None
+        assert result.export["path"] == str(st)
+        shown = str(screen.query_one("#quant-result", Label).render())
+        assert "bits per weight" in shown and str(q) in shown and str(st) in shown
+        assert screen.query_one("#quant-job").bar.percentage == 1.0
+        assert not notifications(app, "error")
+
+        # the same files as `workbench quantize` with the same config
+        assert main(["quantize", str(env.base), "--config", str(cfg), "--out", str(tmp_path / "cli-q"),
+                     "--no-eval", "--no-progress"]) == 0
+        ours, theirs = load_file(str(q / "model.safetensors")), load_file(str(tmp_path / "cli-q" / "model.safetensors"))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+        model = load_quantized(q)
+        assert len(quant_layers(model)) == 28
+        ids = torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            logits = model(ids).logits
+            assert torch.equal(load_quantized(st)(ids).logits, logits)
+
+        # again, as a plain HF export: refused over existing outputs until overwrite is ticked
+        screen.query_one("#quant-format", Select).value = "hf"
+        fill_quantize(screen, export_out=str(hf))
+        await pilot.press("ctrl+r")
+        assert "already exists" in notifications(app, "error")[-1].message
+        screen.query_one("#quant-overwrite", Checkbox).value = True
+        screen.result = None
+        await click(pilot, "#quant-run")
+        await wait_until(pilot, lambda: screen.result is not None, what="the second run")
+        await app.workers.wait_for_complete()
+        plain = AutoModelForCausalLM.from_pretrained(hf).eval()
+        with torch.no_grad():
+            assert torch.allclose(plain(ids).logits, logits, atol=1e-4)
+
+
+@pytest.mark.asyncio
+async def test_quantize_with_recovery_to_default_paths(env, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from workbench.quant.model import load_quantized
+
+    cfg = tmp_path / "tiny-2bit.yml"
+    cfg.write_text(TINY_QUANT)
+    app = WorkbenchApp(env.config)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f6")
+        screen = app.screen
+        fill_quantize(screen, model=str(env.base), config=str(cfg), minutes="0.03")  # blank outputs: defaults
+        screen.query_one("#quant-format", Select).value = "hf"
+        await pilot.press("ctrl+r")
+        await wait_until(pilot, lambda: screen.result is not None, what="quantize, recover, export")
+        await app.workers.wait_for_complete()
+        out = tmp_path / "home" / "quantized" / f"{env.base.name}-tiny-2bit"
+        recovered = out.with_name(out.name + "-recovered")
+        assert screen.result.recovery["steps"] > 0 and screen.result.export["path"] == f"{recovered}-hf"
+        assert (recovered / "loss.jsonl").is_file() and not recovered.with_name(recovered.name + ".work").exists()
+        assert load_quantized(out) is not None and load_quantized(recovered) is not None
+        assert AutoModelForCausalLM.from_pretrained(f"{recovered}-hf") is not None
+        assert str(recovered) in str(screen.query_one("#quant-result", Label).render())
+
+
+@pytest.mark.asyncio
+async def test_quantize_errors_notify_and_leave_the_app_usable(env, tmp_path):
+    from workbench.tui.jobs import quant_configs
+
+    bad = tmp_path / "bad.yml"
+    bad.write_text("bits: 5\ngroup_size: 16\n")
+    misfit = tmp_path / "misfit.yml"
+    misfit.write_text("bits: 2\ngroup_size: 48\n")
+    app = WorkbenchApp(env.config)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f6")
+        screen = app.screen
+        fill_quantize(screen, model=str(tmp_path / "no-model"), config=str(bad), out=str(tmp_path / "q"))
+        await pilot.press("ctrl+r")
+        assert "not a model directory" in notifications(app, "error")[-1].message
+        fill_quantize(screen, model=str(env.base), config=str(tmp_path / "missing.yml"))
+        await pilot.press("ctrl+r")
+        assert "quantization config not found" in notifications(app, "error")[-1].message
+        fill_quantize(screen, config=str(bad), minutes="-1")
+        await pilot.press("ctrl+r")
+        assert "recovery minutes" in notifications(app, "error")[-1].message
+        assert not screen.running
+
+        fill_quantize(screen, minutes="0")
+        await pilot.press("ctrl+r")  # a bad field: found by the worker, with file, line and field
+        await wait_until(pilot, lambda: not screen.running, what="the failure")
+        err = notifications(app, "error")[-1].message
+        assert err.startswith(f"{bad}:1:") and "bits" in err
+        assert "failed" in str(screen.query_one("#quant-job").label.render())
+        screen.query_one("#quant-config-select", Select).value = str(quant_configs()[1])
+        await pilot.pause()
+        assert screen.query_one("#quant-config", Input).value == ""  # a pick from the list replaces the path
+        fill_quantize(screen, config=str(misfit))
+        await click(pilot, "#quant-run")
+        await wait_until(pilot, lambda: "group_size 48" in notifications(app, "error")[-1].message,
+                         what="the group size error")
+        await wait_until(pilot, lambda: not screen.running, what="the second failure")
+        assert not (tmp_path / "q").exists() and not screen.query_one("#quant-run").disabled
+
+        await pilot.press("f1")
+        assert app.screen.MODE == "search"
+        await pilot.press("f6")
+        assert app.screen is screen and screen.result is None
 
 
 # --- config, command palette ----------------------------------------------------------------

@@ -10,8 +10,13 @@ Both score the same seeded genomes; their scores must agree. One JSON line per f
     {"bench": "search", "way": "on_disk_mergekit", ...}
     {"bench": "search", "speedup": ..., "max_score_diff": ...}
 
+Both ways hold the candidate in bfloat16 while scoring it (the search's default ``eval_dtype``; the
+on-disk way loads mergekit's float32 output with ``dtype=torch.bfloat16``), so the same merge gets
+the same score. One run per method: task_arithmetic (the default zoo search's method) and ties.
+
 Target (issue 4): speedup >= 10. Models: the zoo experts if built, else two seeded variants of
-the default model. Knobs: BENCH_SEARCH_CANDIDATES (3), BENCH_SEARCH_LIMIT (items, 40).
+the default model. Knobs: BENCH_SEARCH_CANDIDATES (3), BENCH_SEARCH_LIMIT (items, 40),
+BENCH_SEARCH_METHODS ("task_arithmetic,ties").
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ N_CANDIDATES = int(os.environ.get("BENCH_SEARCH_CANDIDATES", "3"))
 LIMIT = int(os.environ.get("BENCH_SEARCH_LIMIT", "40"))
 TASK = "zoo-arith-french"
 SPEEDUP_TARGET = 10.0
+METHODS = [m for m in os.environ.get("BENCH_SEARCH_METHODS", "task_arithmetic,ties").split(",") if m]
+EVOLVE = {"task_arithmetic": ({"weight": [0.0, 1.5]}, {}),
+          "ties": ({"weight": [0.0, 1.0], "density": [0.2, 1.0]}, {"normalize": True})}
 
 
 def emit(**fields) -> None:
@@ -50,7 +58,8 @@ def sources() -> tuple[str, list[str]]:
     return str(base), [str(e) for e in experts]
 
 
-def test_in_memory_candidates_against_mergekit_on_disk():
+@pytest.mark.parametrize("method", METHODS)
+def test_in_memory_candidates_against_mergekit_on_disk(method):
     mergekit_yaml = shutil.which("mergekit-yaml", path=str(Path(sys.executable).parent)) or shutil.which("mergekit-yaml")
     if mergekit_yaml is None:
         pytest.skip("mergekit is installed by `make bench` (the bench extra)")
@@ -65,20 +74,21 @@ def test_in_memory_candidates_against_mergekit_on_disk():
     from workbench.search.spec import spec_from_dict
 
     base, experts = sources()
+    evolve, fixed = EVOLVE[method]
     spec = resolve_models(spec_from_dict({
-        "name": "bench", "base_model": base, "models": experts, "merge_method": "ties",
-        "evolve": {"weight": [0.0, 1.0], "density": [0.2, 1.0]}, "fixed": {"normalize": True},
-        "objective": [{"task": TASK}], "limit": LIMIT, "seed": 0}))
-    genomes = np.random.default_rng(0).uniform(size=(N_CANDIDATES, 4))
+        "name": "bench", "base_model": base, "models": experts, "merge_method": method,
+        "evolve": evolve, "fixed": fixed, "objective": [{"task": TASK}], "limit": LIMIT, "seed": 0}))
+    eval_dtype = getattr(torch, spec.eval_dtype)
 
     t0 = time.perf_counter()
     worker = CandidateWorker(spec, num_layers=30)
     setup = time.perf_counter() - t0
+    genomes = np.random.default_rng(0).uniform(size=(N_CANDIDATES, len(worker.layout)))
     t0 = time.perf_counter()
     ours = [worker.evaluate((g.tolist(), 0, i, "candidate", None)) for i, g in enumerate(genomes)]
     in_memory = time.perf_counter() - t0
     assert all(r["error"] is None for r in ours), [r["error"] for r in ours]
-    emit(way="in_memory", candidates=N_CANDIDATES, items=LIMIT, seconds=round(in_memory, 2), setup_s=round(setup, 2),
+    emit(method=method, way="in_memory", candidates=N_CANDIDATES, items=LIMIT, seconds=round(in_memory, 2), setup_s=round(setup, 2),
          merge_s=round(sum(r["merge_seconds"] for r in ours), 2),
          candidates_per_min=round(60 * N_CANDIDATES / in_memory, 2))
 
@@ -93,17 +103,17 @@ def test_in_memory_candidates_against_mergekit_on_disk():
             recipe_path.write_text(dump_recipe(worker.layout.to_recipe(g)))
             subprocess.run([mergekit_yaml, str(recipe_path), str(out), "--lazy-unpickle"], env=env, check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(out, dtype=eval_dtype)
             tok = AutoTokenizer.from_pretrained(out)
             scores.append(evaluate(model, tok, [task], split="search", limit=LIMIT)[task.name].score)
             shutil.rmtree(out)
         on_disk = time.perf_counter() - t0
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    emit(way="on_disk_mergekit", candidates=N_CANDIDATES, items=LIMIT, seconds=round(on_disk, 2),
+    emit(method=method, way="on_disk_mergekit", candidates=N_CANDIDATES, items=LIMIT, seconds=round(on_disk, 2),
          candidates_per_min=round(60 * N_CANDIDATES / on_disk, 2))
     diff = max(abs(a["score"] - b) for a, b in zip(ours, scores))
     speedup = on_disk / in_memory
-    emit(speedup=round(speedup, 2), max_score_diff=diff, target=SPEEDUP_TARGET)
+    emit(method=method, speedup=round(speedup, 2), max_score_diff=diff, target=SPEEDUP_TARGET)
     assert diff < 1e-3, "the two ways must score the same merges the same"
     assert speedup >= SPEEDUP_TARGET

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -22,6 +23,7 @@ from workbench.quant.options import RecoverOptions
 
 console = Console(stderr=True)
 EVAL_TASK = "zoo-perplexity"  # its `heldout` split: license texts never used for calibration
+EXPORT_FORMATS = ("safetensors", "peft", "gguf", "hf")
 
 
 def _progress(enabled: bool) -> Progress:
@@ -50,9 +52,18 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-def run_quantize_cli(args: argparse.Namespace) -> int:
-    import torch
+ProgressFn = Callable[[str, int, int], None]
+RecoverProgressFn = Callable[[str, int, int, float | None], None]
 
+
+def quantize_to_dir(model: str | Path, config: str | Path, out: str | Path, eval_task: str | None = EVAL_TASK,
+                    progress: ProgressFn | None = None) -> dict:
+    """`workbench quantize` as a function: quantize a float model (directory or home model name) by a
+    config file into the compressed directory `out`; return the summary (size report, seconds, disk
+    bytes and, with `eval_task`, held-out perplexity before and after).
+
+    `progress(layer, done, total)` is called once with done 0 before the first layer, then after each."""
+    from workbench.eval.cli import load_model, resolve_model_dir
     from workbench.quant.config import check_model, load_quant_config
     from workbench.quant.model import (
         float_weight,
@@ -62,30 +73,51 @@ def run_quantize_cli(args: argparse.Namespace) -> int:
         size_report,
     )
 
+    cfg = load_quant_config(config)
+    source = resolve_model_dir(model)
+    net, tok = load_model(source)
+    settings = check_model(cfg, {n: tuple(float_weight(m).shape) for n, m in linear_layers(net).items()})
+    ppl_float = None if eval_task is None else heldout_perplexity(net, tok, eval_task)
+    if progress:
+        progress("", 0, len(settings))
+    start = time.perf_counter()
+    quantize_model(net, cfg, progress)
+    seconds = time.perf_counter() - start
+    save_quantized(net, out, source, cfg, extra={"source_model": str(source.absolute())})
+    ppl = None if eval_task is None else heldout_perplexity(net, tok, eval_task)
+    return {**size_report(net, cfg.storage), "seconds": seconds, "ppl_float": ppl_float, "ppl": ppl,
+            "out": str(out), "disk_bytes": sum(p.stat().st_size for p in Path(out).iterdir())}
+
+
+def run_quantize_cli(args: argparse.Namespace) -> int:
+    import torch
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    from workbench.eval.cli import load_model, resolve_model_dir
+    bar = _progress(not args.no_progress)
+    task = None
 
-    cfg = load_quant_config(args.config)
-    source = resolve_model_dir(args.model)
-    model, tok = load_model(source)
-    check_model(cfg, {n: tuple(float_weight(m).shape) for n, m in linear_layers(model).items()})
-    ppl_float = None if args.no_eval else heldout_perplexity(model, tok, args.eval_task)
-    start = time.perf_counter()
-    with _progress(not args.no_progress) as bar:
-        task = bar.add_task("quantizing", total=None, info="")
-        quantize_model(model, cfg, lambda name, i, n: bar.update(task, completed=i, total=n, info=name))
-    seconds = time.perf_counter() - start
-    save_quantized(model, args.out, source, cfg, extra={"source_model": str(source.absolute())})
-    ppl = None if args.no_eval else heldout_perplexity(model, tok, args.eval_task)
-    report = {**size_report(model, cfg.storage), "seconds": seconds, "ppl_float": ppl_float, "ppl": ppl,
-              "out": str(args.out), "disk_bytes": sum(p.stat().st_size for p in Path(args.out).iterdir())}
+    def progress(name: str, i: int, n: int) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task("quantizing", total=None, info="")
+        bar.update(task, completed=i, total=n, info=name)
+        if i == n:
+            bar.stop()
+
+    try:
+        report = quantize_to_dir(args.model, args.config, args.out, None if args.no_eval else args.eval_task,
+                                 progress)
+    finally:
+        bar.stop()
+    ppl_float, ppl = report["ppl_float"], report["ppl"]
     _summary(f"quantized {args.model} -> {args.out}", [
         ("layers", str(report["quantized_layers"])),
         ("bits per weight (linear layers, scales and zeros counted)", f"{report['bits_per_weight']:.3f}"),
         ("  with adapters", f"{report['bits_per_weight_with_adapters']:.3f}"),
         ("size on disk", _mb(report["disk_bytes"])),
-        ("time", f"{seconds:.1f} s"),
+        ("time", f"{report['seconds']:.1f} s"),
         (f"held-out perplexity ({args.eval_task}) float -> quantized",
          "skipped" if ppl is None else f"{ppl_float:.2f} -> {ppl:.2f}")])
     if args.json:
@@ -93,10 +125,20 @@ def run_quantize_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_recover_cli(args: argparse.Namespace) -> int:
+def recover_to_dir(qdir: str | Path, teacher: str | Path, out: str | Path, opts: RecoverOptions,
+                   corpus: str = "pydoc,licenses", eval_task: str | None = EVAL_TASK, keep_work: bool = False,
+                   progress: RecoverProgressFn | None = None,
+                   on_resume: Callable[[Path], None] | None = None) -> dict:
+    """`workbench recover` as a function: train the adapters of the compressed directory `qdir` by
+    distillation from the float model `teacher`; write the result to `out` (work in progress in
+    OUT.work, resumed when it holds a checkpoint: `on_resume(work_dir)` is called then) and return the
+    summary (size report, recovery options, seconds, steps, perplexities with `eval_task`).
+
+    `progress(phase, done, total, loss)`: phases "blocks", "teacher" and "e2e"."""
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
+    from workbench.quant.config import quant_config_from_dict
     from workbench.quant.corpus import corpus_texts, token_windows
     from workbench.quant.model import (
         load_quantized,
@@ -106,33 +148,25 @@ def run_recover_cli(args: argparse.Namespace) -> int:
     )
     from workbench.quant.recover import Recovery
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    meta = read_quant_meta(args.qdir)
-    if not any(e["lora_rank"] for e in meta["layers"].values()) and args.scale_lr <= 0:
-        raise WorkbenchError(f"{args.qdir}: nothing to train: no LoRA adapters (quantize with `lora: {{rank: N}}`) "
+    meta = read_quant_meta(qdir)
+    if not any(e["lora_rank"] for e in meta["layers"].values()) and opts.scale_lr <= 0:
+        raise WorkbenchError(f"{qdir}: nothing to train: no LoRA adapters (quantize with `lora: {{rank: N}}`) "
                              "and --scale-lr 0")
-    teacher_dir = Path(args.teacher)
+    teacher_dir = Path(teacher)
     if not (teacher_dir / "config.json").is_file():
         raise WorkbenchError(f"--teacher {teacher_dir}: not a model directory (no config.json)")
-    t_cfg, s_cfg = AutoConfig.from_pretrained(str(teacher_dir)), AutoConfig.from_pretrained(str(args.qdir))
+    t_cfg, s_cfg = AutoConfig.from_pretrained(str(teacher_dir)), AutoConfig.from_pretrained(str(qdir))
     for key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers"):
         if getattr(t_cfg, key, None) != getattr(s_cfg, key, None):
             raise WorkbenchError(f"--teacher {teacher_dir}: {key} is {getattr(t_cfg, key, None)!r}, but the quantized "
                                  f"model's is {getattr(s_cfg, key, None)!r}")
-    opts = RecoverOptions(steps=args.steps, block_steps=args.block_steps, lr=args.lr, block_lr=args.block_lr,
-                          scale_lr=args.scale_lr, seq_len=args.seq_len, batch_size=args.batch_size,
-                          max_tokens=args.max_tokens, block_tokens=args.block_tokens, top_k=args.top_k, dtype=args.dtype,
-                          time_budget=None if args.time_budget is None else args.time_budget * 60,
-                          checkpoint_every=args.checkpoint_every,
-                          snapshot_every=None if args.snapshot_every is None else args.snapshot_every * 60, seed=args.seed)
-    tok = AutoTokenizer.from_pretrained(str(args.qdir))
-    windows = token_windows(tok, corpus_texts(args.corpus), opts.seq_len, opts.max_tokens, opts.seed)
-    student = load_quantized(args.qdir)
-    ppl_before = None if args.no_eval else heldout_perplexity(student, tok, args.eval_task)
-    work = Path(str(args.out).rstrip("/") + ".work")
-    if work.exists() and not args.resume and (work / "checkpoint.pt").exists():
-        console.print(f"[yellow]resuming[/yellow] from {work} (delete it to start over)")
+    tok = AutoTokenizer.from_pretrained(str(qdir))
+    windows = token_windows(tok, corpus_texts(corpus), opts.seq_len, opts.max_tokens, opts.seed)
+    student = load_quantized(qdir)
+    ppl_before = None if eval_task is None else heldout_perplexity(student, tok, eval_task)
+    work = Path(str(out).rstrip("/") + ".work")
+    if work.exists() and (work / "checkpoint.pt").exists() and on_resume:
+        on_resume(work)
 
     def load_teacher():
         from transformers import AutoModelForCausalLM
@@ -140,47 +174,70 @@ def run_recover_cli(args: argparse.Namespace) -> int:
         return AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32,
                                                     use_safetensors=True).eval()
 
-    with _progress(not args.no_progress) as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(phase: str, done: int, total: int, loss: float | None) -> None:
-            if phase not in tasks:
-                tasks[phase] = bar.add_task({"blocks": "block reconstruction", "teacher": "teacher top-k",
-                                             "e2e": "end-to-end KL"}[phase], total=total, info="")
-            bar.update(tasks[phase], completed=done, total=total, info="" if loss is None else f"loss {loss:.4f}")
-
-        rec = Recovery(student, windows, opts, work, load_teacher, progress,
-                       _teacher_cache_path(teacher_dir, windows, opts))
-        result = rec.run()
-    ppl_after = None if args.no_eval else heldout_perplexity(student, tok, args.eval_task)
-    losses = [json.loads(line) for line in (work / "loss.jsonl").read_text().splitlines()]
+    rec = Recovery(student, windows, opts, work, load_teacher, progress,
+                   _teacher_cache_path(teacher_dir, windows, opts))
+    result = rec.run()
+    ppl_after = None if eval_task is None else heldout_perplexity(student, tok, eval_task)
     extra = {"source_model": meta.get("source_model"), "recovery": {
-        "options": vars(opts), "corpus": args.corpus, "calibration_tokens": int(windows.numel()),
+        "options": vars(opts), "corpus": corpus, "calibration_tokens": int(windows.numel()),
         "seconds": result["elapsed"], "steps": result["step"], "ppl_before": ppl_before, "ppl_after": ppl_after}}
     cfg = None
-    from workbench.quant.config import quant_config_from_dict
-
     if meta.get("config"):
-        cfg = quant_config_from_dict(meta["config"], str(Path(args.qdir) / "quant_config.json"))
-    save_quantized(student, args.out, args.qdir, cfg, extra=extra)
-    (Path(args.out) / "loss.jsonl").write_text((work / "loss.jsonl").read_text())
-    report = {**size_report(student), **extra["recovery"], "out": str(args.out)}
+        cfg = quant_config_from_dict(meta["config"], str(Path(qdir) / "quant_config.json"))
+    save_quantized(student, out, qdir, cfg, extra=extra)
+    (Path(out) / "loss.jsonl").write_text((work / "loss.jsonl").read_text())
+    if not keep_work:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return {**size_report(student), **extra["recovery"], "out": str(out)}
+
+
+def run_recover_cli(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    opts = RecoverOptions(steps=args.steps, block_steps=args.block_steps, lr=args.lr, block_lr=args.block_lr,
+                          scale_lr=args.scale_lr, seq_len=args.seq_len, batch_size=args.batch_size,
+                          max_tokens=args.max_tokens, block_tokens=args.block_tokens, top_k=args.top_k, dtype=args.dtype,
+                          time_budget=None if args.time_budget is None else args.time_budget * 60,
+                          checkpoint_every=args.checkpoint_every,
+                          snapshot_every=None if args.snapshot_every is None else args.snapshot_every * 60, seed=args.seed)
+
+    def on_resume(work: Path) -> None:
+        if not args.resume:
+            console.print(f"[yellow]resuming[/yellow] from {work} (delete it to start over)")
+
+    bar = _progress(not args.no_progress)
+    tasks: dict[str, int] = {}
+
+    def progress(phase: str, done: int, total: int, loss: float | None) -> None:
+        if not tasks:
+            bar.start()
+        if phase not in tasks:
+            tasks[phase] = bar.add_task({"blocks": "block reconstruction", "teacher": "teacher top-k",
+                                         "e2e": "end-to-end KL"}[phase], total=total, info="")
+        bar.update(tasks[phase], completed=done, total=total, info="" if loss is None else f"loss {loss:.4f}")
+
+    try:
+        report = recover_to_dir(args.qdir, args.teacher, args.out, opts, args.corpus,
+                                None if args.no_eval else args.eval_task, args.keep_work, progress, on_resume)
+    finally:
+        bar.stop()
+    losses = [json.loads(line) for line in (Path(args.out) / "loss.jsonl").read_text().splitlines()]
     e2e = [r["loss"] for r in losses if r["phase"] == "e2e"]
     _summary(f"recovered {args.qdir} -> {args.out}", [
-        ("calibration", f"{args.corpus}: {windows.numel()} tokens"),
-        ("time", f"{result['elapsed'] / 60:.1f} min ({result['step']} end-to-end steps)"),
+        ("calibration", f"{args.corpus}: {report['calibration_tokens']} tokens"),
+        ("time", f"{report['seconds'] / 60:.1f} min ({report['steps']} end-to-end steps)"),
         ("end-to-end KL first -> last", f"{e2e[0]:.3f} -> {e2e[-1]:.3f}" if e2e else "-"),
         ("loss curve", _sparkline(e2e)),
         ("bits per weight (base / with adapters)",
          f"{report['bits_per_weight']:.3f} / {report['bits_per_weight_with_adapters']:.3f}"),
         (f"held-out perplexity ({args.eval_task}) before -> after",
-         "skipped" if ppl_after is None else f"{ppl_before:.2f} -> {ppl_after:.2f}")])
+         "skipped" if report["ppl_after"] is None else f"{report['ppl_before']:.2f} -> {report['ppl_after']:.2f}")])
     if args.json:
         Path(args.json).write_text(json.dumps(report) + "\n")
-    if not args.keep_work:
-        import shutil
-
-        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
@@ -206,31 +263,40 @@ def _sparkline(values: list[float], width: int = 40) -> str:
     return "".join(bars[int((p - lo) / (hi - lo + 1e-12) * (len(bars) - 1))] for p in pts)
 
 
-def run_export_cli(args: argparse.Namespace) -> int:
+def export_quantized(qdir: str | Path, out: str | Path, fmt: str, storage: str = "packed",
+                     ternary_type: str = "TQ2_0", fallback: str = "F16") -> dict:
+    """`workbench export` as a function: write the compressed directory `qdir` as `fmt` (safetensors,
+    peft, hf or gguf; GGUF adds OUT.lora.gguf when the model has adapters) to `out`; return a report."""
     from workbench.quant.model import load_quantized, read_quant_meta, save_quantized
 
-    meta = read_quant_meta(args.qdir)
-    model = load_quantized(args.qdir)
-    out = Path(args.out)
-    if args.format == "safetensors":
-        save_quantized(model, out, args.qdir, storage=args.storage,
+    if fmt not in EXPORT_FORMATS:
+        raise WorkbenchError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
+    meta = read_quant_meta(qdir)
+    model = load_quantized(qdir)
+    out = Path(out)
+    if fmt == "safetensors":
+        save_quantized(model, out, qdir, storage=storage,
                        extra={k: v for k, v in meta.items() if k not in ("format", "version", "layers", "tied", "config")})
-        report = {"format": "safetensors", "path": str(out)}
-    elif args.format == "peft":
+        return {"format": "safetensors", "path": str(out)}
+    if fmt == "peft":
         from workbench.export.peft import export_peft
 
-        report = export_peft(model, args.qdir, out)
-    elif args.format == "hf":
+        return export_peft(model, qdir, out)
+    if fmt == "hf":
         from workbench.export.hf import export_hf
 
-        report = export_hf(model, args.qdir, out)
-    else:
-        from workbench.export.gguf import export_gguf, export_lora_gguf
+        return export_hf(model, qdir, out)
+    from workbench.export.gguf import export_gguf, export_lora_gguf
 
-        report = export_gguf(args.qdir, out, ternary_type=args.ternary_type, fallback=args.fallback)
-        if any(e["lora_rank"] for e in meta["layers"].values()):
-            lora_out = out.with_name(out.stem + ".lora.gguf")
-            report["lora"] = export_lora_gguf(args.qdir, lora_out)
+    report = export_gguf(qdir, out, ternary_type=ternary_type, fallback=fallback)
+    if any(e["lora_rank"] for e in meta["layers"].values()):
+        lora_out = out.with_name(out.stem + ".lora.gguf")
+        report["lora"] = export_lora_gguf(qdir, lora_out)
+    return report
+
+
+def run_export_cli(args: argparse.Namespace) -> int:
+    report = export_quantized(args.qdir, args.out, args.format, args.storage, args.ternary_type, args.fallback)
     console.print_json(json.dumps(report, default=str))
     return 0
 
@@ -280,7 +346,7 @@ def add_parsers(sub) -> None:
 
     e = sub.add_parser("export", help="export a quantized model: safetensors, peft adapter, GGUF or plain HF")
     e.add_argument("qdir", help="quantized model directory")
-    e.add_argument("--format", required=True, choices=("safetensors", "peft", "gguf", "hf"))
+    e.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     e.add_argument("--out", required=True, help="output directory (a .gguf file for gguf)")
     e.add_argument("--storage", default="packed", choices=("packed", "trits"),
                    help="safetensors: ternary codes at 2 bits (packed) or 1.6 bits (trits)")

@@ -24,10 +24,17 @@ class MergeStats:
     tensors_total: int
 
 
-def _signature(job: TensorJob) -> tuple:
+def _signature(plan: MergePlan, job: TensorJob) -> tuple:
+    """What the merged tensor depends on. Inputs are named by model path: a job's model indices
+    point into its own recipe's model list, which differs between recipes (the report merges
+    each source alone: every one of them is model 0 of its recipe)."""
     p = job.params
-    return (job.base, tuple(job.others), tuple(sorted(p.shared.items())),
-            tuple(tuple(sorted(d.items())) for d in p.per_model))
+
+    def ref(r):
+        return str(plan.models[r[0]].path), r[1]
+
+    return (plan.method.name, job.base and ref(job.base), tuple(map(ref, job.others)),
+            tuple(sorted(p.shared.items())), tuple(tuple(sorted(d.items())) for d in p.per_model))
 
 
 class InMemoryMerger:
@@ -74,7 +81,7 @@ class InMemoryMerger:
         try:
             with torch.no_grad():
                 for job in plan.jobs:
-                    sig = _signature(job)
+                    sig = _signature(plan, job)
                     if self._last.get(job.out_name) == sig:
                         continue
                     target = self._targets.get(job.out_name)

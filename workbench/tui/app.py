@@ -1,6 +1,6 @@
 """The workbench terminal UI: one screen per view (modes), heavy work in thread workers.
 
-Run ``workbench`` (no arguments) or ``workbench tui``. F1-F5 or the tabs switch screens,
+Run ``workbench`` (no arguments) or ``workbench tui``. F1-F6 or the tabs switch screens,
 ctrl+p lists every action, ctrl+q quits. Every action calls the same library functions as the
 CLI, so anything done here can be done headless.
 """
@@ -17,6 +17,7 @@ from workbench.tui.jobs import error_text
 from workbench.tui.screens import (
     ExportScreen,
     ModelsScreen,
+    QuantizeScreen,
     RecipeScreen,
     RunsScreen,
     SearchScreen,
@@ -28,7 +29,7 @@ class WorkbenchApp(App):
     TITLE = "workbench"
     SUB_TITLE = "model merging and quantization"
     MODES = {"search": SearchScreen, "models": ModelsScreen, "recipe": RecipeScreen, "runs": RunsScreen,
-             "export": ExportScreen}
+             "export": ExportScreen, "quantize": QuantizeScreen}
     DEFAULT_MODE = "search"
     BINDINGS = [
         Binding("f1", "switch_mode('search')", "Search", id="mode.search", priority=True),
@@ -36,6 +37,7 @@ class WorkbenchApp(App):
         Binding("f3", "switch_mode('recipe')", "Recipe", id="mode.recipe", priority=True),
         Binding("f4", "switch_mode('runs')", "Runs", id="mode.runs", priority=True),
         Binding("f5", "switch_mode('export')", "Export", id="mode.export", priority=True),
+        Binding("f6", "switch_mode('quantize')", "Quantize", id="mode.quantize", priority=True),
         Binding("ctrl+q", "quit", "Quit", id="app.quit", priority=True),
     ]
     COMMANDS = App.COMMANDS | {WorkbenchCommands}

@@ -14,6 +14,7 @@ COMMANDS: tuple[tuple[str, str, str | None, str], ...] = (
     ("Go to Recipe", "recipe", None, "edit, validate and merge a recipe (F3)"),
     ("Go to Runs", "runs", None, "past search runs: resume, compare (F4)"),
     ("Go to Export", "export", None, "export a merged model (F5)"),
+    ("Go to Quantize", "quantize", None, "quantize, recover and export a compressed model (F6)"),
     ("Search: start", "search", "start", "start a new search from the spec (ctrl+r)"),
     ("Search: pause", "search", "pause", "pause after the current candidate (ctrl+t)"),
     ("Search: resume", "search", "resume", "resume the run directory (ctrl+n)"),
@@ -31,6 +32,7 @@ COMMANDS: tuple[tuple[str, str, str | None, str], ...] = (
     ("Runs: compare marked", "runs", "compare", "compare the two marked runs (ctrl+g)"),
     ("Runs: resume selected", "runs", "resume", "resume the selected run on Search (ctrl+n)"),
     ("Export: merged model", "export", "export", "export a merged model directory (ctrl+r)"),
+    ("Quantize: run", "quantize", "run_quantize", "quantize, recover if a budget is set, export (ctrl+r)"),
 )
 
 

@@ -107,3 +107,33 @@ def default_merge_out(name: str) -> Path:
     from workbench.home import workbench_home
 
     return workbench_home() / "merges" / name
+
+
+# --- quantization (the Quantize screen; the same calls as `workbench quantize/recover/export`) --------
+
+QUANT_CONFIG_NAMES = ("2bit.yml", "ternary.yml")
+
+
+def quant_configs() -> list[Path]:
+    """The example quantization configs: recipes/2bit.yml, ternary.yml and mixed-*.yml."""
+    return [p for d in recipe_dirs() for p in
+            [d / n for n in QUANT_CONFIG_NAMES if (d / n).is_file()] + sorted(d.glob("mixed-*.yml"))]
+
+
+def default_source_model() -> Path | None:
+    """The default model's directory in the home, once `workbench models prepare-default` made it."""
+    from workbench.home import default_model_dir
+
+    path = default_model_dir()
+    return path if (path / "config.json").is_file() else None
+
+
+def default_quant_out(model: str, config: str | Path) -> Path:
+    from workbench.home import workbench_home
+
+    return workbench_home() / "quantized" / f"{model}-{Path(config).stem}"
+
+
+def default_quant_export_out(qdir: Path, fmt: str) -> Path:
+    """Next to the compressed directory: ``<qdir>-<fmt>`` (``<qdir>.gguf`` for GGUF)."""
+    return qdir.with_name(qdir.name + (".gguf" if fmt == "gguf" else f"-{fmt}"))

@@ -1,7 +1,7 @@
 """Export: a merged model (Hugging Face directory) from a recipe or a run's best recipe.
 
-Compressed exports (1.58/2-bit quantization) are not implemented yet; their section says so and
-offers no action.
+Compressed (quantized) models are made and exported on the Quantize screen (F6); a section here
+points there.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from workbench.tui.screens.base import WorkbenchScreen, guarded
 from workbench.tui.widgets import JobStatus, NavBar
 
 COMPRESSED_NOTE = (
-    "Not available yet. Compressed exports (1.58-bit and 2-bit quantization with LoRA recovery, GGUF) land "
-    "in a later version of the workbench; until then this section has no action and writes nothing. "
-    "Use the merged-model export above, or `workbench merge`."
+    "Compressed models (ternary or 1-4 bit quantization with LoRA adapters, optional recovery by distillation) "
+    "and their exports (safetensors, peft, HF, GGUF) are made on the Quantize screen (F6), with the same "
+    "library calls as `workbench quantize`, `workbench recover` and `workbench export`."
 )
 
 
@@ -57,10 +57,10 @@ class ExportScreen(WorkbenchScreen):
                 yield Button("Export", id="export", variant="success")
             yield JobStatus(idle="no export running", id="export-job")
             yield Label(Text(""), id="export-result")
-        with Vertical(id="export-compressed", classes="panel placeholder"):
-            yield Label("Compressed export (quantized): NOT AVAILABLE YET", classes="section")
+        with Vertical(id="export-compressed", classes="panel"):
+            yield Label("Compressed model (quantized)", classes="section")
             yield Static(Text(COMPRESSED_NOTE), id="compressed-note")
-            yield Button("Export compressed (not available yet)", id="export-compressed-button", disabled=True)
+            yield Button("Go to Quantize (F6)", id="goto-quantize")
         yield Footer(compact=True)
 
     @guarded
@@ -80,6 +80,11 @@ class ExportScreen(WorkbenchScreen):
     def _picked(self, event: Select.Changed) -> None:
         if event.value is not Select.BLANK:
             self.query_one("#export-source", Input).value = str(event.value)
+
+    @on(Button.Pressed, "#goto-quantize")
+    @guarded
+    def _goto_quantize(self) -> None:
+        self.app.switch_mode("quantize")
 
     @on(Button.Pressed, "#export")
     @guarded

@@ -39,8 +39,12 @@ class JobStatus(Vertical):
         self.label.update(Text(text))
 
     def progress(self, done: int | None, total: int | None, text: str = "") -> None:
+        """``total`` None keeps the bar as it is; ``done`` and ``total`` both None: a new step of
+        unknown length (the bar pulses)."""
         if total is not None:
             self.bar.update(total=total, progress=done or 0)
+        elif done is None:
+            self.bar.update(total=None, progress=0)
         if text:
             self.label.update(Text(text))
 

@@ -1,0 +1,253 @@
+"""Quantize: compress a model (ternary / 1-4 bit with LoRA adapters), optionally recover it by
+distillation, and export it: `workbench quantize`, `workbench recover` and `workbench export` in one
+run, calling the same library functions (``workbench.quant.cli``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Button, Checkbox, Footer, Input, Label, Select
+
+from workbench.errors import WorkbenchError
+from workbench.tui.config import apply_threads
+from workbench.tui.jobs import (
+    default_quant_export_out,
+    default_quant_out,
+    default_source_model,
+    error_text,
+    quant_configs,
+)
+from workbench.tui.messages import JobFailed, JobFinished, JobProgress
+from workbench.tui.screens.base import WorkbenchScreen, guarded
+from workbench.tui.widgets import JobStatus, NavBar
+
+EXPORT_CHOICES = (("no export", "none"), ("safetensors (compressed)", "safetensors"),
+                  ("peft adapter + base", "peft"), ("hf (dequantized)", "hf"), ("gguf", "gguf"))
+PHASES = {"blocks": "block reconstruction", "teacher": "teacher top-k", "e2e": "end-to-end KL"}
+
+
+@dataclass
+class QuantPlan:
+    """What one run does, resolved from the inputs before the worker starts."""
+    source: Path  # the float model directory (also the recovery teacher)
+    config: Path
+    out: Path  # the compressed directory
+    minutes: float  # recovery time budget; 0: no recovery
+    recovered: Path | None  # the recovered compressed directory (with minutes > 0)
+    fmt: str  # "none" or one of workbench.quant.cli.EXPORT_FORMATS
+    export_out: Path | None
+
+    @property
+    def final(self) -> Path:
+        """The compressed directory the export reads."""
+        return self.recovered or self.out
+
+
+@dataclass
+class QuantResult:
+    plan: QuantPlan
+    quantized: dict  # quantize_to_dir's report
+    recovery: dict | None = None
+    export: dict | None = None
+
+
+def _bytes(n: int | None) -> str:
+    from workbench.models.info import format_value
+
+    return format_value("bytes", n)
+
+
+def result_lines(r: QuantResult) -> list[str]:
+    """The size report and the output paths, one line each."""
+    q = r.quantized
+    sizes = (f"  {q['quantized_layers']} layers at {q['bits_per_weight']:.3f} bits per weight "
+             f"({q['bits_per_weight_with_adapters']:.3f} with adapters); linear {_bytes(q['linear_bytes'])}, "
+             f"adapters {_bytes(q['adapter_bytes'])}, other {_bytes(q['other_bytes'])}, "
+             f"on disk {_bytes(q['disk_bytes'])}; {q['seconds']:.1f} s")
+    lines = [f"compressed: {r.plan.out}", sizes]
+    if r.recovery is not None:
+        rec = r.recovery
+        lines += [f"recovered: {r.plan.recovered}",
+                  f"  {rec['steps']} steps in {rec['seconds'] / 60:.1f} min, {rec['calibration_tokens']} tokens"]
+    if r.export is not None:
+        size = f" ({_bytes(r.export['bytes'])})" if "bytes" in r.export else ""
+        lines.append(f"exported ({r.plan.fmt}): {r.export['path']}{size}")
+        if "lora" in r.export:
+            lines.append(f"  adapters: {r.export['lora']['path']}")
+    return lines
+
+
+class QuantizeScreen(WorkbenchScreen):
+    MODE = "quantize"
+    BINDINGS = [Binding("ctrl+r", "run_quantize", "Run", id="quantize.run",
+                        tooltip="quantize, recover if a budget is set, export (workbench quantize/recover/export)")]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.running = False
+        self.result: QuantResult | None = None
+        self.picked: object = Select.BLANK  # the config list's value, to tell a new pick
+
+    def compose(self) -> ComposeResult:
+        yield NavBar("quantize")
+        configs = [(p.name, str(p)) for p in quant_configs()]
+        default = self.picked = next((v for n, v in configs if n == "2bit.yml"), Select.BLANK)
+        source = default_source_model()
+        with Vertical(id="quant-input", classes="panel"):
+            yield Label("Model and quantization config", classes="section")
+            with Horizontal(classes="controls"):
+                yield Input(str(source) if source else "", id="quant-model",
+                            placeholder="source model: a model directory or a model name in the home")
+            with Horizontal(classes="controls"):
+                yield Select(configs, value=default, prompt="quantization configs", id="quant-config-select")
+                yield Input(id="quant-config", placeholder="or a quantization config file (overrides the list)")
+        with Vertical(id="quant-output", classes="panel"):
+            yield Label("Recovery, output and export", classes="section")
+            with Horizontal(classes="controls"):
+                yield Label("recovery minutes (0: none)", classes="caption")
+                yield Input("0", id="quant-minutes", type="number")
+                yield Input(id="quant-out", placeholder="output directory (blank: home/quantized/<model>-<config>)")
+            with Horizontal(classes="controls"):
+                yield Select(EXPORT_CHOICES, value="none", allow_blank=False, id="quant-format")
+                yield Input(id="quant-export-out", placeholder="export path (blank: beside the output)")
+                yield Checkbox("overwrite", id="quant-overwrite")
+                yield Button("Run", id="quant-run", variant="success")
+            yield JobStatus(idle="no quantization running", id="quant-job")
+            yield Label(Text(""), id="quant-result")
+        yield Footer(compact=True)
+
+    @on(Select.Changed, "#quant-config-select")
+    @guarded
+    def _picked(self, event: Select.Changed) -> None:
+        """A config picked from the list replaces a typed path (which would override it)."""
+        if event.value != self.picked:
+            self.picked = event.value
+            self.query_one("#quant-config", Input).value = ""
+
+    def _value(self, selector: str) -> str:
+        return self.query_one(selector, Input).value.strip()
+
+    def plan(self) -> QuantPlan | None:
+        """The inputs, checked; None (after an error notification) when one is wrong."""
+        from workbench.eval.cli import resolve_model_dir
+
+        raw = self._value("#quant-model")
+        if not raw:
+            self.error("give a source model: a model directory or a model name in the home")
+            return None
+        try:
+            source = resolve_model_dir(Path(raw).expanduser())
+        except WorkbenchError as e:
+            self.error(str(e))
+            return None
+        picked = self.query_one("#quant-config-select", Select).value
+        raw_config = self._value("#quant-config") or ("" if picked is Select.BLANK else str(picked))
+        if not raw_config:
+            self.error("choose a quantization config or give a config file")
+            return None
+        config = Path(raw_config).expanduser()
+        if not config.is_file():
+            self.error(f"{config}: quantization config not found")
+            return None
+        try:
+            minutes = float(self._value("#quant-minutes") or 0)
+        except ValueError:
+            minutes = -1.0
+        if not minutes >= 0:
+            self.error("recovery minutes: expected a number >= 0 (0: no recovery)")
+            return None
+        out_raw = self._value("#quant-out")
+        out = Path(out_raw).expanduser() if out_raw else default_quant_out(source.name, config)
+        recovered = out.with_name(out.name + "-recovered") if minutes > 0 else None
+        fmt = str(self.query_one("#quant-format", Select).value)
+        export_raw = self._value("#quant-export-out")
+        export_out = None if fmt == "none" else (
+            Path(export_raw).expanduser() if export_raw else default_quant_export_out(recovered or out, fmt))
+        if not self.query_one("#quant-overwrite", Checkbox).value:
+            for path in (out, recovered, export_out):
+                if path is not None and path.exists():
+                    self.error(f"{path} already exists; choose another output or tick overwrite")
+                    return None
+        return QuantPlan(source, config, out, minutes, recovered, fmt, export_out)
+
+    @on(Button.Pressed, "#quant-run")
+    @guarded
+    def action_run_quantize(self) -> None:
+        if self.running:
+            self.warn("a quantization is running")
+            return
+        plan = self.plan()
+        if plan is None:
+            return
+        self.running = True
+        self.query_one("#quant-run", Button).disabled = True
+        self.query_one("#quant-result", Label).update(Text(""))
+        self.query_one("#quant-job", JobStatus).start(f"quantizing {plan.source.name} with {plan.config.name}...")
+        self.quantize_job(plan)
+
+    @work(thread=True, exclusive=True, group="quantize", exit_on_error=False, description="quantize")
+    def quantize_job(self, plan: QuantPlan) -> None:
+        from workbench.quant.cli import (
+            export_quantized,
+            quantize_to_dir,
+            recover_to_dir,
+        )
+        from workbench.quant.options import RecoverOptions
+
+        job = "quantize"
+
+        def say(done: int | None, total: int | None, text: str) -> None:
+            self.post_message(JobProgress(job, done, total, text))
+
+        def on_layer(name: str, done: int, total: int) -> None:
+            say(done, total, f"quantizing: {done}/{total} {name}".rstrip())
+
+        def on_recover(phase: str, done: int, total: int, loss: float | None) -> None:
+            say(done, total, f"recovery, {PHASES.get(phase, phase)}: {done}/{total}"
+                + ("" if loss is None else f", loss {loss:.4f}"))
+
+        try:
+            apply_threads(self.config.threads)
+            result = QuantResult(plan, quantize_to_dir(plan.source, plan.config, plan.out, eval_task=None,
+                                                       progress=on_layer))
+            if plan.recovered is not None:
+                say(None, None, f"recovery ({plan.minutes:g} min): calibration text and teacher...")
+                result.recovery = recover_to_dir(
+                    plan.out, plan.source, plan.recovered, RecoverOptions(time_budget=plan.minutes * 60),
+                    eval_task=None, progress=on_recover,
+                    on_resume=lambda path: say(None, None, f"recovery: resuming from {path}"))
+            if plan.export_out is not None:
+                say(None, None, f"exporting {plan.fmt} to {plan.export_out}...")
+                result.export = export_quantized(plan.final, plan.export_out, plan.fmt)
+        except Exception as e:  # noqa: BLE001
+            self.post_message(JobFailed(job, error_text(e)))
+            return
+        q = result.quantized
+        self.post_message(JobFinished(job, result, f"quantized to {plan.final} ({q['bits_per_weight']:.3f} bits "
+                                                   f"per weight){'' if result.export is None else ', exported'}"))
+
+    @guarded
+    def on_job_progress(self, message: JobProgress) -> None:
+        self.query_one("#quant-job", JobStatus).progress(message.done, message.total, message.text)
+
+    @guarded
+    def on_job_finished(self, message: JobFinished) -> None:
+        self.running = False
+        self.query_one("#quant-run", Button).disabled = False
+        self.result = message.result
+        self.query_one("#quant-job", JobStatus).finish(message.text)
+        self.query_one("#quant-result", Label).update(Text("\n".join(result_lines(self.result)), style="green"))
+        self.info(message.text, title="quantize done")
+
+    @guarded
+    def on_job_failed(self, message: JobFailed) -> None:
+        self.running = False
+        self.query_one("#quant-run", Button).disabled = False
+        self.query_one("#quant-job", JobStatus).fail(message.error)
+        self.error(message.error, title="quantize failed")
