@@ -78,9 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     tmux("new-session", "-d", "-s", SESSION, "-x", str(WIDTH), "-y", str(HEIGHT),
          f"cd {clone} && {env}TERM=xterm-256color make run; echo MAKE-RUN-EXITED; sleep 600")
     try:
-        wait_for(r"idle: pick a spec", args.setup_timeout, "the Search screen")
+        wait_for(r"idle · generation 0/", args.setup_timeout, "the Search screen")
         summary["setup_to_app_s"] = round(time.monotonic() - t0, 1)
-        if "zoo-quick-search.yml" not in screen():
+        if "recipes/zoo-quick-search" not in screen():
             raise SystemExit("the default spec is not selected: build the zoo first (workbench zoo build)\n"
                              + screen())
         (out / "01-search-idle.txt").write_text(screen())
