@@ -1,6 +1,6 @@
 """Quantize: compress a model (ternary / 1-4 bit with LoRA adapters), optionally recover it by
 distillation, and export it: `workbench quantize`, `workbench recover` and `workbench export` in one
-run, calling the same library functions (``workbench.quant.cli``)."""
+run, calling the same library functions (``workbench.quant.pipeline``)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class QuantPlan:
     out: Path  # the compressed directory
     minutes: float  # recovery time budget; 0: no recovery
     recovered: Path | None  # the recovered compressed directory (with minutes > 0)
-    fmt: str  # "none" or one of workbench.quant.cli.EXPORT_FORMATS
+    fmt: str  # "none" or one of workbench.quant.pipeline.EXPORT_FORMATS
     export_out: Path | None
 
     @property
@@ -193,7 +193,7 @@ class QuantizeScreen(WorkbenchScreen):
 
     @work(thread=True, exclusive=True, group="quantize", exit_on_error=False, description="quantize")
     def quantize_job(self, plan: QuantPlan) -> None:
-        from workbench.quant.cli import (
+        from workbench.quant.pipeline import (
             export_quantized,
             quantize_to_dir,
             recover_to_dir,
