@@ -80,10 +80,10 @@ def top_k_mask(w: torch.Tensor, k: int) -> torch.Tensor:
     if k >= w.numel():
         return torch.ones_like(w, dtype=torch.bool)
     threshold = kth_largest(w, k)
-    mask = w > threshold
-    short = k - int(torch.count_nonzero(mask))
-    if short > 0 and threshold != 0:  # entries equal to 0 stay 0 whether kept or not
-        mask[(w == threshold).nonzero().flatten()[:short]] = True
+    mask = w >= threshold
+    extra = int(torch.count_nonzero(mask)) - k   # entries tied at the threshold beyond k
+    if extra > 0 and threshold != 0:  # entries equal to 0 stay 0 whether kept or not
+        mask[(w == threshold).nonzero().flatten()[-extra:]] = False   # the lower indices stay
     return mask
 
 

@@ -43,6 +43,11 @@ def agrees(delta: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, delta > 0, delta < 0)
 
 
+def elected_sign(positive: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """+1 where the elected sign is +, else -1: ``delta * sign > 0`` is :func:`agrees` in two passes."""
+    return positive.to(dtype).mul_(2).sub_(1)
+
+
 CHUNK = 1 << 19  # entries combined at a time: temporaries stay small and in cache
 
 
@@ -51,11 +56,11 @@ def combine(weighted: list[torch.Tensor], weights: list[float], consensus: Conse
     """Sum weighted deltas (only those agreeing with the elected sign, under consensus) and
     divide by the summed weights of what was added when ``normalize``."""
     if consensus is not None:
-        positive = elected_positive(weighted, consensus)
+        sign = elected_sign(elected_positive(weighted, consensus), weighted[0].dtype)
         merged = torch.zeros_like(weighted[0])
         divisor = torch.zeros_like(weighted[0])
         for d, w in zip(weighted, weights):
-            agree = agrees(d, positive)
+            agree = (d * sign) > 0
             merged.add_(d * agree)
             divisor.add_(agree, alpha=w)
         divisor[divisor == 0] = 1
