@@ -7,6 +7,7 @@ temporary directory and renamed into place only when complete.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 import resource
@@ -65,6 +66,18 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed tensor memory for reuse instead of returning it to the OS: otherwise
+    every tensor read or merged is page-faulted in afresh (about a third of a light merge's time
+    here). Peak memory is unchanged: the next tensors reuse the same blocks. A no-op elsewhere."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-1, 1 << 34)    # M_TRIM_THRESHOLD: do not give the top of the heap back
+        libc.mallopt(-3, 32 << 20)   # M_MMAP_THRESHOLD: glibc's maximum; bigger blocks stay mmapped
+    except (OSError, AttributeError):
+        pass
 
 
 def check_device(device: str) -> torch.device:
@@ -134,6 +147,7 @@ def execute_merge(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu", 
     if out_dir.exists() and not overwrite:
         raise WorkbenchError(f"{out_dir} already exists; choose another output or pass --overwrite")
     dev = check_device(device)
+    keep_freed_memory()
     dtype_out = plan.output_dtype(out_dtype)
     compute = plan.compute_dtype()
     specs = [(job.out_name, dtype_out, job.shape) for job in plan.jobs]

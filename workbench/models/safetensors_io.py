@@ -75,17 +75,20 @@ class SafetensorsFile:
         begin, end = info["data_offsets"]
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
-        buf = bytearray(end - begin)
-        view, done = memoryview(buf), 0
-        while done < len(buf):  # pread may return fewer bytes than asked
+        dtype = NAME_DTYPES[info["dtype"]]
+        out = torch.empty(info["shape"], dtype=dtype)   # uninitialized: the read fills it, no zeroing pass
+        if out.numel() * out.element_size() != end - begin:
+            raise IOError(f"{self.path}: tensor {name!r} has {end - begin} bytes, its shape and dtype need "
+                          f"{out.numel() * out.element_size()}")
+        if not out.numel():
+            return out
+        view, done = memoryview(out.view(-1).view(torch.uint8).numpy()), 0
+        while done < len(view):  # pread may return fewer bytes than asked
             n = os.preadv(self._fd, [view[done:]], self.data_start + begin + done)
             if n <= 0:
                 raise IOError(f"{self.path}: truncated data for tensor {name!r}")
             done += n
-        dtype = NAME_DTYPES[info["dtype"]]
-        if not buf:
-            return torch.empty(info["shape"], dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+        return out
 
     def close(self) -> None:
         if self._fd is not None:
