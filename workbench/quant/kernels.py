@@ -22,6 +22,7 @@ import os
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -79,42 +80,41 @@ def _build_cpu() -> Any:
 def _report_unavailable(what: str, err: BaseException) -> None:
     first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
     warnings.warn(f"workbench: the low-bit {what} kernels are unavailable ({type(err).__name__}: {first_line}); "
-                  "using the pure-torch dequantize + matmul path", RuntimeWarning, stacklevel=3)
+                  "using the pure-torch dequantize + matmul path", RuntimeWarning, stacklevel=4)
+
+
+def _load_once(state: dict[str, Any], key: str, what: str, load: Callable[[], Any]) -> Any | None:
+    """``load()`` on the first call, kept in ``state[key]``; after a failure (reported once, kept in
+    ``state["error"]``) None, without trying again."""
+    if key in state:
+        return state[key]
+    if "error" in state:
+        return None
+    with _lock:
+        if key not in state and "error" not in state:
+            try:
+                state[key] = load()
+            except Exception as e:  # noqa: BLE001 -- no compiler / ninja / triton, a build error: torch path
+                state["error"] = e
+                _report_unavailable(what, e)
+    return state.get(key)
 
 
 def cpu_ops() -> Any | None:
     """`torch.ops.workbench_lowbit`, compiling it on the first call; None if it cannot be built."""
-    if "ops" in _cpu:
-        return _cpu["ops"]
-    if "error" in _cpu:
-        return None
-    with _lock:
-        if "ops" not in _cpu and "error" not in _cpu:
-            try:
-                _cpu["ops"] = _build_cpu()
-            except Exception as e:  # noqa: BLE001 -- no compiler, no ninja, a build error: torch path
-                _cpu["error"] = e
-                _report_unavailable("CPU", e)
-    return _cpu.get("ops")
+    return _load_once(_cpu, "ops", "CPU", _build_cpu)
+
+
+def _import_triton() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("workbench_triton_lowbit", TRITON_SOURCE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # imports triton
+    return module
 
 
 def triton_module() -> ModuleType | None:
     """`kernels/triton/lowbit.py`, imported on the first call (never on CPU-only paths); None if unusable."""
-    if "module" in _triton:
-        return _triton["module"]
-    if "error" in _triton:
-        return None
-    with _lock:
-        if "module" not in _triton and "error" not in _triton:
-            try:
-                spec = importlib.util.spec_from_file_location("workbench_triton_lowbit", TRITON_SOURCE)
-                module = importlib.util.module_from_spec(spec)
-                spec.loader.exec_module(module)  # imports triton
-                _triton["module"] = module
-            except Exception as e:  # noqa: BLE001 -- no triton, or one that does not fit this torch
-                _triton["error"] = e
-                _report_unavailable("Triton", e)
-    return _triton.get("module")
+    return _load_once(_triton, "module", "Triton", _import_triton)
 
 
 def _status(state: dict[str, Any], key: str) -> str:
