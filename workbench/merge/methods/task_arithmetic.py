@@ -38,14 +38,14 @@ def elected_positive(weighted: list[torch.Tensor], method: Consensus) -> torch.T
     return votes >= 0
 
 
-def agrees(delta: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-    """sign(delta) == elected sign; a zero entry never agrees."""
-    return torch.where(positive, delta > 0, delta < 0)
-
-
 def elected_sign(positive: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """+1 where the elected sign is +, else -1: ``delta * sign > 0`` is :func:`agrees` in two passes."""
+    """+1 where the elected sign is +, else -1 (what :func:`agrees` takes)."""
     return positive.to(dtype).mul_(2).sub_(1)
+
+
+def agrees(delta: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """sign(delta) == the elected ``sign`` (+1/-1); a zero entry never agrees. Two passes."""
+    return (delta * sign) > 0
 
 
 CHUNK = 1 << 19  # entries combined at a time: temporaries stay small and in cache
@@ -60,7 +60,7 @@ def combine(weighted: list[torch.Tensor], weights: list[float], consensus: Conse
         merged = torch.zeros_like(weighted[0])
         divisor = torch.zeros_like(weighted[0])
         for d, w in zip(weighted, weights):
-            agree = (d * sign) > 0
+            agree = agrees(d, sign)
             merged.add_(d * agree)
             divisor.add_(agree, alpha=w)
         divisor[divisor == 0] = 1
