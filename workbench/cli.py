@@ -10,13 +10,15 @@ from pathlib import Path
 from rich.console import Console
 
 console = Console(stderr=True)
+_SKIP_TEARDOWN = False   # set by a command whose process may end without the interpreter's teardown
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from workbench.merge.executor import run_merge_cli
 
+    global _SKIP_TEARDOWN
     rc = run_merge_cli(args)
-    args.skip_teardown = rc == 0   # the output is complete, renamed and closed: see entry()
+    _SKIP_TEARDOWN = rc == 0   # the output is complete, renamed and closed: see entry()
     return rc
 
 
@@ -213,19 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     from workbench.errors import WorkbenchError
 
     try:
-        rc = args.func(args) or 0
+        return args.func(args) or 0
     except WorkbenchError as e:
         console.print(f"[bold red]error:[/bold red] {e}")
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")
         return 130
-    global _SKIP_TEARDOWN
-    _SKIP_TEARDOWN = getattr(args, "skip_teardown", False)
-    return rc
-
-
-_SKIP_TEARDOWN = False
 
 
 def entry() -> None:
