@@ -11,7 +11,7 @@ import torch
 
 from workbench.merge.methods import METHODS, MergeParams, get_method
 from workbench.merge.methods.sparsify import bernoulli, della_magprune, magnitude, magnitude_outliers
-from workbench.merge.methods.task_arithmetic import agrees, elected_positive, elected_sign
+from workbench.merge.methods.task_arithmetic import agrees, elected_sign
 
 GTA = ["task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"]
 
@@ -348,8 +348,8 @@ def test_consensus_count_votes_by_sign():
     deltas = list(torch.tensor([[5.0, 1.0], [-1.0, -1.0], [-1.0, 0.0]]))
 
     def consensus_mask(method):
-        sign = elected_sign(elected_positive(deltas, method), deltas[0].dtype)
-        return torch.stack([agrees(d, sign) for d in deltas])
+        sign = elected_sign(deltas, method)
+        return torch.stack([agrees(d, sign) for d in deltas]).bool()
 
     by_count = consensus_mask("count")
     by_sum = consensus_mask("sum")

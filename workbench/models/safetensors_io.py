@@ -3,9 +3,11 @@
 The `safetensors` library covers the common cases (and tests use it as the reference), but
 two things a streaming merge needs it cannot do:
 
-- reading: ``safe_open`` memory-maps the file, and every page it touches stays counted in the
-  process's resident memory, so reading three 500 MB models "lazily" still grows RSS by 1.5 GB.
-  Here a tensor is read with ``os.pread`` into its own buffer, freed when the tensor is.
+- reading: ``safe_open`` memory-maps the whole file, and every page it touches stays counted in
+  the process's resident memory until the file is closed, so reading three 500 MB models "lazily"
+  still grows RSS by 1.5 GB. Here each tensor gets a mapping of its own bytes only, unmapped when
+  the tensor is freed: no copy out of the page cache (about a third of a light merge's time when
+  the bytes were copied with ``pread``), and memory bounded by the tensors alive.
 - writing: ``save_file`` needs every tensor of a shard in memory at once. A merge knows every
   output tensor's name, dtype and shape before it starts, so the header is written first and
   tensor bytes are appended as they are produced.
@@ -17,6 +19,7 @@ then the raw little-endian tensor bytes.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -33,7 +36,7 @@ MAX_HEADER_BYTES = 100_000_000
 
 
 def dtype_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def read_header(path: Path) -> tuple[dict, int]:
@@ -54,12 +57,13 @@ def read_header(path: Path) -> tuple[dict, int]:
 
 
 class SafetensorsFile:
-    """One safetensors file, read tensor by tensor with ``pread`` (no memory map)."""
+    """One safetensors file, read tensor by tensor, each through a mapping of its own bytes."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.header, self.data_start = read_header(self.path)
         self._fd: int | None = None
+        self._size = os.path.getsize(self.path)
 
     def keys(self) -> list[str]:
         return list(self.header)
@@ -71,26 +75,36 @@ class SafetensorsFile:
         return tuple(self.header[name]["shape"])
 
     def get_tensor(self, name: str) -> torch.Tensor:
+        """The tensor, backed by a private (copy-on-write) mapping of the file: writing to it never
+        changes the file, and the mapping goes when the last view of the tensor does. Files are
+        replaced by rename, never rewritten in place, so a mapping stays valid."""
         info = self.header[name]
         begin, end = info["data_offsets"]
+        dtype = NAME_DTYPES[info["dtype"]]
+        numel = 1
+        for d in info["shape"]:
+            numel *= d
+        if numel * dtype_size(dtype) != end - begin:
+            raise IOError(f"{self.path}: tensor {name!r} has {end - begin} bytes, its shape and dtype need "
+                          f"{numel * dtype_size(dtype)}")
+        if self.data_start + end > self._size:
+            raise IOError(f"{self.path}: truncated data for tensor {name!r}")
+        if not numel:
+            return torch.empty(info["shape"], dtype=dtype)
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
-        dtype = NAME_DTYPES[info["dtype"]]
-        out = torch.empty(info["shape"], dtype=dtype)   # uninitialized: the read fills it, no zeroing pass
-        if out.numel() * out.element_size() != end - begin:
-            raise IOError(f"{self.path}: tensor {name!r} has {end - begin} bytes, its shape and dtype need "
-                          f"{out.numel() * out.element_size()}")
-        if not out.numel():
-            return out
-        view, done = memoryview(out.view(-1).view(torch.uint8).numpy()), 0
-        while done < len(view):  # pread may return fewer bytes than asked
-            n = os.preadv(self._fd, [view[done:]], self.data_start + begin + done)
-            if n <= 0:
-                raise IOError(f"{self.path}: truncated data for tensor {name!r}")
-            done += n
-        return out
+        start = self.data_start + begin
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        view = mmap.mmap(self._fd, start + (end - begin) - aligned, flags=mmap.MAP_PRIVATE,
+                         prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=aligned)
+        if (start - aligned) % dtype_size(dtype):   # torch needs aligned elements: copy instead
+            flat = torch.frombuffer(view, dtype=torch.uint8, offset=start - aligned, count=end - begin)
+            return flat.clone().view(dtype).view(info["shape"])
+        flat = torch.frombuffer(view, dtype=dtype, offset=start - aligned, count=numel)
+        return flat.view(info["shape"])
 
     def close(self) -> None:
+        """Close the file; tensors already returned keep their own mappings."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -60,7 +60,9 @@ class InMemoryMerger:
                 for i, name in ([job.base] if job.base else []) + job.others:
                     key = (str(plan.models[i].path), name)
                     if key not in self._sources:
-                        self._sources[key] = plan.models[i].get_tensor(name).to(self.device, self.compute_dtype)
+                        # a copy of its own: a tensor read from a file maps it (and holds a descriptor)
+                        self._sources[key] = plan.models[i].get_tensor(name).to(self.device, self.compute_dtype,
+                                                                               copy=True)
         finally:
             plan.close()
         self._targets = dict(self.model.named_parameters(remove_duplicate=False))

@@ -24,7 +24,10 @@ def slerp(
     norm_b = torch.where(norm_b > eps, norm_b, 1)
     chunks = _chunks(a)
     if chunks:
-        dot = torch.stack([((a[c] / norm_a) * (b[c] / norm_b)).sum() for c in chunks]).sum().clamp(-1, 1)
+        # per-chunk BLAS dots of the raw tensors, then divided by the norms: one read of each
+        # input (normalizing each chunk first, as mergekit does, costs three temporaries and
+        # ~18x the time; the output moves by < 2e-6 on SmolLM2)
+        dot = (torch.stack([torch.dot(a[c], b[c]) for c in chunks]).sum() / (norm_a * norm_b)).clamp(-1, 1)
     if not chunks or dot.abs() > dot_threshold:
         coef_a, coef_b = 1 - t, t
     else:
@@ -35,7 +38,7 @@ def slerp(
     return out.add_(b, alpha=float(coef_b)).reshape(v0.shape).to(v0.dtype)
 
 
-CHUNK = 1 << 20  # entries per chunk: bounded temporaries; sums in this order match mergekit's to float32 rounding
+CHUNK = 1 << 20  # entries per chunk: partial sums in this order stay close to mergekit's float32 sums
 
 
 def _chunks(x: torch.Tensor) -> list[slice]:

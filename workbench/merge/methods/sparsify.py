@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 
 Sparsifier = Literal["magnitude", "random", "magnitude_outliers", "della_magprune"]
@@ -24,6 +25,21 @@ def rescale_factor(mags: torch.Tensor, mask: torch.Tensor, eps: float = 1e-7) ->
     if before < eps or after < eps:
         return None
     return before / after
+
+
+def delta_rescale_factor(x: torch.Tensor, base: torch.Tensor, mask: torch.Tensor, eps: float = 1e-7,
+                         chunk: int = 1 << 20) -> torch.Tensor | None:
+    """:func:`rescale_factor` of ``|x - base|``, summed a chunk at a time (no full-size temporary)."""
+    xs, bs, ms = x.reshape(-1), base.reshape(-1), mask.reshape(-1)
+    before = after = 0.0
+    for start in range(0, xs.numel(), chunk):
+        part = slice(start, start + chunk)
+        mags = (xs[part] - bs[part]).abs_()
+        before += float(mags.sum())
+        after += float(mags.mul_(ms[part]).sum())
+    if before < eps or after < eps:
+        return None
+    return torch.tensor(before / after, dtype=x.dtype, device=x.device)
 
 
 def apply_mask(x: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7) -> torch.Tensor:
@@ -126,13 +142,25 @@ def magnitude_outliers(x: torch.Tensor, density: float, gamma: float, rescale: b
 def bernoulli_mask(x: torch.Tensor, density: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """DARE: keep each entry independently with probability ``density``.
 
-    Uniform draws compared with ``density``, a chunk at a time: about twice as fast as
-    ``bernoulli_`` on CPU, and the float temporaries stay small."""
-    mask = torch.empty(x.numel(), dtype=torch.bool, device=x.device)
-    for start in range(0, mask.numel(), MASK_CHUNK):
-        part = mask[start:start + MASK_CHUNK]
-        torch.lt(torch.rand(part.numel(), generator=generator, device=x.device), density, out=part)
-    return mask.view(x.shape)
+    On CPU each entry draws 32 random bits from numpy's PCG64 (seeded by one draw from
+    ``generator``) and is kept when they are below ``density * 2**32``: the probability is
+    exact to 2**-32, and it is about 5x faster than ``torch.rand`` (torch's CPU generator is a
+    scalar Mersenne Twister). Elsewhere uniform draws are compared with ``density``."""
+    n = x.numel()
+    if x.device.type != "cpu":
+        mask = torch.empty(n, dtype=torch.bool, device=x.device)
+        for start in range(0, n, MASK_CHUNK):
+            part = mask[start:start + MASK_CHUNK]
+            torch.lt(torch.rand(part.numel(), generator=generator, device=x.device), density, out=part)
+        return mask.view(x.shape)
+    bits = np.random.PCG64(int(torch.randint(2**62, (1,), generator=generator)))
+    threshold = np.uint32(min(round(density * 2**32), 2**32 - 1))
+    mask = np.empty(n, dtype=np.bool_)
+    for start in range(0, n, MASK_CHUNK):
+        k = min(MASK_CHUNK, n - start)
+        draws = bits.random_raw((k + 1) // 2).view(np.uint32)[:k]   # two 32-bit draws per 64-bit output
+        np.less(draws, threshold, out=mask[start:start + k])
+    return torch.from_numpy(mask).view(x.shape)
 
 
 MASK_CHUNK = 1 << 20

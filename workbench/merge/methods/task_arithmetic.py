@@ -14,7 +14,7 @@ import torch
 
 from .base import MergeMethod, MergeParams, ParamSpec, register
 from .common import resolve
-from .sparsify import Sparsifier, keep_mask, rescale_factor
+from .sparsify import Sparsifier, delta_rescale_factor, keep_mask, rescale_factor
 
 Consensus = Literal["sum", "count"]
 
@@ -26,26 +26,25 @@ EPSILON = ParamSpec(
 )
 
 
-def elected_positive(weighted: list[torch.Tensor], method: Consensus) -> torch.Tensor:
-    """TIES sign election per entry: True where the elected sign is +. It is the sign of the sum
-    of the weighted deltas ('sum') or of a vote of their signs ('count'); ties go to +."""
+# Masks here are float 0/1 tensors, not bools: on CPU, comparisons that make bools and float
+# ops that take them run 3-5x slower than plain float ops (mixed dtypes leave the vector path).
+
+def elected_sign(weighted: list[torch.Tensor], method: Consensus) -> torch.Tensor:
+    """TIES sign election per entry, as +1/-1: the sign of the sum of the weighted deltas ('sum')
+    or of a vote of their signs ('count'); ties go to +. (A sum is -0.0 only when every delta
+    is zero there, and then no delta agrees with either sign.)"""
     if method == "sum":
         votes = torch.stack(weighted).sum(dim=0) if len(weighted) > 2 else sum(weighted)
     elif method == "count":
         votes = sum(d.sign() for d in weighted)
     else:
         raise ValueError(f"unknown consensus method {method!r}")
-    return votes >= 0
-
-
-def elected_sign(positive: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """+1 where the elected sign is +, else -1 (what :func:`agrees` takes)."""
-    return positive.to(dtype).mul_(2).sub_(1)
+    return torch.copysign(torch.ones_like(votes), votes)
 
 
 def agrees(delta: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    """sign(delta) == the elected ``sign`` (+1/-1); a zero entry never agrees. Two passes."""
-    return (delta * sign) > 0
+    """1.0 where sign(delta) is the elected ``sign`` (+1/-1), else 0.0; a zero entry never agrees."""
+    return (delta * sign).sign_().clamp_(min=0)
 
 
 CHUNK = 1 << 19  # entries combined at a time: temporaries stay small and in cache
@@ -56,14 +55,14 @@ def combine(weighted: list[torch.Tensor], weights: list[float], consensus: Conse
     """Sum weighted deltas (only those agreeing with the elected sign, under consensus) and
     divide by the summed weights of what was added when ``normalize``."""
     if consensus is not None:
-        sign = elected_sign(elected_positive(weighted, consensus), weighted[0].dtype)
+        sign = elected_sign(weighted, consensus)
         merged = torch.zeros_like(weighted[0])
         divisor = torch.zeros_like(weighted[0])
         for d, w in zip(weighted, weights):
             agree = agrees(d, sign)
-            merged.add_(d * agree)
+            merged.addcmul_(d, agree)
             divisor.add_(agree, alpha=w)
-        divisor[divisor == 0] = 1
+        divisor.add_(divisor.abs().sign_().neg_().add_(1))   # 0 -> 1 (nothing agreed: merged is 0 there)
     else:
         merged = weighted[0] if len(weighted) == 1 else torch.stack(weighted).sum(dim=0)
         divisor = torch.tensor(weights, dtype=merged.dtype, device=merged.device).sum()
@@ -93,7 +92,11 @@ def generalized_task_arithmetic(
     masks, factors = [], []
     for x, p in zip(tensors, per_model):
         mask = factor = None
-        if sparsifier is not None:
+        if sparsifier == "random":  # DARE's mask needs no magnitudes: no full-size temporary
+            mask = keep_mask(x, sparsifier, p["density"], generator=params.generator)
+            if mask is not None and shared["rescale"]:
+                factor = delta_rescale_factor(x, base, mask)
+        elif sparsifier is not None:
             mags = (x - base).abs_()  # inputs are float32/float64, so no cast is needed
             mask = keep_mask(mags, sparsifier, p["density"], p.get("gamma", 0.0), p.get("epsilon", 0.0),
                              params.generator)
