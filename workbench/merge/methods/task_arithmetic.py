@@ -64,7 +64,9 @@ def combine(weighted: list[torch.Tensor], weights: list[float], consensus: Conse
             divisor.add_(agree, alpha=w)
         divisor.add_(divisor.abs().sign_().neg_().add_(1))   # 0 -> 1 (nothing agreed: merged is 0 there)
     else:
-        merged = weighted[0] if len(weighted) == 1 else torch.stack(weighted).sum(dim=0)
+        merged = weighted[0]   # the weighted deltas are scratch: summed in place, no stacked copy
+        for d in weighted[1:]:
+            merged.add_(d)
         divisor = torch.tensor(weights, dtype=merged.dtype, device=merged.device).sum()
         if divisor.abs() < 1e-8:
             divisor = torch.ones_like(divisor)
