@@ -45,6 +45,9 @@ class MergeParams:
     shared: dict[str, Any] = field(default_factory=dict)
     per_model: list[dict[str, Any]] = field(default_factory=list)
     generator: torch.Generator | None = None
+    # per model: |x - base| flattened and sorted ascending, from a caller that keeps them across
+    # merges (the in-memory search); magnitude thresholds are then a lookup, not a selection
+    sorted_magnitudes: list[torch.Tensor] | None = None
 
     def model_values(self, name: str) -> list[Any]:
         return [p[name] for p in self.per_model]
@@ -62,6 +65,7 @@ class MergeMethod:
     min_models: int = 1  # counts the non-base models
     max_models: int | None = None
     random: bool = False  # draws from params.generator
+    ranks_magnitudes: bool = False  # thresholds delta magnitudes: can use params.sorted_magnitudes
     reference: str = ""
 
     def shared_params(self) -> dict[str, ParamSpec]:

@@ -90,12 +90,13 @@ def kth_largest(w: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(w, n - k + 1).values
 
 
-def top_k_mask(w: torch.Tensor, k: int) -> torch.Tensor:
+def top_k_mask(w: torch.Tensor, k: int, ascending: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask of exactly the ``k`` largest entries of flat ``w``; among equal values at the
-    threshold the lower indices win (a full sort's order among equals is arbitrary anyway)."""
+    threshold the lower indices win (a full sort's order among equals is arbitrary anyway).
+    ``ascending``: ``w`` sorted ascending, when the caller keeps it; the threshold is then a lookup."""
     if k >= w.numel():
         return torch.ones_like(w, dtype=torch.bool)
-    threshold = kth_largest(w, k)
+    threshold = kth_largest(w, k) if ascending is None else ascending[w.numel() - k]
     mask = w >= threshold
     extra = int(torch.count_nonzero(mask)) - k   # entries tied at the threshold beyond k
     if extra > 0 and threshold != 0:  # entries equal to 0 stay 0 whether kept or not
@@ -105,11 +106,11 @@ def top_k_mask(w: torch.Tensor, k: int) -> torch.Tensor:
 
 # The *_mask functions take ``mags = magnitudes(x)`` and return a boolean keep-mask of its shape.
 
-def magnitude_mask(mags: torch.Tensor, density: float) -> torch.Tensor:
+def magnitude_mask(mags: torch.Tensor, density: float, ascending: torch.Tensor | None = None) -> torch.Tensor:
     """The ``k = max(1, int(density * numel))`` largest-magnitude entries (TIES trim)."""
     if density <= 0 or mags.numel() == 0:
         return torch.zeros_like(mags, dtype=torch.bool)
-    return top_k_mask(mags.reshape(-1), max(1, int(density * mags.numel()))).view_as(mags)
+    return top_k_mask(mags.reshape(-1), max(1, int(density * mags.numel())), ascending).view_as(mags)
 
 
 def magnitude(x: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
@@ -118,7 +119,8 @@ def magnitude(x: torch.Tensor, density: float, rescale: bool = False) -> torch.T
     return apply_mask(x, magnitude_mask(magnitudes(x), density), rescale)
 
 
-def magnitude_outliers_mask(mags: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+def magnitude_outliers_mask(mags: torch.Tensor, density: float, gamma: float,
+                            ascending: torch.Tensor | None = None) -> torch.Tensor:
     """Model Breadcrumbs: drop the top ``int(gamma * n)`` magnitudes, then the smallest, keeping
     ``int(density * n)`` entries. When density + gamma > 1 fewer outliers are dropped."""
     n = mags.numel()
@@ -126,10 +128,10 @@ def magnitude_outliers_mask(mags: torch.Tensor, density: float, gamma: float) ->
     n_bottom = max(0, n - n_keep - int(gamma * n))
     w = mags.reshape(-1)
     # ascending ranks [n_bottom, n_bottom + n_keep): not among the n_bottom smallest, nor the largest rest
-    keep = top_k_mask(w, n - n_bottom) if n_bottom else torch.ones_like(w, dtype=torch.bool)
+    keep = top_k_mask(w, n - n_bottom, ascending) if n_bottom else torch.ones_like(w, dtype=torch.bool)
     n_top = n - n_bottom - n_keep
     if n_top:
-        keep &= ~top_k_mask(w, n_top)
+        keep &= ~top_k_mask(w, n_top, ascending)
     return keep.view_as(mags)
 
 
@@ -203,17 +205,21 @@ def della_magprune(x: torch.Tensor, density: float, epsilon: float, rescale: boo
     return apply_mask(x, della_mask(magnitudes(x), density, epsilon, generator), rescale)
 
 
+RANKED: tuple[Sparsifier, ...] = ("magnitude", "magnitude_outliers")  # thresholds from magnitude order
+
+
 def keep_mask(mags: torch.Tensor, method: Sparsifier, density: float, gamma: float = 0.0, epsilon: float = 0.0,
-              generator: torch.Generator | None = None) -> torch.Tensor | None:
-    """Which entries of a delta survive ``method``, from its ``magnitudes``; None when all do."""
+              generator: torch.Generator | None = None, ascending: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Which entries of a delta survive ``method``, from its ``magnitudes``; None when all do.
+    ``ascending``: the flat magnitudes sorted ascending, if the caller keeps them (``RANKED`` methods)."""
     if density >= 1:
         return None
     if method == "magnitude":
-        return magnitude_mask(mags, density)
+        return magnitude_mask(mags, density, ascending)
     if method == "random":
         return bernoulli_mask(mags, density, generator)
     if method == "magnitude_outliers":
-        return magnitude_outliers_mask(mags, density, gamma)
+        return magnitude_outliers_mask(mags, density, gamma, ascending)
     if method == "della_magprune":
         return della_mask(mags, density, epsilon, generator)
     raise ValueError(f"unknown sparsification method {method!r}")

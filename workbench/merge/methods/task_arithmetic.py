@@ -14,7 +14,7 @@ import torch
 
 from .base import MergeMethod, MergeParams, ParamSpec, register
 from .common import resolve
-from .sparsify import Sparsifier, delta_rescale_factor, keep_mask, rescale_factor
+from .sparsify import RANKED, Sparsifier, delta_rescale_factor, keep_mask, rescale_factor
 
 Consensus = Literal["sum", "count"]
 
@@ -92,7 +92,7 @@ def generalized_task_arithmetic(
 
     # 1. per model: which delta entries survive sparsification, and the L1 rescale factor
     masks, factors = [], []
-    for x, p in zip(tensors, per_model):
+    for i, (x, p) in enumerate(zip(tensors, per_model)):
         mask = factor = None
         if sparsifier == "random":  # DARE's mask needs no magnitudes: no full-size temporary
             mask = keep_mask(x, sparsifier, p["density"], generator=params.generator)
@@ -100,8 +100,9 @@ def generalized_task_arithmetic(
                 factor = delta_rescale_factor(x, base, mask)
         elif sparsifier is not None:
             mags = (x - base).abs_()  # inputs are float32/float64, so no cast is needed
+            ascending = params.sorted_magnitudes[i] if params.sorted_magnitudes else None
             mask = keep_mask(mags, sparsifier, p["density"], p.get("gamma", 0.0), p.get("epsilon", 0.0),
-                             params.generator)
+                             params.generator, ascending)
             if mask is not None and shared["rescale"]:
                 factor = rescale_factor(mags, mask)
             del mags
@@ -153,7 +154,8 @@ def gta_method(
     fn = partial(generalized_task_arithmetic, name=name, specs=specs, sparsifier=sparsifier, consensus=consensus)
     return MergeMethod(
         name=name, fn=fn, params=specs, base="required", min_models=1,
-        random=sparsifier in ("random", "della_magprune"), reference=reference,
+        random=sparsifier in ("random", "della_magprune"), ranks_magnitudes=sparsifier in RANKED,
+        reference=reference,
     )
 
 
