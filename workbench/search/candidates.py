@@ -3,10 +3,13 @@
 The source tensors are read once and kept in memory; a candidate is planned from its recipe,
 and only the tensors whose resolved parameters changed since the previous candidate are merged
 again and copied into the resident model's parameters. Nothing touches disk per candidate.
+For the methods that threshold delta magnitudes (TIES, Breadcrumbs) each delta's magnitudes are
+kept sorted after their first use, so a candidate's thresholds are lookups (same tensors).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -18,7 +21,16 @@ from workbench.merge.plan import MergePlan, TensorJob, plan_merge
 from workbench.merge.recipe import Recipe
 
 
-SORTED_CACHE_BYTES = 8 * 2**30   # sorted delta magnitudes kept for magnitude-ranking methods
+def _sorted_cache_bytes() -> int:
+    """Memory for sorted delta magnitudes (magnitude-ranking methods): a quarter of RAM, at most 8 GiB."""
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        ram = 8 * 2**30
+    return min(8 * 2**30, ram // 4)
+
+
+SORTED_CACHE_BYTES = _sorted_cache_bytes()
 
 
 @dataclass
