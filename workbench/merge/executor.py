@@ -70,8 +70,8 @@ def peak_rss_bytes() -> int:
 
 def keep_freed_memory() -> None:
     """Ask glibc to keep freed tensor memory for reuse instead of returning it to the OS: otherwise
-    every tensor read or merged is page-faulted in afresh (about a third of a light merge's time
-    here). Peak memory is unchanged: the next tensors reuse the same blocks; the process keeps it
+    every merged tensor and temporary is page-faulted in afresh (inputs are file mappings, not
+    heap). Peak memory is unchanged: the next tensors reuse the same blocks; the process keeps it
     until it ends. A no-op where glibc is not the C library."""
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -6,8 +6,9 @@ two things a streaming merge needs it cannot do:
 - reading: ``safe_open`` memory-maps the whole file, and every page it touches stays counted in
   the process's resident memory until the file is closed, so reading three 500 MB models "lazily"
   still grows RSS by 1.5 GB. Here each tensor gets a mapping of its own bytes only, unmapped when
-  the tensor is freed: no copy out of the page cache (about a third of a light merge's time when
-  the bytes were copied with ``pread``), and memory bounded by the tensors alive.
+  the tensor is freed: no copy out of the page cache (copying with ``pread`` made a task-arithmetic
+  merge of three SmolLM2 copies take 1.3-1.8 s instead of 0.7 s), and memory bounded by the tensors
+  alive.
 - writing: ``save_file`` needs every tensor of a shard in memory at once. A merge knows every
   output tensor's name, dtype and shape before it starts, so the header is written first and
   tensor bytes are appended as they are produced.
