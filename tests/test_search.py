@@ -261,8 +261,8 @@ def test_merger_tells_recipes_apart_by_model_not_position(tiny_models):
             assert torch.equal(got[name], tensor), (m, name)
 
 
-@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
-def test_cached_magnitude_order_gives_the_streaming_merge(tiny_models, tmp_path, method):
+@pytest.mark.parametrize("method,dtype", [("ties", "float32"), ("breadcrumbs_ties", "float32"), ("ties", "bfloat16")])
+def test_cached_magnitude_order_gives_the_streaming_merge(tiny_models, tmp_path, method, dtype):
     """The in-memory merger keeps each delta's sorted magnitudes for TIES / Breadcrumbs thresholds;
     candidate after candidate (other densities, same cache) it must equal `workbench merge`."""
     from workbench.merge.executor import execute_merge
@@ -274,12 +274,12 @@ def test_cached_magnitude_order_gives_the_streaming_merge(tiny_models, tmp_path,
 
     def recipe(d1: float, d2: float):
         extra = {"gamma": 0.05} if method == "breadcrumbs_ties" else {}
-        return recipe_from_dict({"merge_method": method, "base_model": str(base), "dtype": "float32",
+        return recipe_from_dict({"merge_method": method, "base_model": str(base), "dtype": dtype,
                                  "parameters": {"normalize": True},
                                  "models": [{"model": str(a), "parameters": {"weight": 0.7, "density": d1, **extra}},
                                             {"model": str(b), "parameters": {"weight": 0.4, "density": d2, **extra}}]})
 
-    merger = InMemoryMerger(recipe(0.5, 0.5), model_dtype="float32")
+    merger = InMemoryMerger(recipe(0.5, 0.5), model_dtype=dtype)
     for i, (d1, d2) in enumerate([(0.3, 0.8), (0.61, 0.17)]):
         merger.apply(recipe(d1, d2))
         assert merger._sorted, "the magnitude order is cached"
@@ -290,4 +290,4 @@ def test_cached_magnitude_order_gives_the_streaming_merge(tiny_models, tmp_path,
             plan.close()
         got = dict(merger.model.named_parameters())
         for name, tensor in state(tmp_path / f"m{i}").items():
-            assert torch.equal(got[name], tensor), (d1, d2, name)
+            assert torch.equal(got[name], tensor.to(got[name].dtype)), (d1, d2, name)
