@@ -29,7 +29,9 @@ class CandidateWorker:
     def __init__(self, spec: SearchSpec, num_layers: int, objective=None, device: str = "cpu"):
         from workbench.search.candidates import InMemoryMerger
         from workbench.search.genome import GenomeLayout
+        from workbench.search.heap import keep_freed_memory
 
+        keep_freed_memory()   # candidates reuse the same large buffers: no page faults per candidate
         self.layout = GenomeLayout(spec, num_layers)
         self.merger = InMemoryMerger(self.layout.to_recipe(self.layout.start()), device=device, seed=spec.seed,
                                      model_dtype=spec.eval_dtype)
