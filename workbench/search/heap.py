@@ -6,6 +6,8 @@ pass allocates the same large buffers every candidate (the [positions, vocab] lo
 SmolLM2 on the zoo), so each candidate pays their page faults again: measured here, a 171 MB
 buffer costs 44K faults and 59 ms per allocation, against none and 6 ms once the heap keeps it.
 A search worker runs the same workload hundreds of times, so its peak stays its steady size.
+The setting is process-wide: an in-process search (``--backend local``, the UI) leaves that
+process holding its peak memory afterwards.
 """
 
 from __future__ import annotations
