@@ -78,3 +78,25 @@ def test_model_logliks_follow_the_evaluator(tiny_models, tmp_path):
     assert all(len(ll) == 4 and len(set(ll)) == 4 for ll in lls)
     acc = evaluate(model, tok, [load_task(path)], split="search", limit=10)["combined"].metrics["acc"]
     assert decompose(items, lls)["acc"] == pytest.approx(100 * acc)
+
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{good}", "no-such-model"], "no-such-model: not a model directory"),
+    (["{good}", "--split", "bogus"], "has no split 'bogus'"),
+    (["{good}", "--limit", "0"], "--limit: expected a positive number"),
+])
+def test_the_command_checks_every_input_before_scoring(tiny_models, tmp_path, capsys, monkeypatch, args, message):
+    """A bad model (after a good one), split or limit: exit 2 with the reason, before any model
+    is loaded, and no JSON written."""
+    import workbench.zoo.composition as composition
+
+    def no_loading(_):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(composition, "load_candidate", no_loading)
+    good = str(tiny_models("llama", 1)[0])
+    out = tmp_path / "out.json"
+    assert composition.main([a.format(good=good) for a in args] + ["--json", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

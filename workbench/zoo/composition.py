@@ -47,12 +47,13 @@ def decompose(items: list[dict], logliks: list[list[float]]) -> dict:
 
 
 def model_logliks(model, tokenizer, split: str = "heldout", limit: int | None = None,
-                  task: str | Path = TASK) -> tuple[list[dict], list[list[float]]]:
-    """The task's items of ``split`` (file order) and the model's log-likelihood of each choice."""
+                  task=TASK) -> tuple[list[dict], list[list[float]]]:
+    """The task's items of ``split`` (file order) and the model's log-likelihood of each choice.
+    ``task``: a :class:`~workbench.eval.taskfile.Task`, or a name or path to load."""
     from workbench.eval.evaluator import evaluate
-    from workbench.eval.taskfile import load_task
+    from workbench.eval.taskfile import Task, load_task
 
-    task = load_task(task)
+    task = task if isinstance(task, Task) else load_task(task)
     result = evaluate(model, tokenizer, [task], split=split, limit=limit, log_samples=True)[task.name]
     by_line: dict[int, dict[int, float]] = {}
     for s in result.samples:
@@ -63,22 +64,38 @@ def model_logliks(model, tokenizer, split: str = "heldout", limit: int | None = 
     return items, logliks
 
 
-def load_candidate(ref: str):
-    """A model directory (or zoo model name) or a merge recipe (merged in memory), in bfloat16."""
-    from workbench.eval.cli import load_model
+def resolve_candidate(ref: str):
+    """Check ``ref`` before anything is scored: a recipe (the zoo report's ``zoo-linear`` /
+    ``zoo-ties``, or a ``.yml`` file) whose models all open, or a model directory or zoo name."""
+    from workbench.eval.cli import resolve_model_dir
+    from workbench.merge.plan import plan_merge
     from workbench.merge.recipe import load_recipe, parse_recipe
-    from workbench.search.candidates import InMemoryMerger
     from workbench.zoo.report import MERGES
 
     if ref in MERGES or ref.endswith((".yml", ".yaml")):
         recipe = parse_recipe(MERGES[ref], source=f"<{ref}>") if ref in MERGES else load_recipe(ref)
-        merger = InMemoryMerger(recipe, model_dtype="bfloat16")
-        merger.apply(recipe)
+        plan_merge(recipe).close()   # a missing source is named here, with the recipe's field
+        return recipe
+    return resolve_model_dir(ref)
+
+
+def load_candidate(resolved):
+    """What :func:`resolve_candidate` gave, as (model, tokenizer) in bfloat16 (recipes merged in memory)."""
+    from workbench.eval.cli import load_model
+    from workbench.merge.recipe import Recipe
+    from workbench.search.candidates import InMemoryMerger
+
+    if isinstance(resolved, Recipe):
+        merger = InMemoryMerger(resolved, model_dtype="bfloat16")
+        merger.apply(resolved)
         return merger.model, merger.tokenizer
-    return load_model(ref, dtype="bfloat16")
+    return load_model(resolved, dtype="bfloat16")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from workbench.atomic import atomic_file
+    from workbench.errors import WorkbenchError
+    from workbench.eval.taskfile import load_task
     from workbench.home import DEFAULT_MODEL_NAME
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -88,18 +105,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     refs = args.models or [DEFAULT_MODEL_NAME, "zoo-expert-arith", "zoo-expert-french", "zoo-linear", "zoo-ties"]
-    rows = {}
-    print(f"| model ({args.split}) | acc | digits right | spelled right given digits | spell pairwise |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for ref in refs:
-        model, tokenizer = load_candidate(ref)
-        rows[ref] = decompose(*model_logliks(model, tokenizer, args.split, args.limit))
-        r = rows[ref]
-        print(f"| {ref} | {r['acc']:.1f} | {r['digits_right']:.1f} | {r['spelled_right_given_digits']:.1f} "
-              f"| {r['spell_pairwise']:.1f} |", flush=True)
-        del model
+    try:   # every input is checked before the first model is scored
+        if args.limit is not None and args.limit < 1:
+            raise WorkbenchError(f"--limit: expected a positive number of items, got {args.limit}")
+        task = load_task(TASK)
+        task.split_items(args.split)
+        resolved = [resolve_candidate(ref) for ref in refs]
+        rows = {}
+        print(f"| model ({args.split}) | acc | digits right | spelled right given digits | spell pairwise |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        for ref, candidate in zip(refs, resolved):
+            model, tokenizer = load_candidate(candidate)
+            rows[ref] = r = decompose(*model_logliks(model, tokenizer, args.split, args.limit, task))
+            print(f"| {ref} | {r['acc']:.1f} | {r['digits_right']:.1f} | {r['spelled_right_given_digits']:.1f} "
+                  f"| {r['spell_pairwise']:.1f} |", flush=True)
+            del model
+    except WorkbenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        with atomic_file(args.json) as f:
+            f.write(json.dumps(rows, indent=2) + "\n")
     return 0
 
 
