@@ -9,6 +9,31 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from workbench.errors import WorkbenchError
+
+
+class OutputExistsError(WorkbenchError, FileExistsError):
+    """An output path that already holds something, and no permission to replace it."""
+
+
+def occupied(target: str | os.PathLike) -> bool:
+    """Whether writing ``target`` would replace something: a file, a link or a non-empty directory."""
+    target = Path(target)
+    if target.is_symlink() or target.is_file():
+        return True
+    return target.is_dir() and any(target.iterdir())
+
+
+def check_output(target: str | os.PathLike, overwrite: bool = False, flag: str = "--overwrite") -> None:
+    """Refuse an existing file or non-empty directory at ``target`` unless ``overwrite``; call it
+    before any long work, so nothing runs for an output that would be refused at the end."""
+    target = Path(target)
+    if overwrite or not occupied(target):
+        return
+    what = "directory" if target.is_dir() else "file"
+    raise OutputExistsError(f"{target}: the output {what} already exists and is not empty; "
+                            f"pass {flag} to replace it")
+
 
 @contextmanager
 def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
@@ -18,10 +43,10 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     interrupted job never leaves a directory that looks finished.
     """
     target = Path(target).absolute()
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; pass overwrite to replace it")
+    check_output(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only; the output gets the usual permissions
     try:
         yield tmp
     except BaseException:
@@ -56,21 +81,27 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def _chmod_default(path: str) -> None:
-    """mkstemp creates files readable by the owner only; give them the usual umask permissions."""
-    umask = 0o022
-    try:  # read, not set-and-restore: os.umask is process-wide and threads may be creating files
+def _umask() -> int:
+    """The process umask, read, not set-and-restore: os.umask is process-wide and threads may be
+    creating files."""
+    try:
         with open("/proc/self/status") as status:
             for line in status:
                 if line.startswith("Umask:"):
-                    umask = int(line.split()[1], 8)
+                    return int(line.split()[1], 8)
     except OSError:
         pass
-    os.chmod(path, 0o666 & ~umask)
+    return 0o022
+
+
+def _chmod_default(path: str) -> None:
+    """mkstemp creates files readable by the owner only; give them the usual umask permissions."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 @contextmanager
 def atomic_file(target: str | os.PathLike, mode: str = "w") -> Iterator:
-    """Open a temporary file beside ``target`` and rename it over ``target`` when closed cleanly."""
+    """Open a temporary file beside ``target`` and rename it over ``target`` when closed cleanly.
+    It replaces what is there: a user-facing output is checked first with :func:`check_output`."""
     with atomic_path(target) as tmp, open(tmp, mode) as f:
         yield f

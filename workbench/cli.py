@@ -56,7 +56,7 @@ def cmd_models_prepare_default(args: argparse.Namespace) -> int:
 def cmd_models_import_gguf(args: argparse.Namespace) -> int:
     from workbench.models.gguf_import import import_gguf
 
-    path = import_gguf(args.gguf, args.out, dtype=args.dtype)
+    path = import_gguf(args.gguf, args.out, dtype=args.dtype, overwrite=args.overwrite)
     print(path)
     return 0
 
@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     ig.add_argument("gguf", type=Path)
     ig.add_argument("out", type=Path)
     ig.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ig.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     ig.set_defaults(func=cmd_models_import_gguf)
     ls = models.add_parser("list", help="models in the workbench home")
     ls.add_argument("--json", action="store_true")
@@ -167,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     inf.set_defaults(func=cmd_models_info)
 
     ev = sub.add_parser("eval", help="evaluate a model on task files (multiple choice, exact match, perplexity, kl)")
-    ev.add_argument("model", type=Path, help="model directory (safetensors) or a name in the home's models/")
+    ev.add_argument("model", type=Path, help="a model directory (float, or compressed by `workbench quantize` / "
+                    "`recover`), a .gguf file, or a name in the home's models/")
     ev.add_argument("tasks", nargs="+", metavar="TASK", help="a task header .yml or a built-in task name")
     ev.add_argument("--split", default="search", help="split to evaluate (default: search)")
     ev.add_argument("--limit", type=int, default=None, help="first N items of the split")
@@ -177,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ev.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default 32)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    ev.add_argument("--overwrite", action="store_true", help="replace existing --json / --log-samples files")
     ev.set_defaults(func=cmd_eval)
 
     zoo = sub.add_parser("zoo", help="the default zoo: base model and two experts for merge search").add_subparsers(

@@ -57,10 +57,9 @@ def run_demo() -> int:
 def ask(model_dir, question: str, max_new_tokens: int = 24) -> str:
     """Greedy chat answer of a model directory to one question."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from workbench.models.loader import load_model
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model, tok = load_model(model_dir)
     ids = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)
     with torch.inference_mode():

@@ -87,11 +87,10 @@ def batched(model, reqs, batch_size: int = 32) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from workbench.eval import evaluate, load_task
     from workbench.eval.requests import prepare
     from workbench.home import default_model_dir
+    from workbench.models.loader import load_model
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", nargs="?", type=Path, default=default_model_dir())
@@ -100,8 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--modes", default="naive,batched,ours,ours-bf16,ours-bf16-cast")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(args.model)
+    model, tok = load_model(args.model)
     with tempfile.TemporaryDirectory() as d:
         task = load_task(build_task(Path(d), args.items))
     prep = prepare(task, "search", tok)

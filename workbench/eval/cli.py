@@ -7,34 +7,9 @@ import math
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
+from workbench.models.loader import load_model, resolve_model
 
-
-def resolve_model_dir(model_dir: str | Path) -> Path:
-    """A model directory, given as a path or a name in the workbench home, holding safetensors weights."""
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        from workbench.home import models_dir
-
-        named = models_dir() / str(model_dir)
-        if not (named / "config.json").is_file():
-            raise WorkbenchError(f"{model_dir}: not a model directory (no config.json); a GGUF file is imported "
-                                 "with `workbench models import-gguf`")
-        model_dir = named
-    if not any(p.name.endswith(".safetensors") for p in model_dir.iterdir()):
-        raise WorkbenchError(f"{model_dir}: no .safetensors weights (pickled checkpoints are not read)")
-    return model_dir
-
-
-def load_model(model_dir: str | Path, dtype: str = "float32"):
-    """A safetensors model directory as (model, tokenizer); pickled checkpoints are refused."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model_dir = resolve_model_dir(model_dir)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return model.eval(), tokenizer
+resolve_model_dir = resolve_model  # TODO(lead): drop once quant/pipeline.py imports the loader
 
 
 class RichProgress:
@@ -85,7 +60,7 @@ def run_eval_cli(args) -> int:
         TimeElapsedColumn,
     )
 
-    from workbench.atomic import atomic_file
+    from workbench.atomic import atomic_file, check_output
     from workbench.eval.evaluator import evaluate, results_to_dict
     from workbench.eval.taskfile import load_task
 
@@ -95,6 +70,9 @@ def run_eval_cli(args) -> int:
         t.split_items(args.split)
     if args.limit is not None and args.limit < 1:
         raise WorkbenchError(f"--limit: expected a positive number of items, got {args.limit}")
+    for out in (args.json, args.log_samples):
+        if out is not None:
+            check_output(out, getattr(args, "overwrite", False))
     model, tokenizer = load_model(args.model, args.dtype)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, disable=args.no_progress) as progress:

@@ -98,9 +98,9 @@ def teacher_topk(task, prepared: Prepared, tokenizer, batch_size: int = 16,
 
         _MEMORY[key] = load_file(path)
         return _MEMORY[key]
-    from transformers import AutoModelForCausalLM
+    from workbench.models.loader import load_model
 
-    teacher = AutoModelForCausalLM.from_pretrained(ref, dtype=torch.float32, use_safetensors=True).eval()
+    teacher, _ = load_model(ref)
     reqs = [(r.context, r.continuation) for u in prepared.units for r in u.requests]
     out = torch.cat(score_requests(teacher, reqs, batch_size=batch_size, reducer=topk_reducer(task.top_k),
                                    progress=progress))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Iterator
@@ -253,29 +252,19 @@ def _write_tokenizer(tokenizer, out: Path) -> None:
         raise GGUFImportError(f"{out}: the tokenizer from the GGUF file was not saved as tokenizer.json")
 
 
-def _make_readable(directory: Path) -> None:
-    """Give the output the usual permissions: the temporary directory is created private (0700)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for f in directory.iterdir():
-        f.chmod(0o666 & ~umask)
-
-
 def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32",
                 overwrite: bool = False, progress: bool = True) -> Path:
     """Dequantize ``gguf_path`` into a safetensors model directory ``out_dir``; return its path.
 
     The directory is written to a temporary sibling and renamed into place when complete.
     """
-    from workbench.atomic import atomic_dir
+    from workbench.atomic import atomic_dir, check_output
 
     gguf_path = check_gguf_file(gguf_path).absolute()
     out_dir = Path(out_dir).absolute()
     if dtype not in DTYPES:
         raise GGUFImportError(f"dtype {dtype!r} is not supported; expected one of {', '.join(DTYPES)}")
-    if out_dir.exists() and not overwrite:
-        raise GGUFImportError(f"{out_dir} already exists; choose another output directory or pass overwrite")
+    check_output(out_dir, overwrite)
 
     with _Stages(f"import {gguf_path.name}", total=5, enabled=progress) as stages:
         stages.next("reading GGUF metadata")
@@ -300,17 +289,13 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float3
             except (ValueError, KeyError, NotImplementedError) as e:
                 raise GGUFImportError(f"{gguf_path}: transformers could not read its tokenizer ({e})") from None
 
-        try:
-            with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-                stages.next("writing model.safetensors")
-                from safetensors.torch import save_file
+        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+            stages.next("writing model.safetensors")
+            from safetensors.torch import save_file
 
-                save_file(_state_dict_to_save(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-                stages.next("writing config and tokenizer")
-                _write_config(model, tmp, dtype)
-                _write_generation_config(model, tmp)
-                _write_tokenizer(tokenizer, tmp)
-                _make_readable(tmp)
-        except FileExistsError as e:
-            raise GGUFImportError(str(e)) from None
+            save_file(_state_dict_to_save(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            stages.next("writing config and tokenizer")
+            _write_config(model, tmp, dtype)
+            _write_generation_config(model, tmp)
+            _write_tokenizer(tokenizer, tmp)
     return out_dir

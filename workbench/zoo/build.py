@@ -148,7 +148,7 @@ def train_expert(spec: ExpertSpec, base: Path, on_step: Callable[[int, int, floa
     import transformers
     from transformers.utils import logging as hf_logging
 
-    from workbench.zoo.score import load_model
+    from workbench.models.loader import load_model
     from workbench.zoo.train import train
 
     t0 = time.time()

@@ -67,7 +67,7 @@ def model_logliks(model, tokenizer, split: str = "heldout", limit: int | None = 
 def resolve_candidate(ref: str):
     """Check ``ref`` before anything is scored: a recipe (the zoo report's ``zoo-linear`` /
     ``zoo-ties``, or a ``.yml`` file) whose models all open, or a model directory or zoo name."""
-    from workbench.eval.cli import resolve_model_dir
+    from workbench.models.loader import resolve_model
     from workbench.merge.plan import plan_merge
     from workbench.merge.recipe import load_recipe, parse_recipe
     from workbench.zoo.report import MERGES
@@ -76,12 +76,12 @@ def resolve_candidate(ref: str):
         recipe = parse_recipe(MERGES[ref], source=f"<{ref}>") if ref in MERGES else load_recipe(ref)
         plan_merge(recipe).close()   # a missing source is named here, with the recipe's field
         return recipe
-    return resolve_model_dir(ref)
+    return resolve_model(ref)
 
 
 def load_candidate(resolved):
     """What :func:`resolve_candidate` gave, as (model, tokenizer) in bfloat16 (recipes merged in memory)."""
-    from workbench.eval.cli import load_model
+    from workbench.models.loader import load_model
     from workbench.merge.recipe import Recipe
     from workbench.search.candidates import InMemoryMerger
 

@@ -66,7 +66,7 @@ def ensure_merges() -> dict[str, Path]:
 
 
 def score_table(split: str = "heldout", threads: int | None = None, log=print) -> dict:
-    from workbench.eval.cli import load_model
+    from workbench.models.loader import load_model
     from workbench.eval.evaluator import evaluate
 
     models = {DEFAULT_MODEL_NAME: models_dir() / DEFAULT_MODEL_NAME,

@@ -20,15 +20,6 @@ class MCResult:
     n: int
 
 
-def load_model(path, dtype=torch.float32):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    model.eval()
-    tok = AutoTokenizer.from_pretrained(str(path))
-    return model, tok
-
-
 def chat_prefix_ids(tok, user: str, chat_template: bool = True) -> list[int]:
     if chat_template and getattr(tok, "chat_template", None):
         ids = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=True,
