@@ -82,7 +82,7 @@ def test_model_logliks_follow_the_evaluator(tiny_models, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["{good}", "no-such-model"], "no-such-model: not a model directory"),
+    (["{good}", "no-such-model"], "no-such-model: no such model"),
     (["{good}", "--split", "bogus"], "has no split 'bogus'"),
     (["{good}", "--limit", "0"], "--limit: expected a positive number"),
 ])

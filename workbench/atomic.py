@@ -24,10 +24,14 @@ def occupied(target: str | os.PathLike) -> bool:
     return target.is_dir() and any(target.iterdir())
 
 
-def check_output(target: str | os.PathLike, overwrite: bool = False, flag: str = "--overwrite") -> None:
-    """Refuse an existing file or non-empty directory at ``target`` unless ``overwrite``; call it
-    before any long work, so nothing runs for an output that would be refused at the end."""
+def check_output(target: str | os.PathLike, overwrite: bool = False, flag: str = "--overwrite",
+                 file: bool = False) -> None:
+    """Refuse an existing file or non-empty directory at ``target`` unless ``overwrite`` (and any
+    directory where a ``file`` is to be written); call it before any long work, so nothing runs for
+    an output that would be refused at the end."""
     target = Path(target)
+    if file and target.is_dir():
+        raise OutputExistsError(f"{target}: is a directory; expected the path of a file to write")
     if overwrite or not occupied(target):
         return
     what = "directory" if target.is_dir() else "file"
@@ -66,6 +70,8 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside ``target``, renamed over it when the block succeeds (removed otherwise),
     for writers that open their output by path themselves (gguf's); `atomic_file` builds on it."""
     target = Path(target)
+    if target.is_dir():
+        raise OutputExistsError(f"{target}: is a directory; expected the path of a file to write")
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     os.close(fd)

@@ -35,13 +35,20 @@ def cmd_recipe_export(args: argparse.Namespace) -> int:
 
 
 def cmd_recipe_validate(args: argparse.Namespace) -> int:
-    from workbench.merge.recipe import load_recipe
+    from workbench.atomic import check_output
     from workbench.merge.plan import plan_merge
+    from workbench.merge.recipe import load_recipe, write_resolved_recipe
 
+    if args.mergekit_paths:
+        check_output(args.mergekit_paths, args.overwrite, file=True)   # refuse before any work
     recipe = load_recipe(args.recipe)
     plan = plan_merge(recipe)
+    plan.close()
     console.print(f"[green]ok[/green] {args.recipe}: {recipe.merge_method}, {len(plan.tensors)} output tensors, "
                   f"{plan.num_layers} layers")
+    if args.mergekit_paths:
+        write_resolved_recipe(args.recipe, args.mergekit_paths, overwrite=args.overwrite)
+        console.print(f"wrote {args.mergekit_paths} (every model by its absolute path, for mergekit-yaml)")
     return 0
 
 
@@ -126,11 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("recipe", help="recipe tools").add_subparsers(dest="recipe_command", metavar="ACTION")
     rv = r.add_parser("validate", help="validate a recipe against its models without merging")
     rv.add_argument("recipe", type=Path)
+    rv.add_argument("--mergekit-paths", type=Path, metavar="OUT.yml",
+                    help="also write the recipe with every model by its absolute path, for mergekit-yaml")
+    rv.add_argument("--overwrite", action="store_true", help="replace OUT.yml if it exists")
     rv.set_defaults(func=cmd_recipe_validate)
-    rx = r.add_parser("export", help="write the best recipe of a search run (mergekit-compatible)")
+    rx = r.add_parser("export", help="write the best recipe of a search run (models by absolute path, for mergekit)")
     rx.add_argument("run", type=Path, help="search run directory")
     rx.add_argument("out", type=Path, help="recipe YAML to write")
     rx.add_argument("--print", action="store_true", help="also print the recipe")
+    rx.add_argument("--overwrite", action="store_true", help="replace OUT.yml if it exists")
     rx.set_defaults(func=cmd_recipe_export)
 
     se = sub.add_parser("search", help="evolutionary (CMA-ES) search over merge recipes, in memory")

@@ -72,7 +72,7 @@ def run_eval_cli(args) -> int:
         raise WorkbenchError(f"--limit: expected a positive number of items, got {args.limit}")
     for out in (args.json, args.log_samples):
         if out is not None:
-            check_output(out, getattr(args, "overwrite", False))
+            check_output(out, getattr(args, "overwrite", False), file=True)
     model, tokenizer = load_model(args.model, args.dtype)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, disable=args.no_progress) as progress:

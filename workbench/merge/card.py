@@ -24,7 +24,8 @@ This model was merged with [workbench](https://pypi.org/project/workbench/) usin
 {sources}
 {seed_line}
 ## Recipe
-The recipe below is also saved as `mergekit_config.yml`; `workbench merge` and `mergekit-yaml` both read it.
+The recipe below is also saved as `mergekit_config.yml`, with every model by the absolute path it was
+read from; `workbench merge` and `mergekit-yaml` both read it.
 
 ```yaml
 {recipe_yaml.rstrip()}

@@ -198,7 +198,8 @@ def execute_merge(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu", 
 
 
 def write_output_files(plan: MergePlan, out: Path, dtype: torch.dtype, seed: int, title: str) -> None:
-    """config.json, generation config, tokenizer, the recipe and a model card."""
+    """config.json, generation config, tokenizer, the recipe (``mergekit_config.yml``, every model by
+    the absolute path it was read from) and a model card."""
     config = dict(plan.config)
     config["torch_dtype" if "torch_dtype" in config else "dtype"] = DTYPE_NAMES[dtype]
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -206,7 +207,7 @@ def write_output_files(plan: MergePlan, out: Path, dtype: torch.dtype, seed: int
     if (ref_dir / "generation_config.json").is_file():
         shutil.copy2(ref_dir / "generation_config.json", out / "generation_config.json")
     write_tokenizer(plan, out)
-    recipe_yaml = dump_recipe(plan.recipe)
+    recipe_yaml = dump_recipe(plan.resolved_recipe())  # by absolute paths: mergekit-yaml reads no short names
     (out / "mergekit_config.yml").write_text(recipe_yaml)
     write_model_card(plan, out, recipe_yaml, seed, title)
 

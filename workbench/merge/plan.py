@@ -58,6 +58,14 @@ class MergePlan:
         ref = self.models[self.reference_model]
         return ref.dtype(ref.tensor_names()[0])
 
+    def model_paths(self) -> dict[str, str]:
+        """Each model reference of the recipe -> the absolute path it was read from."""
+        return {ref: str(m.path) for ref, m in zip(self.model_refs, self.models)}
+
+    def resolved_recipe(self) -> Recipe:
+        """The recipe naming every model by its absolute path: what ``mergekit_config.yml`` holds."""
+        return self.recipe.with_model_paths(self.model_paths())
+
     def close(self) -> None:
         for m in self.models:
             m.close()
@@ -72,11 +80,15 @@ def plan_merge(recipe: Recipe) -> MergePlan:
     method = recipe.method
     refs = recipe.referenced_models()
     models: list[ModelDir] = []
-    for ref in refs:
+    for ref, path in zip(refs, recipe.resolve_models(refs)):
         try:
-            models.append(ModelDir(recipe.resolve_model(ref)))
+            models.append(ModelDir(path))
         except ModelLoadError as e:
-            raise RecipeError(f"{recipe.where(('models',))}: model {ref!r}: {e}") from None
+            for m in models:
+                m.close()
+            field_path = recipe.model_field(ref)
+            raise RecipeError(f"{recipe.where(field_path)}: {'.'.join(map(str, field_path))}: "
+                              f"model {ref!r}: {e}") from None
     index = {ref: i for i, ref in enumerate(refs)}
     _check_same_architecture(recipe, refs, models)
 

@@ -23,7 +23,7 @@ the file, the line and the field.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from workbench.yaml_lines import field_location, parse_with_lines
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
             "tokenizer_source", "chat_template", "name", "modules", "tokenizer"}
+DEMO_VARIANTS = ("variant-a", "variant-b")  # what `workbench demo` makes beside the default model
 UNSUPPORTED_TOP = {"modules": "multi-module recipes (`modules:`) are not supported; use `models:` or `slices:`",
                    "tokenizer": "the `tokenizer:` block is not supported; use `tokenizer_source:`"}
 
@@ -82,19 +83,81 @@ class Recipe:
             refs += ([s.base_model] if s.base_model else []) + [src.model for src in s.sources]
         return list(dict.fromkeys(refs))
 
-    def resolve_model(self, ref: str) -> Path:
-        """A model reference as a path: as written, else relative to the recipe, else in the home."""
+    def model_field(self, ref: str) -> tuple:
+        """The field path where ``ref`` first appears, e.g. ('models', 0, 'model')."""
+        if self.base_model == ref:
+            return ("base_model",)
+        for i, entry in enumerate(self.models or []):
+            if entry.model == ref:
+                return ("models", i, "model")
+        for i, s in enumerate(self.slices or []):
+            if s.base_model == ref:
+                return ("slices", i, "base_model")
+            for j, src in enumerate(s.sources):
+                if src.model == ref:
+                    return ("slices", i, "sources", j, "model")
+        return ("models",)
+
+    def model_candidates(self, ref: str) -> list[Path]:
+        """Where a model reference may be: as written, relative to the recipe, in the home."""
         from workbench.home import models_dir
 
         candidates = [Path(ref).expanduser()]
         if self.source != "<recipe>" and not Path(ref).is_absolute():
             candidates.append(Path(self.source).parent / ref)
         candidates.append(models_dir() / ref)
-        for c in candidates:
-            if c.exists():
-                return c.absolute()
-        raise RecipeError(f"{self.where(('models',))}: model {ref!r} not found "
-                          f"(looked in: {', '.join(str(c) for c in candidates)})")
+        return candidates
+
+    def find_model(self, ref: str) -> Path | None:
+        """The absolute path of a model reference (the first candidate that exists), else None."""
+        return next((c.absolute() for c in self.model_candidates(ref) if c.exists()), None)
+
+    def resolve_model(self, ref: str) -> Path:
+        """A model reference as a path: as written, else relative to the recipe, else in the home."""
+        return self.resolve_models([ref])[0]
+
+    def resolve_models(self, refs: list[str] | None = None) -> list[Path]:
+        """Absolute paths of ``refs`` (default: every referenced model). A missing one raises one
+        line naming the first missing model's field, the others missing, and how to make them."""
+        refs = self.referenced_models() if refs is None else refs
+        found = {ref: self.find_model(ref) for ref in refs}
+        missing = [ref for ref in refs if found[ref] is None]
+        if missing:
+            raise RecipeError(self._missing_message(missing))
+        return [found[ref] for ref in refs]
+
+    def _missing_message(self, missing: list[str]) -> str:
+        ref, path = missing[0], self.model_field(missing[0])
+        looked = ", ".join(str(c) for c in self.model_candidates(ref))
+        msg = f"{self.where(path)}: {'.'.join(map(str, path))}: model {ref!r} not found (looked in: {looked})"
+        if len(missing) > 1:
+            msg += "; also missing: " + ", ".join(repr(m) for m in missing[1:])
+        hint = missing_model_hint(missing)
+        return msg + (f"; {hint}" if hint else "")
+
+    def with_model_paths(self, paths: dict[str, str]) -> Recipe:
+        """A copy naming each model ``ref`` as ``paths[ref]`` (refs not in ``paths`` stay as written);
+        parameters, slices, order and every other field are kept."""
+        def sub(ref: str | None) -> str | None:
+            return paths.get(ref, ref) if ref is not None else None
+
+        def entry(e: ModelEntry) -> ModelEntry:
+            return replace(e, model=sub(e.model), parameters=dict(e.parameters))
+
+        return replace(
+            self, base_model=sub(self.base_model),
+            models=[entry(e) for e in self.models] if self.models is not None else None,
+            slices=([OutputSlice(sources=[entry(src) for src in s.sources], base_model=sub(s.base_model),
+                                 parameters=dict(s.parameters)) for s in self.slices]
+                    if self.slices is not None else None),
+            parameters=dict(self.parameters),
+            tokenizer_source=sub(self.tokenizer_source) if self.tokenizer_source not in ("base", "union")
+            else self.tokenizer_source)
+
+    def resolved(self) -> Recipe:
+        """A copy naming every model by the absolute path it resolves to (what mergekit reads)."""
+        refs = self.referenced_models()
+        return self.with_model_paths({ref: str(p) for ref, p in zip(refs, self.resolve_models(refs))})
 
     def where(self, path: tuple) -> str:
         """``file:line`` for a field path such as ('models', 1, 'parameters', 'weight')."""
@@ -149,16 +212,133 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     return recipe_from_dict(data, source=source, lines=lines)
 
 
-def dump_recipe(recipe: Recipe) -> str:
-    """YAML that both workbench and mergekit read."""
-    return yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=None)
+def dump_recipe(recipe: Recipe, header: str = "") -> str:
+    """YAML that both workbench and mergekit read, laid out like the recipes in ``recipes/``.
+
+    A model path that mergekit would misread (``+`` starts a LoRA, ``@`` a revision) is written
+    in mergekit's explicit form ``{model: {path: ...}}``, which workbench reads too."""
+    data = _explicit_model_paths(recipe.to_dict())
+    body = yaml.dump(data, Dumper=RecipeDumper, sort_keys=False, allow_unicode=True, width=10**6)
+    return header + body
 
 
-def save_recipe(recipe: Recipe, path: str | Path) -> None:
-    from workbench.atomic import atomic_file
+def save_recipe(recipe: Recipe, path: str | Path, overwrite: bool = True, header: str = "") -> Path:
+    """Write ``recipe`` atomically; refuse an existing file unless ``overwrite``."""
+    from workbench.atomic import atomic_file, check_output
 
+    check_output(path, overwrite, file=True)
+    text = dump_recipe(recipe, header)
     with atomic_file(path) as f:
-        f.write(dump_recipe(recipe))
+        f.write(text)
+    return Path(path)
+
+
+def write_resolved_recipe(recipe_path: str | Path, out_path: str | Path, overwrite: bool = False) -> Path:
+    """Write the recipe at ``recipe_path`` to ``out_path`` with every model named by its absolute
+    path (short names in the home, paths relative to the recipe), for ``mergekit-yaml``. The
+    leading comment of the recipe is kept (less its notes on mergekit: the copy is what they
+    describe); the rest is written from the parsed recipe. An existing ``out_path`` is refused
+    unless ``overwrite``."""
+    from workbench.atomic import check_output
+
+    check_output(out_path, overwrite, file=True)
+    recipe = load_recipe(recipe_path)
+    text = Path(recipe_path).read_text()
+    comment = "".join(line + "\n" for line in _leading_comment(text))
+    header = comment + f"# {recipe_path} with every model by its absolute path (for mergekit-yaml)\n"
+    return save_recipe(recipe.resolved(), out_path, overwrite=overwrite, header=header)
+
+
+def _leading_comment(text: str) -> list[str]:
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        if "mergekit" not in line:
+            lines.append(line)
+    return lines
+
+
+class RecipeDumper(yaml.SafeDumper):
+    """Block style with lists indented under their key; flow style for lists of scalars and for
+    mappings of numbers: ``layer_range: [0, 20]``, ``parameters: {weight: 0.6, density: 0.5}``."""
+
+    def increase_indent(self, flow: bool = False, indentless: bool = False):
+        return super().increase_indent(flow, False)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, bool)) or (isinstance(v, list) and bool(v) and all(_is_number(x) for x in v))
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.Node:
+    flow = bool(data) and all(isinstance(v, (str, int, float, bool)) or v is None for v in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+def _represent_dict(dumper: yaml.SafeDumper, data: dict) -> yaml.Node:
+    condition = "value" in data and set(data) <= {"filter", "value"} and not isinstance(data["value"], dict)
+    flow = bool(data) and (condition or all(_is_number(v) for v in data.values()))
+    return dumper.represent_mapping("tag:yaml.org,2002:map", data, flow_style=flow)
+
+
+class _ExplicitRef(dict):
+    """mergekit's ``{model: {path: ...}}``, written in flow style."""
+
+
+def _represent_ref(dumper: yaml.SafeDumper, data: _ExplicitRef) -> yaml.Node:
+    return dumper.represent_mapping("tag:yaml.org,2002:map", dict(data), flow_style=True)
+
+
+def _represent_str(dumper: yaml.SafeDumper, data: str) -> yaml.Node:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style="|" if "\n" in data else None)
+
+
+RecipeDumper.add_representer(list, _represent_list)
+RecipeDumper.add_representer(dict, _represent_dict)
+RecipeDumper.add_representer(str, _represent_str)
+RecipeDumper.add_representer(_ExplicitRef, _represent_ref)
+
+
+def _explicit_model_paths(data: dict) -> dict:
+    """``{model: {path: ...}}`` for model references with ``+`` or ``@`` (see :func:`dump_recipe`)."""
+    def ref(value: str) -> Any:
+        return _ExplicitRef(model={"path": value}) if ("+" in value or "@" in value) else value
+
+    def entries(items: list[dict]) -> list[dict]:
+        return [{**e, "model": ref(e["model"])} for e in items]
+
+    out = dict(data)
+    if "base_model" in out:
+        out["base_model"] = ref(out["base_model"])
+    if "models" in out:
+        out["models"] = entries(out["models"])
+    if "slices" in out:
+        out["slices"] = [{**s, "sources": entries(s["sources"]),
+                          **({"base_model": ref(s["base_model"])} if "base_model" in s else {})}
+                         for s in out["slices"]]
+    return out
+
+
+def missing_model_hint(missing: list[str]) -> str:
+    """How to make missing models that workbench itself makes: the default model, the demo's
+    variants of it, the zoo's experts; '' when none of them is such a name."""
+    from workbench.home import DEFAULT_MODEL_NAME
+
+    try:
+        from workbench.zoo.build import EXPERTS
+        experts = set(EXPERTS)
+    except ImportError:  # pragma: no cover - the zoo is part of the package
+        experts = set()
+    demo_variants = {f"{DEFAULT_MODEL_NAME}-{v}" for v in DEMO_VARIANTS}
+    hints = []
+    if demo_variants & set(missing):
+        hints.append("run `workbench demo` to make the demo variants")
+    if experts & set(missing):
+        hints.append("run `workbench zoo build` to train the zoo experts")
+    if DEFAULT_MODEL_NAME in missing and not hints:  # the demo and the zoo build make it too
+        hints.append("run `workbench models prepare-default` to make the default model")
+    return "; ".join(hints)
 
 
 # --- validation ----------------------------------------------------------------------------

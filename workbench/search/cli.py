@@ -73,22 +73,29 @@ def run_search_cli(args) -> int:
 
 
 def export_recipe_cli(args) -> int:
-    """Write the incumbent recipe of a run (mergekit-compatible) to OUT.yml."""
+    """Write the incumbent recipe of a run to OUT.yml, every model by its absolute path (so that
+    `mergekit-yaml` reads it too); an existing OUT.yml is refused unless --overwrite."""
+    from workbench.atomic import check_output
     from workbench.merge.recipe import dump_recipe, recipe_from_dict, save_recipe
 
-    run_dir = Path(args.run)
-    ckpt_best = run_dir / "best.yml"
+    run_dir, overwrite = Path(args.run), getattr(args, "overwrite", False)
+    check_output(args.out, overwrite, file=True)
+    best = best_history_row(run_dir)
+    recipe = recipe_from_dict(best["recipe"], source=str(run_dir / "best.yml")).resolved()
+    summary = f"generation {best['generation']} candidate {best['index']} (search score {best['score']:.4f})"
+    save_recipe(recipe, args.out, overwrite=overwrite, header=f"# best recipe of search run {run_dir}: {summary}\n")
+    Console(stderr=True).print(f"recipe of {summary} -> {args.out}")
+    if args.print:
+        print(dump_recipe(recipe))
+    return 0
+
+
+def best_history_row(run_dir: Path) -> dict:
+    """The best-scored row of a run's history.jsonl."""
     if not (run_dir / "history.jsonl").is_file():
         raise WorkbenchError(f"{run_dir}: not a search run directory (no history.jsonl)")
     rows = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines() if line.strip()]
     scored = [r for r in rows if r.get("score") is not None]
     if not scored:
         raise WorkbenchError(f"{run_dir}: no candidate has been scored yet")
-    best = max(scored, key=lambda r: r["score"])
-    recipe = recipe_from_dict(best["recipe"], source=str(ckpt_best))
-    save_recipe(recipe, args.out)
-    Console(stderr=True).print(f"recipe of generation {best['generation']} candidate {best['index']} "
-                               f"(search score {best['score']:.4f}) -> {args.out}")
-    if args.print:
-        print(dump_recipe(recipe))
-    return 0
+    return max(scored, key=lambda r: r["score"])
