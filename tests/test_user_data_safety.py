@@ -186,3 +186,14 @@ def test_eval_of_a_compressed_directory_equals_eval_of_its_hf_export(tmp_path, c
         scores[name] = json.loads(out.read_text())["t"]
     assert scores["q"]["ppl"] < 1e4   # a model with random linear weights would be far off, not this
     assert scores["q"]["ppl"] == pytest.approx(scores["hf"]["ppl"], rel=1e-4)
+
+
+def test_a_compressed_directory_is_refused_as_a_merge_source(tmp_path, capsys):
+    src, q = _quantized(tmp_path, "llama")
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": str(src), "parameters": {"weight": 0.5}}, {"model": str(q), "parameters": {"weight": 0.5}}]}))
+    assert main(["merge", str(recipe), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "compressed (quantized) model" in err and "--format hf" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -231,7 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except WorkbenchError as e:
-        console.print(f"[bold red]error:[/bold red] {e}")
+        from rich.text import Text
+
+        # one line however long (a log or a pipe keeps it whole), and the message is not markup
+        console.print(Text.assemble(("error:", "bold red"), " ", str(e)), soft_wrap=True, highlight=False)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")

@@ -82,6 +82,9 @@ def plan_merge(recipe: Recipe) -> MergePlan:
     models: list[ModelDir] = []
     for ref, path in zip(refs, recipe.resolve_models(refs)):
         try:
+            if (path / "quant_config.json").is_file():
+                raise ModelLoadError(f"{path} is a compressed (quantized) model; merges read float weights: "
+                                     f"`workbench export {path} --format hf --out DIR` makes one")
             models.append(ModelDir(path))
         except ModelLoadError as e:
             for m in models:
