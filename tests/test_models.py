@@ -251,6 +251,121 @@ def test_gguf_info_reads_metadata_without_dequantizing(tmp_path, monkeypatch):
     json.dumps(info)
 
 
+# --- compressed (quantized) directories ------------------------------------------------------
+
+
+def quantized_tiny(tmp_path: Path, cfg: dict, arch: str = "llama", extra: dict | None = None):
+    """A tiny model quantized by `cfg` and saved; returns (directory, quantized model, float parameters)."""
+    from transformers import AutoModelForCausalLM
+
+    from workbench.quant.config import quant_config_from_dict
+    from workbench.quant.model import quantize_model, save_quantized
+
+    src = save_tiny_model(tmp_path / f"{arch}-src", arch)
+    model = AutoModelForCausalLM.from_pretrained(src).eval()
+    params = sum(p.numel() for p in model.parameters())
+    config = quant_config_from_dict(cfg)
+    quantize_model(model, config)
+    out = save_quantized(model, tmp_path / f"{arch}-q", src, config,
+                         extra={"source_model": str(src.absolute()), **(extra or {})})
+    return out, model, params
+
+
+MIXED = {"bits": 1.58, "group_size": 16, "lora": {"rank": 4},
+         "layers": [{"pattern": r"self_attn\.", "bits": 4}, {"pattern": r"mlp\.down_proj", "group_size": 32}]}
+
+
+@pytest.mark.parametrize("arch,cfg", [
+    ("llama", MIXED),
+    ("qwen2", {"bits": 1.58, "group_size": 16, "storage": "trits", "lora": {"rank": 2}}),
+    ("gpt2", {"bits": 2, "group_size": 8}),
+])
+def test_model_info_reports_a_compressed_directory(tmp_path, monkeypatch, arch, cfg):
+    from workbench.models.safetensors_io import SafetensorsFile
+    from workbench.models.info import model_info
+    from workbench.quant import kernels
+    from workbench.quant.model import quant_layers, size_report
+
+    qdir, model, params = quantized_tiny(tmp_path, cfg, arch)
+    monkeypatch.setattr(SafetensorsFile, "get_tensor", lambda *a: pytest.fail("read tensor data"))
+    info = model_info(qdir)
+    report = size_report(model, cfg.get("storage", "packed"))
+    assert {k: info[k] for k in report} == report  # bits per weight from the header = from the model
+    assert info["format"] == "workbench.quant" and info["quantized"] is True
+    assert info["parameters"] == params  # in x out per quantized layer, adapters apart
+    layers = quant_layers(model)
+    expected = {}
+    for m in layers.values():
+        fmt = kernels.layer_format(m.kind, m.bits, m.group_size)
+        expected[fmt] = expected.get(fmt, 0) + 1
+    assert info["layer_formats"] == expected and sum(info["layer_formats"].values()) == len(layers)
+    assert info["dtype"].startswith(" + ".join(info["layer_formats"]))
+    assert f"{report['bits_per_weight']:.2f} bpw" in info["dtype"]
+    assert info["lora_ranks"] == ([cfg["lora"]["rank"]] if "lora" in cfg else [])
+    assert info["recovered"] is False and info["recovery"] is None
+    assert info["source_model"] == str((tmp_path / f"{arch}-src").absolute())
+    unfused = kernels.unfused_layers(model)
+    assert info["unfused_layers"] == len(unfused)
+    assert sum(info["unfused_formats"].values()) == len(unfused)
+    assert set(info["kernels"]) == set(expected)
+    assert info["storage"] == cfg.get("storage", "packed") and info["bytes"] == _disk_bytes(qdir)
+    json.dumps(info)
+
+
+def test_mixed_format_names_and_unfused_layers(tmp_path):
+    from workbench.models.info import model_info
+
+    qdir, _, _ = quantized_tiny(tmp_path, MIXED)
+    info = model_info(qdir)
+    # llama tiny: 4 blocks x (q, k, v, o) 4-bit; gate, up ternary g16; down ternary g32
+    assert info["layer_formats"] == {"ternary g16": 8, "4-bit g16": 16, "ternary g32": 4}
+    assert info["unfused_layers"] == 16 and info["unfused_formats"] == {"4-bit g16": 16}
+    assert info["kernels"]["4-bit g16"] is None and info["kernels"]["ternary g32"] == "cpu:lowbit_gemm"
+
+
+def test_model_info_of_a_recovered_directory_and_the_cli(tmp_path, capsys):
+    from workbench.cli import main
+
+    recovery = {"options": {"steps": 3}, "corpus": "pydoc", "calibration_tokens": 512, "seconds": 1.5,
+                "steps": 3, "ppl_before": 9.5, "ppl_after": 8.25}
+    qdir, _, _ = quantized_tiny(tmp_path, MIXED, extra={"recovery": recovery})
+    assert main(["models", "info", str(qdir), "--json"]) == 0
+    (info,) = json.loads(capsys.readouterr().out)
+    assert info["recovered"] is True and info["lora_ranks"] == [4]
+    assert info["recovery"] == {"steps": 3, "seconds": 1.5, "calibration_tokens": 512, "corpus": "pydoc",
+                                "ppl_before": 9.5, "ppl_after": 8.25}
+    assert main(["models", "info", str(qdir)]) == 0
+    out = capsys.readouterr().out
+    for text in ("workbench.quant", "ternary g16: 8 layers, 4-bit g16: 16 layers, ternary g32: 4 layers",
+                 f"{info['bits_per_weight']:.3f}", f"{info['bits_per_weight_with_adapters']:.3f}",
+                 "16 of 28", "4-bit g16: unfused", "recovered", str(tmp_path / "llama-src")):
+        assert text in out, text
+
+
+def test_list_models_shows_quantized_directories(home, capsys):
+    from workbench.home import models_dir
+    from workbench.models.info import list_models, print_models
+
+    quantized_tiny(models_dir(), {"bits": 2, "group_size": 16})
+    rows = {r["name"]: r for r in list_models()}
+    assert rows["llama-q"]["format"] == "workbench.quant" and rows["llama-src"]["format"] == "safetensors"
+    assert rows["llama-q"]["parameters"] == rows["llama-src"]["parameters"]
+    print_models(list(rows.values()))
+    out = capsys.readouterr().out
+    assert f"2-bit g16 ({rows['llama-q']['bits_per_weight']:.2f} bpw)" in out
+
+
+def test_bad_quant_config_json_names_the_file(tmp_path):
+    from workbench.models.info import model_info
+
+    path = save_tiny_model(tmp_path / "m", "llama")
+    (path / "quant_config.json").write_text("{oops")
+    with pytest.raises(WorkbenchError, match="quant_config.json"):
+        model_info(path)
+    (path / "quant_config.json").write_text(json.dumps({"format": "something.else"}))
+    assert model_info(path)["format"] == "safetensors"  # not ours: a plain model directory
+
+
 # --- list_models / print_models / CLI --------------------------------------------------------
 
 
@@ -352,9 +467,11 @@ def test_import_gguf_errors_name_the_file(tmp_path):
 
     with pytest.raises(WorkbenchError, match="dtype"):
         import_gguf(odd, tmp_path / "out", dtype="int3")
-    (tmp_path / "exists").mkdir()
-    with pytest.raises(WorkbenchError, match="already exists"):
+    (tmp_path / "exists").mkdir()   # an empty directory is a fine output; one holding a file is not
+    (tmp_path / "exists" / "mine.txt").write_text("keep")
+    with pytest.raises(WorkbenchError, match="already exists.*--overwrite"):
         import_gguf(odd, tmp_path / "exists")
+    assert (tmp_path / "exists" / "mine.txt").read_text() == "keep"
 
 
 @pytest.fixture(scope="module")

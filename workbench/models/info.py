@@ -1,6 +1,8 @@
 """What a model is: architecture, parameters, dtypes, layers, size. For safetensors model
-directories (read through ``ModelDir``, headers only) and for GGUF files (metadata only, nothing
-dequantized), and a listing of the models in the workbench home."""
+directories (read through ``ModelDir``, headers only), compressed directories of `workbench quantize`
+(quant_config.json: formats per layer, bits per weight from the stored bytes, adapters, kernel
+paths) and GGUF files (metadata only, nothing dequantized), and a listing of the models in the
+workbench home."""
 
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ from pathlib import Path
 from workbench.errors import WorkbenchError
 
 HIDDEN_SIZE_KEYS = ("hidden_size", "n_embd", "d_model")
+QUANT_FORMAT = "workbench.quant"  # quant_config.json's "format" (workbench.quant.model.FORMAT)
+BASE_LEAVES = ("qweight", "scale", "zero")  # a quantized layer's base weight: codes, scales, zeros
+ADAPTER_LEAVES = ("lora_A", "lora_B")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 # Fields shown in the table, in order, with their headers (JSON gets every field).
 TABLE_COLUMNS = (
@@ -55,9 +60,33 @@ def model_info(path: str | Path) -> dict:
     return _dir_info(path)
 
 
+def read_quant_meta(path: Path) -> dict | None:
+    """The quant_config.json of a compressed directory, or None for a plain model directory."""
+    meta_path = path / "quant_config.json"
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelInfoError(f"{meta_path}: invalid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != QUANT_FORMAT:
+        return None
+    if not isinstance(meta.get("layers"), dict):
+        raise ModelInfoError(f"{meta_path}: no `layers` mapping")
+    return meta
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def _dir_info(path: Path) -> dict:
     from workbench.models.checkpoint import ModelDir
 
+    meta = read_quant_meta(path)
     with ModelDir(path) as model:
         config = model.config
         if not isinstance(config, dict):
@@ -76,7 +105,7 @@ def _dir_info(path: Path) -> dict:
         text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
         hidden = next((config.get(k) or text_config.get(k) for k in HIDDEN_SIZE_KEYS
                        if config.get(k) or text_config.get(k)), None)
-        return {
+        info = {
             "name": path.absolute().name,
             "path": str(path.absolute()),
             "format": "safetensors",
@@ -93,6 +122,91 @@ def _dir_info(path: Path) -> dict:
             "bytes": _bytes_on_disk(path),
             "tied_embeddings": bool(tied),
         }
+        if meta is not None:
+            info.update(quant_info(meta, {n: (model.shape(n), model.dtype(n)) for n in names}))
+        return info
+
+
+def stored_size(layers: dict[str, dict], tensors: dict[str, tuple[tuple[int, ...], object]]) -> dict:
+    """Bits per weight of the quantized linear layers from the stored tensors' shapes and dtypes (a
+    safetensors header): the keys and values of `workbench.quant.model.size_report`.
+
+    `layers`: quant_config.json's ``layers``; `tensors`: name -> (shape, torch dtype)."""
+    base = adapters = other = 0
+    for name, (shape, dtype) in tensors.items():
+        module, _, leaf = name.rpartition(".")
+        nbytes = _numel(shape) * dtype.itemsize
+        if module in layers and leaf in BASE_LEAVES:
+            base += nbytes
+        elif module in layers and leaf in ADAPTER_LEAVES:
+            adapters += nbytes
+        else:
+            other += nbytes
+    weights = sum(e["in_features"] * e["out_features"] for e in layers.values())
+    return {"quantized_layers": len(layers), "quantized_weights": weights,
+            "bits_per_weight": 8 * base / max(weights, 1),
+            "bits_per_weight_with_adapters": 8 * (base + adapters) / max(weights, 1),
+            "adapter_params": sum(e["lora_rank"] * (e["in_features"] + e["out_features"]) for e in layers.values()),
+            "linear_bytes": base, "adapter_bytes": adapters, "other_bytes": other,
+            "total_bytes": base + adapters + other}
+
+
+def _weight_params(layers: dict[str, dict], tensors: dict[str, tuple[tuple[int, ...], object]]) -> int:
+    """Parameters of the model the directory stands for: in x out per quantized layer, the stored size
+    of every other tensor; adapters not counted (see ``adapter_params``)."""
+    total = sum(e["in_features"] * e["out_features"] for e in layers.values())
+    for name, (shape, _) in tensors.items():
+        module, _, leaf = name.rpartition(".")
+        if module not in layers or leaf not in BASE_LEAVES + ADAPTER_LEAVES:
+            total += _numel(shape)
+    return total
+
+
+def layer_formats(layers: dict[str, dict]) -> dict[str, int]:
+    """Format (``ternary g64``, ``4-bit g64``) -> number of layers, most weights first."""
+    from workbench.quant.kernels import layer_format
+
+    count: Counter = Counter()
+    weights: Counter = Counter()
+    for e in layers.values():
+        fmt = layer_format(e["kind"], e["bits"], e["group_size"])
+        count[fmt] += 1
+        weights[fmt] += e["in_features"] * e["out_features"]
+    return {fmt: count[fmt] for fmt, _ in weights.most_common()}
+
+
+def _recovery_summary(recovery) -> dict | None:
+    if not isinstance(recovery, dict):
+        return None
+    keys = ("steps", "seconds", "calibration_tokens", "corpus", "ppl_before", "ppl_after")
+    return {k: recovery[k] for k in keys if recovery.get(k) is not None}
+
+
+def quant_info(meta: dict, tensors: dict[str, tuple[tuple[int, ...], object]]) -> dict:
+    """The fields `model_info` adds (and overrides) for a compressed directory."""
+    from workbench.quant.kernels import kernel_paths, unfused_layers
+
+    layers = meta["layers"]
+    size = stored_size(layers, tensors)
+    formats = layer_formats(layers)
+    unfused, paths = unfused_layers(layers), kernel_paths(layers)
+    return {
+        "format": QUANT_FORMAT,
+        "parameters": _weight_params(layers, tensors),
+        "dtype": f"{' + '.join(formats)} ({size['bits_per_weight']:.2f} bpw)",
+        "quantized": True,
+        "layer_formats": formats,
+        **size,
+        "lora_ranks": sorted({e["lora_rank"] for e in layers.values() if e["lora_rank"]}),
+        "storage": "trits" if any(e.get("storage") == "trits" for e in layers.values()) else "packed",
+        "embeddings": meta.get("embeddings", "float32"),
+        "recovered": "recovery" in meta,
+        "recovery": _recovery_summary(meta.get("recovery")),
+        "source_model": meta.get("source_model"),
+        "kernels": {fmt: paths[fmt] for fmt in formats},
+        "unfused_layers": len(unfused),
+        "unfused_formats": dict(Counter(unfused.values()).most_common()),
+    }
 
 
 def gguf_info(path: str | Path) -> dict:
@@ -198,13 +312,27 @@ def _human(n: int, units: tuple[str, ...], base: float) -> str:
     return str(n)
 
 
+COUNT_KEYS = ("parameters", "quantized_weights", "adapter_params")
+BYTES_KEYS = ("bytes", "linear_bytes", "adapter_bytes", "other_bytes", "total_bytes")
+LAYER_COUNT_DICTS = ("layer_formats", "unfused_formats")
+UNFUSED = "unfused (dequantize + matmul)"
+
+
 def format_value(key: str, value) -> str:
     if value is None:
         return "-"
-    if key == "parameters":
+    if key in COUNT_KEYS:
         return _human(value, ("", "K", "M", "B", "T"), 1000.0)
-    if key == "bytes":
+    if key in BYTES_KEYS:
         return _human(value, (" B", " KB", " MB", " GB", " TB"), 1000.0)
+    if key.startswith("bits_per_weight"):
+        return f"{value:.3f}"
+    if key in LAYER_COUNT_DICTS:
+        return ", ".join(f"{k}: {v} layer{'s' if v != 1 else ''}" for k, v in value.items()) or "none"
+    if key == "kernels":
+        return ", ".join(f"{k}: {v or UNFUSED}" for k, v in value.items())
+    if key == "lora_ranks" and not value:
+        return "none"
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, dict):
@@ -212,6 +340,16 @@ def format_value(key: str, value) -> str:
     if isinstance(value, (list, tuple)):
         return ", ".join(str(v) for v in value)
     return str(value)
+
+
+def _detail_value(row: dict, key: str, value) -> str:
+    """A field of `models info`'s one-model table: `format_value`, with exact counts beside rounded ones."""
+    shown = format_value(key, value)
+    if key in COUNT_KEYS + BYTES_KEYS and value is not None:
+        return f"{shown} ({value:,})"
+    if key == "unfused_layers" and "quantized_layers" in row:
+        return f"{value} of {row['quantized_layers']}" + (" (all have a fused kernel)" if not value else "")
+    return shown
 
 
 def print_models(rows: list[dict], json_out: bool = False) -> None:
@@ -234,10 +372,7 @@ def print_models(rows: list[dict], json_out: bool = False) -> None:
         table.add_column("field", style="bold")
         table.add_column("value", overflow="fold")
         for key, value in row.items():
-            shown = format_value(key, value)
-            if key in ("parameters", "bytes") and value is not None:
-                shown = f"{shown} ({value:,})"
-            table.add_row(key, shown)
+            table.add_row(key, _detail_value(row, key, value))
         console.print(table)
         return
     columns = TABLE_COLUMNS if console.width >= 150 else TABLE_COLUMNS[:-1]  # the path, on wide screens

@@ -12,6 +12,9 @@ most `MAX_ROWS` rows (decode; prefill is left to dequantize + matmul):
 
 ``WORKBENCH_KERNELS=0`` turns both off. A kernel that cannot be built or imported is reported once
 (a `RuntimeWarning`) and the pure-torch path is used from then on.
+
+`kernel_path(kind, bits, group_size)` says which kernel a layer format dispatches to (None: unfused),
+and `unfused_layers(model)` lists the layers that run unfused.
 """
 
 from __future__ import annotations
@@ -211,3 +214,66 @@ def fused_lora_add(layer, x: torch.Tensor, y: torch.Tensor) -> bool:
         return False
     add(y.view(rows, layer.out_features), x.reshape(rows, layer.in_features), a, b, layer.scaling)
     return True
+
+
+# -- which layers have a kernel path (a pure description of `fused_matmul`'s dispatch) ----------------
+
+CPU_KERNEL = "cpu:lowbit_gemm"  # kernels/cpu/lowbit.cpp
+TRITON_KERNEL = "triton:lowbit_gemm"  # kernels/triton/lowbit.py
+_DEVICE_KERNELS = {"cpu": CPU_KERNEL, "cuda": TRITON_KERNEL}
+
+
+def kernel_path(kind: str, bits: int, group_size: int, device: str = "cpu") -> str | None:
+    """The fused kernel `fused_matmul` dispatches a (kind, bits, group_size) layer to on `device`, or
+    None when that layer runs unfused (dequantize + matmul) even at decode sizes.
+
+    Pure: it assumes the kernels are enabled and built, and a decode-sized input (at most `MAX_ROWS`
+    rows) of a dtype the kernel takes; inputs beyond that fall back for every format. The kernels
+    cover the 2-bit block-64 layout only (2-bit asymmetric and ternary), at any group size that
+    divides the row; 1-, 3- and 4-bit codes (a plain bit stream) have no kernel.
+    """
+    if bits != 2:  # both kinds of 2-bit code, at any group size (lowbit_gemm has a generic path)
+        return None
+    return _DEVICE_KERNELS.get(torch.device(device).type)
+
+
+def layer_format(kind: str, bits: int, group_size: int) -> str:
+    """A layer's format as people write it: ``ternary g64``, ``4-bit g256``."""
+    return f"{'ternary' if kind == 'ternary' else f'{bits}-bit'} g{group_size}"
+
+
+def _layer_fields(layer: Any) -> tuple[str, int, int]:
+    if isinstance(layer, dict):
+        return layer["kind"], int(layer["bits"]), int(layer["group_size"])
+    return layer.kind, int(layer.bits), int(layer.group_size)
+
+
+def _quant_layers(layers: Any) -> dict[str, Any]:
+    """Name -> layer: a model's `QuantLinear`s, or a mapping of layers or quant_config.json entries."""
+    if isinstance(layers, torch.nn.Module):
+        from workbench.quant.linear import QuantLinear
+
+        return {n: m for n, m in layers.named_modules() if isinstance(m, QuantLinear)}
+    return dict(layers)
+
+
+def unfused_layers(layers: Any, device: str = "cpu") -> dict[str, str]:
+    """Layer name -> format (`layer_format`) of the quantized layers with no kernel path on `device`.
+
+    `layers`: a model (its `QuantLinear`s), a mapping name -> `QuantLinear`, or the ``layers`` of a
+    compressed directory's quant_config.json (entries with kind, bits, group_size)."""
+    out = {}
+    for name, layer in _quant_layers(layers).items():
+        kind, bits, group = _layer_fields(layer)
+        if kernel_path(kind, bits, group, device) is None:
+            out[name] = layer_format(kind, bits, group)
+    return out
+
+
+def kernel_paths(layers: Any, device: str = "cpu") -> dict[str, str | None]:
+    """Format -> kernel (None: unfused) for each format among `layers` (as `unfused_layers` takes)."""
+    out: dict[str, str | None] = {}
+    for layer in _quant_layers(layers).values():
+        kind, bits, group = _layer_fields(layer)
+        out.setdefault(layer_format(kind, bits, group), kernel_path(kind, bits, group, device))
+    return out
