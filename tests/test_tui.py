@@ -26,6 +26,7 @@ from conftest import write_tiny_task
 from workbench.search.run import open_search, read_history
 from workbench.tui.app import WorkbenchApp
 from workbench.tui.config import TuiConfig, load_config
+from workbench.tui.screens.confirm import ConfirmScreen
 
 SIZE = (120, 40)
 HAVE_ZOO = importlib.util.find_spec("workbench.zoo") is not None
@@ -450,7 +451,17 @@ async def test_quantize_and_export_match_the_cli(env, tmp_path):
         assert "already exists" in notifications(app, "error")[-1].message
         screen.query_one("#quant-overwrite", Checkbox).value = True
         screen.result = None
-        await click(pilot, "#quant-run")
+        before = {p: p.stat().st_mtime_ns for p in q.iterdir()}
+        await click(pilot, "#quant-run")   # overwrite ticked: the user is asked first, and says no
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="the confirmation")
+        assert str(q) in str(app.screen.query_one("#confirm-question", Label).render())
+        await pilot.press("n")
+        await pilot.pause()
+        assert "nothing replaced" in notifications(app, "warning")[-1].message and not screen.running
+        assert {p: p.stat().st_mtime_ns for p in q.iterdir()} == before
+        await click(pilot, "#quant-run")   # and now says yes
+        await wait_until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="the confirmation")
+        await pilot.press("y")
         await wait_until(pilot, lambda: screen.result is not None, what="the second run")
         await app.workers.wait_for_complete()
         plain = AutoModelForCausalLM.from_pretrained(hf).eval()
@@ -470,7 +481,7 @@ async def test_quantize_with_recovery_to_default_paths(env, tmp_path):
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("f6")
         screen = app.screen
-        fill_quantize(screen, model=str(env.base), config=str(cfg), minutes="0.03")  # blank outputs: defaults
+        fill_quantize(screen, model=str(env.base), config=str(cfg), minutes="0.05")  # blank outputs: defaults
         screen.query_one("#quant-format", Select).value = "hf"
         await pilot.press("ctrl+r")
         await wait_until(pilot, lambda: screen.result is not None, what="quantize, recover, export")
@@ -498,7 +509,7 @@ async def test_quantize_errors_notify_and_leave_the_app_usable(env, tmp_path):
         screen = app.screen
         fill_quantize(screen, model=str(tmp_path / "no-model"), config=str(bad), out=str(tmp_path / "q"))
         await pilot.press("ctrl+r")
-        assert "not a model directory" in notifications(app, "error")[-1].message
+        assert "no-model: no such model" in notifications(app, "error")[-1].message
         fill_quantize(screen, model=str(env.base), config=str(tmp_path / "missing.yml"))
         await pilot.press("ctrl+r")
         assert "quantization config not found" in notifications(app, "error")[-1].message

@@ -7,9 +7,7 @@ import math
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
-from workbench.models.loader import load_model, resolve_model
-
-resolve_model_dir = resolve_model  # TODO(lead): drop once quant/pipeline.py imports the loader
+from workbench.models.loader import load_model
 
 
 class RichProgress:

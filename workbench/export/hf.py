@@ -37,9 +37,9 @@ def dequantized_model(qmodel: nn.Module, qdir: str | Path, merge_adapters: bool,
     return model.eval()
 
 
-def save_plain(model: nn.Module, qdir: str | Path, out: str | Path) -> Path:
+def save_plain(model: nn.Module, qdir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """save_pretrained (safetensors) atomically, with the tokenizer files of the quantized directory."""
-    with atomic_dir(out, overwrite=True) as tmp:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         for f in COPY_FILES:
             src = Path(qdir) / f
@@ -48,9 +48,9 @@ def save_plain(model: nn.Module, qdir: str | Path, out: str | Path) -> Path:
     return Path(out)
 
 
-def export_hf(qmodel: nn.Module, qdir: str | Path, out: str | Path) -> dict:
+def export_hf(qmodel: nn.Module, qdir: str | Path, out: str | Path, overwrite: bool = False) -> dict:
     """Dequantized weights with the adapters merged: loads anywhere with `from_pretrained`."""
-    save_plain(dequantized_model(qmodel, qdir, merge_adapters=True), qdir, out)
+    save_plain(dequantized_model(qmodel, qdir, merge_adapters=True), qdir, out, overwrite)
     return {"format": "hf", "path": str(out), "bytes": _dir_bytes(out)}
 
 

@@ -22,7 +22,7 @@ from workbench.export.hf import _dir_bytes, dequantized_model, save_plain
 from workbench.quant.model import quant_layers
 
 
-def export_peft(qmodel: nn.Module, qdir: str | Path, out: str | Path) -> dict:
+def export_peft(qmodel: nn.Module, qdir: str | Path, out: str | Path, overwrite: bool = False) -> dict:
     layers = {n: m for n, m in quant_layers(qmodel).items() if m.lora_rank}
     if not layers:
         raise WorkbenchError(f"{qdir}: the model has no LoRA adapters to export (quantize with `lora: {{rank: N}}`)")
@@ -37,7 +37,7 @@ def export_peft(qmodel: nn.Module, qdir: str | Path, out: str | Path) -> dict:
         tensors[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.detach().float().contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.detach().float().contiguous()
     out = Path(out)
-    with atomic_dir(out, overwrite=True) as tmp:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         save_plain(base, qdir, tmp / "base")
         config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": ranks.pop(), "lora_alpha": alphas.pop(),
                   "target_modules": "(" + "|".join(re.escape(n) for n in sorted(layers)) + ")", "lora_dropout": 0.0,

@@ -17,6 +17,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from workbench.atomic import atomic_file, check_output
+from workbench.errors import WorkbenchError
 from workbench.quant.options import RecoverOptions
 from workbench.quant.pipeline import (
     EVAL_TASK,
@@ -25,6 +27,9 @@ from workbench.quant.pipeline import (
     quantize_to_dir,
     recover_to_dir,
 )
+
+SAVE_EVAL_MARGIN = ("the final save and held-out evaluation of OUT come on top (about as long as loading "
+                    "and the opening evaluation)")
 
 console = Console(stderr=True)
 
@@ -45,11 +50,39 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
+def _check_json(args: argparse.Namespace) -> None:
+    """Refuse an occupied --json file before any work (unless --overwrite)."""
+    if args.json and args.json != "-":
+        check_output(args.json, args.overwrite, file=True)
+
+
+def _write_json(path: str | None, report: dict) -> None:
+    """The summary as JSON: to stdout for "-" (the table is on stderr), else atomically to the file."""
+    if path == "-":
+        print(json.dumps(report, default=str))
+    elif path:
+        with atomic_file(path) as f:
+            f.write(json.dumps(report, default=str) + "\n")
+
+
+def _phase_rows(phases: dict[str, dict]) -> list[tuple[str, str]]:
+    """One row per phase: its seconds against its share of the time budget."""
+    names = {"load": "loading", "teacher_cache": "teacher top-k cache", "blocks": "block reconstruction",
+             "e2e": "end-to-end KL", "save_eval": "save and held-out eval"}
+    rows = []
+    for phase, p in phases.items():
+        share = p.get("share")
+        shown = f"{p['seconds']:.1f} s" + ("" if share is None else f" of {share:.1f} s")
+        rows.append((f"  {names.get(phase, phase)}", shown + (" (outside the budget)" if phase == "save_eval" else "")))
+    return rows
+
+
 def run_quantize_cli(args: argparse.Namespace) -> int:
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    _check_json(args)
     bar = _progress(not args.no_progress)
     task = None
 
@@ -64,20 +97,20 @@ def run_quantize_cli(args: argparse.Namespace) -> int:
 
     try:
         report = quantize_to_dir(args.model, args.config, args.out, None if args.no_eval else args.eval_task,
-                                 progress)
+                                 progress, overwrite=args.overwrite)
     finally:
         bar.stop()
     ppl_float, ppl = report["ppl_float"], report["ppl"]
     _summary(f"quantized {args.model} -> {args.out}", [
         ("layers", str(report["quantized_layers"])),
-        ("bits per weight (linear layers, scales and zeros counted)", f"{report['bits_per_weight']:.3f}"),
-        ("  with adapters", f"{report['bits_per_weight_with_adapters']:.3f}"),
+        ("bits per weight of the linear layers, stored bytes: total (adapters in) / base",
+         f"{report['bits_per_weight_with_adapters']:.3f} / {report['bits_per_weight']:.3f}"),
         ("size on disk", _mb(report["disk_bytes"])),
+        ("layers without a fused kernel (dequantize + matmul)", _unfused_text(report)),
         ("time", f"{report['seconds']:.1f} s"),
         (f"held-out perplexity ({args.eval_task}) float -> quantized",
          "skipped" if ppl is None else f"{ppl_float:.2f} -> {ppl:.2f}")])
-    if args.json:
-        Path(args.json).write_text(json.dumps(report) + "\n")
+    _write_json(args.json, report)
     return 0
 
 
@@ -86,6 +119,9 @@ def run_recover_cli(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    _check_json(args)
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise WorkbenchError(f"--time-budget: expected minutes > 0, got {args.time_budget:g}")
     opts = RecoverOptions(steps=args.steps, block_steps=args.block_steps, lr=args.lr, block_lr=args.block_lr,
                           scale_lr=args.scale_lr, seq_len=args.seq_len, batch_size=args.batch_size,
                           max_tokens=args.max_tokens, block_tokens=args.block_tokens, top_k=args.top_k, dtype=args.dtype,
@@ -110,23 +146,50 @@ def run_recover_cli(args: argparse.Namespace) -> int:
 
     try:
         report = recover_to_dir(args.qdir, args.teacher, args.out, opts, args.corpus,
-                                None if args.no_eval else args.eval_task, args.keep_work, progress, on_resume)
+                                None if args.no_eval else args.eval_task, args.keep_work, progress, on_resume,
+                                overwrite=args.overwrite)
     finally:
         bar.stop()
     losses = [json.loads(line) for line in (Path(args.out) / "loss.jsonl").read_text().splitlines()]
     e2e = [r["loss"] for r in losses if r["phase"] == "e2e"]
+    total = sum(p["seconds"] for p in report["phases"].values())
+    budget = "" if opts.time_budget is None else f", budget {opts.time_budget / 60:g} min + save and eval"
     _summary(f"recovered {args.qdir} -> {args.out}", [
         ("calibration", f"{args.corpus}: {report['calibration_tokens']} tokens"),
-        ("time", f"{report['seconds'] / 60:.1f} min ({report['steps']} end-to-end steps)"),
+        ("time", f"{_duration(total)} ({report['steps']} end-to-end steps{budget})"),
+        *_phase_rows(report["phases"]),
+        *_cut_short_rows(report),
         ("end-to-end KL first -> last", f"{e2e[0]:.3f} -> {e2e[-1]:.3f}" if e2e else "-"),
         ("loss curve", _sparkline(e2e)),
-        ("bits per weight (base / with adapters)",
-         f"{report['bits_per_weight']:.3f} / {report['bits_per_weight_with_adapters']:.3f}"),
+        ("bits per weight of the linear layers, stored bytes: total (adapters in) / base",
+         f"{report['bits_per_weight_with_adapters']:.3f} / {report['bits_per_weight']:.3f}"),
         (f"held-out perplexity ({args.eval_task}) before -> after",
          "skipped" if report["ppl_after"] is None else f"{report['ppl_before']:.2f} -> {report['ppl_after']:.2f}")])
-    if args.json:
-        Path(args.json).write_text(json.dumps(report) + "\n")
+    _write_json(args.json, report)
     return 0
+
+
+def _unfused_text(report: dict) -> str:
+    from collections import Counter
+
+    unfused = report["unfused_layers"]
+    counts = Counter(unfused.values()).most_common()
+    return f"{len(unfused)} of {report['quantized_layers']}" + "".join(f", {f}: {n}" for f, n in counts)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _cut_short_rows(report: dict) -> list[tuple[str, str]]:
+    """What the time budget left out, if anything."""
+    rows = []
+    if report["blocks_skipped"]:
+        rows.append(("blocks not reconstructed (time budget)", str(report["blocks_skipped"])))
+    if report["options"]["steps"] and report["e2e_windows"] < report["windows"]:
+        rows.append(("end-to-end windows (teacher cache cut by the time budget)",
+                     f"{report['e2e_windows']} of {report['windows']}"))
+    return rows
 
 
 def _sparkline(values: list[float], width: int = 40) -> str:
@@ -140,8 +203,11 @@ def _sparkline(values: list[float], width: int = 40) -> str:
 
 
 def run_export_cli(args: argparse.Namespace) -> int:
-    report = export_quantized(args.qdir, args.out, args.format, args.storage, args.ternary_type, args.fallback)
-    console.print_json(json.dumps(report, default=str))
+    """The report goes to stdout as JSON (for pipes); progress and errors to stderr."""
+    console.print(f"exporting {args.qdir} as {args.format} to {args.out}...")
+    report = export_quantized(args.qdir, args.out, args.format, args.storage, args.ternary_type, args.fallback,
+                              overwrite=args.overwrite)
+    print(json.dumps(report, default=str))
     return 0
 
 
@@ -154,7 +220,8 @@ def add_parsers(sub) -> None:
     q.add_argument("--no-eval", action="store_true", help="skip the held-out perplexity before and after")
     q.add_argument("--no-progress", action="store_true")
     q.add_argument("--threads", type=int)
-    q.add_argument("--json", help="write the summary as JSON to this file")
+    q.add_argument("--json", metavar="FILE", help="write the summary as JSON to FILE (-: stdout)")
+    q.add_argument("--overwrite", action="store_true", help="replace OUT (and the --json file) if they exist")
     q.set_defaults(func=run_quantize_cli)
 
     r = sub.add_parser("recover", help="train the quantized model's adapters by distillation from the float model")
@@ -175,7 +242,9 @@ def add_parsers(sub) -> None:
     r.add_argument("--block-tokens", type=int, default=d.block_tokens)
     r.add_argument("--top-k", type=int, default=d.top_k, help="teacher log-probs cached per position")
     r.add_argument("--dtype", default=d.dtype, choices=("bfloat16", "float32"), help="autocast dtype for training")
-    r.add_argument("--time-budget", type=float, help="minutes for training (both phases)")
+    r.add_argument("--time-budget", type=float, metavar="MINUTES",
+                   help="minutes for the whole run: loading, teacher top-k cache (fewer windows when its share "
+                        "runs out), block and end-to-end phases, each within its share; " + SAVE_EVAL_MARGIN)
     r.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     r.add_argument("--snapshot-every", type=float, help="minutes between adapter snapshots in OUT.work/snapshots")
     r.add_argument("--seed", type=int, default=d.seed)
@@ -185,7 +254,8 @@ def add_parsers(sub) -> None:
     r.add_argument("--no-eval", action="store_true")
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--threads", type=int)
-    r.add_argument("--json")
+    r.add_argument("--json", metavar="FILE", help="write the summary as JSON to FILE (-: stdout)")
+    r.add_argument("--overwrite", action="store_true", help="replace OUT (and the --json file) if they exist")
     r.set_defaults(func=run_recover_cli)
 
     e = sub.add_parser("export", help="export a quantized model: safetensors, peft adapter, GGUF or plain HF")
@@ -197,4 +267,5 @@ def add_parsers(sub) -> None:
     e.add_argument("--ternary-type", default="TQ2_0", choices=("TQ2_0", "TQ1_0"), help="gguf: type of ternary layers")
     e.add_argument("--fallback", default="F16", choices=("F16", "Q8_0"),
                    help="gguf: type of quantized layers no GGUF low-bit type can hold exactly")
+    e.add_argument("--overwrite", action="store_true", help="replace OUT (and OUT.lora.gguf for gguf) if they exist")
     e.set_defaults(func=run_export_cli)

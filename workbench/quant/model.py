@@ -116,9 +116,10 @@ def quantized_state(model: nn.Module, storage: str = "packed") -> tuple[dict[str
 
 
 def save_quantized(model: nn.Module, out: str | Path, source_dir: str | Path | None = None,
-                   cfg: QuantConfig | None = None, storage: str | None = None, overwrite: bool = True,
+                   cfg: QuantConfig | None = None, storage: str | None = None, overwrite: bool = False,
                    extra: dict | None = None) -> Path:
-    """Write the compressed directory atomically (a temporary directory renamed into place)."""
+    """Write the compressed directory atomically (a temporary directory renamed into place); an
+    existing file or non-empty directory at `out` is refused unless `overwrite`."""
     storage = storage or (cfg.storage if cfg else "packed")
     for m in quant_layers(model).values():
         m.round_to_storage_()

@@ -18,8 +18,11 @@ class RecoverOptions:
     block_tokens: int = 16384  # calibration tokens for the block phase (a subset of the above)
     top_k: int = 64
     dtype: str = "bfloat16"  # autocast dtype of forward passes (bfloat16 or float32)
-    time_budget: float | None = None  # seconds for both phases; None: run every step
-    block_fraction: float = 0.3  # share of the time budget for the block phase
+    # Seconds for the whole run (loading, teacher cache, both phases); the final save and held-out
+    # evaluation come on top. None: run every step.
+    time_budget: float | None = None
+    block_fraction: float = 0.3  # share of the training time (the budget left after loading) for the block phase
+    cache_fraction: float = 0.5  # most of the end-to-end share the teacher's top-k cache may take
     checkpoint_every: int = 25
     snapshot_every: float | None = None  # seconds between snapshots of the adapters (None: none)
     seed: int = 0

@@ -1,6 +1,10 @@
 """Quantize, recover and export as plain functions: what `workbench quantize` / `recover` /
 `export` and the terminal UI's Quantize screen both call. Progress goes to callbacks; nothing here
-prints."""
+prints.
+
+Every output is checked before any long work: an existing file or non-empty directory is refused
+unless `overwrite` (then replaced atomically). Reported perplexities are measured on the saved
+directory, reloaded as `workbench eval` loads it."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from workbench.atomic import atomic_dir, check_output
 from workbench.errors import WorkbenchError
 from workbench.quant.options import RecoverOptions
 
@@ -28,14 +33,23 @@ def heldout_perplexity(model, tokenizer, task: str = EVAL_TASK) -> float:
     return result.metrics["ppl"]
 
 
+def saved_perplexity(out: str | Path, task: str = EVAL_TASK) -> float:
+    """Held-out perplexity of a saved directory, loaded as `workbench eval OUT TASK --split heldout` does."""
+    from workbench.models.loader import load_model
+
+    model, tok = load_model(out)
+    return heldout_perplexity(model, tok, task)
+
+
 def quantize_to_dir(model: str | Path, config: str | Path, out: str | Path, eval_task: str | None = EVAL_TASK,
-                    progress: ProgressFn | None = None) -> dict:
+                    progress: ProgressFn | None = None, overwrite: bool = False) -> dict:
     """`workbench quantize` as a function: quantize a float model (directory or home model name) by a
-    config file into the compressed directory `out`; return the summary (size report, seconds, disk
-    bytes and, with `eval_task`, held-out perplexity before and after).
+    config file into the compressed directory `out` (refused when it holds something, unless
+    `overwrite`); return the summary (size report, seconds, disk bytes and, with `eval_task`,
+    held-out perplexity of the float model and of the saved directory).
 
     `progress(layer, done, total)` is called once with done 0 before the first layer, then after each."""
-    from workbench.eval.cli import load_model, resolve_model_dir
+    from workbench.models.loader import load_model, model_kind, resolve_model
     from workbench.quant.config import check_model, load_quant_config
     from workbench.quant.model import (
         float_weight,
@@ -45,8 +59,11 @@ def quantize_to_dir(model: str | Path, config: str | Path, out: str | Path, eval
         size_report,
     )
 
+    check_output(out, overwrite)
     cfg = load_quant_config(config)
-    source = resolve_model_dir(model)
+    source = resolve_model(model)
+    if model_kind(source) != "float":
+        raise WorkbenchError(f"{source}: a {model_kind(source)} model; quantize a float model directory")
     net, tok = load_model(source)
     settings = check_model(cfg, {n: tuple(float_weight(m).shape) for n, m in linear_layers(net).items()})
     ppl_float = None if eval_task is None else heldout_perplexity(net, tok, eval_task)
@@ -55,42 +72,53 @@ def quantize_to_dir(model: str | Path, config: str | Path, out: str | Path, eval
     start = time.perf_counter()
     quantize_model(net, cfg, progress)
     seconds = time.perf_counter() - start
-    save_quantized(net, out, source, cfg, extra={"source_model": str(source.absolute())})
-    ppl = None if eval_task is None else heldout_perplexity(net, tok, eval_task)
-    return {**size_report(net, cfg.storage), "seconds": seconds, "ppl_float": ppl_float, "ppl": ppl,
+    save_quantized(net, out, source, cfg, overwrite=overwrite, extra={"source_model": str(source.absolute())})
+    from workbench.quant.kernels import unfused_layers
+
+    report = {**size_report(net, cfg.storage), "unfused_layers": unfused_layers(net)}
+    del net
+    ppl = None if eval_task is None else saved_perplexity(out, eval_task)
+    return {**report, "seconds": seconds, "ppl_float": ppl_float, "ppl": ppl,
             "out": str(out), "disk_bytes": sum(p.stat().st_size for p in Path(out).iterdir())}
 
 
 def recover_to_dir(qdir: str | Path, teacher: str | Path, out: str | Path, opts: RecoverOptions,
                    corpus: str = "pydoc,licenses", eval_task: str | None = EVAL_TASK, keep_work: bool = False,
                    progress: RecoverProgressFn | None = None,
-                   on_resume: Callable[[Path], None] | None = None) -> dict:
+                   on_resume: Callable[[Path], None] | None = None, overwrite: bool = False) -> dict:
     """`workbench recover` as a function: train the adapters of the compressed directory `qdir` by
-    distillation from the float model `teacher`; write the result to `out` (work in progress in
-    OUT.work, resumed when it holds a checkpoint: `on_resume(work_dir)` is called then) and return the
-    summary (size report, recovery options, seconds, steps, perplexities with `eval_task`).
+    distillation from the float model `teacher`; write the result to `out` (refused when it holds
+    something, unless `overwrite`; work in progress in OUT.work, resumed when it holds a checkpoint:
+    `on_resume(work_dir)` is called then) and return the summary (size report, recovery options,
+    seconds, steps, perplexities with `eval_task`, and `phases`: each phase's seconds against its
+    share of `opts.time_budget`).
 
+    The budget counts from this call on (loading included) up to the end of training; the final
+    save and the held-out evaluation of the saved directory ("save_eval") come on top of it.
     `progress(phase, done, total, loss)`: phases "blocks", "teacher" and "e2e"."""
-    import torch
+    started = time.perf_counter()
+    check_output(out, overwrite)
+    if opts.time_budget is not None and not opts.time_budget > 0:
+        raise WorkbenchError(f"time budget: expected a positive number of seconds, got {opts.time_budget}")
     from transformers import AutoConfig, AutoTokenizer
 
-    from workbench.quant.config import quant_config_from_dict
     from workbench.quant.corpus import corpus_texts, token_windows
-    from workbench.quant.model import (
-        load_quantized,
-        read_quant_meta,
-        save_quantized,
-        size_report,
-    )
+    from workbench.quant.model import load_quantized, read_quant_meta, size_report
     from workbench.quant.recover import Recovery
 
     meta = read_quant_meta(qdir)
     if not any(e["lora_rank"] for e in meta["layers"].values()) and opts.scale_lr <= 0:
         raise WorkbenchError(f"{qdir}: nothing to train: no LoRA adapters (quantize with `lora: {{rank: N}}`) "
                              "and --scale-lr 0")
-    teacher_dir = Path(teacher)
-    if not (teacher_dir / "config.json").is_file():
-        raise WorkbenchError(f"--teacher {teacher_dir}: not a model directory (no config.json)")
+    from workbench.models.loader import load_model, model_kind, resolve_model
+
+    try:
+        teacher_dir = resolve_model(teacher)
+    except WorkbenchError as e:
+        raise WorkbenchError(f"--teacher {e}") from None
+    if model_kind(teacher_dir) != "float":
+        raise WorkbenchError(f"--teacher {teacher_dir}: a {model_kind(teacher_dir)} model; the teacher is the "
+                             "float model the quantized one was made from")
     t_cfg, s_cfg = AutoConfig.from_pretrained(str(teacher_dir)), AutoConfig.from_pretrained(str(qdir))
     for key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers"):
         if getattr(t_cfg, key, None) != getattr(s_cfg, key, None):
@@ -105,28 +133,47 @@ def recover_to_dir(qdir: str | Path, teacher: str | Path, out: str | Path, opts:
         on_resume(work)
 
     def load_teacher():
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32,
-                                                    use_safetensors=True).eval()
+        return load_model(teacher_dir)[0]
 
     rec = Recovery(student, windows, opts, work, load_teacher, progress,
-                   _teacher_cache_path(teacher_dir, windows, opts))
+                   _teacher_cache_path(teacher_dir, windows, opts), started=started)
     result = rec.run()
-    ppl_after = None if eval_task is None else heldout_perplexity(student, tok, eval_task)
-    extra = {"source_model": meta.get("source_model"), "recovery": {
-        "options": vars(opts), "corpus": corpus, "calibration_tokens": int(windows.numel()),
-        "seconds": result["elapsed"], "steps": result["step"], "ppl_before": ppl_before, "ppl_after": ppl_after}}
-    cfg = None
-    if meta.get("config"):
-        cfg = quant_config_from_dict(meta["config"], str(Path(qdir) / "quant_config.json"))
-    save_quantized(student, out, qdir, cfg, extra=extra)
-    (Path(out) / "loss.jsonl").write_text((work / "loss.jsonl").read_text())
+    recovery = {"options": vars(opts), "corpus": corpus, "calibration_tokens": int(windows.numel()),
+                "seconds": result["elapsed"], "steps": result["step"], "ppl_before": ppl_before,
+                "windows": result["windows"], "e2e_windows": result.get("e2e_windows", 0),
+                "blocks_skipped": result.get("blocks_skipped", 0), "phases": result["phases"]}
+    report = size_report(student)
+    _save_recovered(student, qdir, meta, out, work, recovery, eval_task, overwrite)
     if not keep_work:
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
-    return {**size_report(student), **extra["recovery"], "out": str(out)}
+    return {**report, **recovery, "out": str(out)}
+
+
+def _save_recovered(student, qdir: str | Path, meta: dict, out: str | Path, work: Path, recovery: dict,
+                    eval_task: str | None, overwrite: bool) -> None:
+    """Save the recovered model, measure `ppl_after` on the saved files, and only then rename the
+    directory into place with that figure (and the "save_eval" phase) in its quant_config.json."""
+    import json
+
+    from workbench.quant.config import quant_config_from_dict
+    from workbench.quant.model import save_quantized
+
+    start = time.perf_counter()
+    cfg = None
+    if meta.get("config"):
+        cfg = quant_config_from_dict(meta["config"], str(Path(qdir) / "quant_config.json"))
+    extra = {"source_model": meta.get("source_model"), "recovery": recovery}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_quantized(student, tmp, qdir, cfg, overwrite=True, extra=extra)
+        (tmp / "loss.jsonl").write_text((work / "loss.jsonl").read_text())
+        recovery["ppl_after"] = None if eval_task is None else saved_perplexity(tmp, eval_task)
+        recovery["phases"]["save_eval"] = {"seconds": time.perf_counter() - start, "share": None}
+        meta_path = tmp / "quant_config.json"
+        saved = json.loads(meta_path.read_text())
+        saved["recovery"] = recovery
+        meta_path.write_text(json.dumps(saved, indent=2) + "\n")
 
 
 def _teacher_cache_path(teacher_dir: Path, windows, opts) -> Path:
@@ -141,34 +188,46 @@ def _teacher_cache_path(teacher_dir: Path, windows, opts) -> Path:
     return workbench_home() / "recover-cache" / f"{h.hexdigest()[:32]}.safetensors"
 
 
+def export_paths(qdir: str | Path, out: str | Path, fmt: str) -> list[Path]:
+    """What `export_quantized` writes: `out`, and for GGUF of a model with adapters OUT.lora.gguf."""
+    from workbench.quant.model import read_quant_meta
+
+    out = Path(out)
+    if fmt == "gguf" and any(e["lora_rank"] for e in read_quant_meta(qdir)["layers"].values()):
+        return [out, out.with_name(out.stem + ".lora.gguf")]
+    return [out]
+
+
 def export_quantized(qdir: str | Path, out: str | Path, fmt: str, storage: str = "packed",
-                     ternary_type: str = "TQ2_0", fallback: str = "F16") -> dict:
+                     ternary_type: str = "TQ2_0", fallback: str = "F16", overwrite: bool = False) -> dict:
     """`workbench export` as a function: write the compressed directory `qdir` as `fmt` (safetensors,
-    peft, hf or gguf; GGUF adds OUT.lora.gguf when the model has adapters) to `out`; return a report."""
+    peft, hf or gguf; GGUF adds OUT.lora.gguf when the model has adapters) to `out`; return a report.
+    Outputs that hold something are refused before any work unless `overwrite`."""
     from workbench.quant.model import load_quantized, read_quant_meta, save_quantized
 
     if fmt not in EXPORT_FORMATS:
         raise WorkbenchError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
     meta = read_quant_meta(qdir)
-    model = load_quantized(qdir)
+    paths = export_paths(qdir, out, fmt)
+    for path in paths:
+        check_output(path, overwrite, file=fmt == "gguf")
     out = Path(out)
+    if fmt == "gguf":
+        from workbench.export.gguf import export_gguf, export_lora_gguf
+
+        report = export_gguf(qdir, out, ternary_type=ternary_type, fallback=fallback)
+        if len(paths) > 1:
+            report["lora"] = export_lora_gguf(qdir, paths[1])
+        return report
+    model = load_quantized(qdir)
     if fmt == "safetensors":
-        save_quantized(model, out, qdir, storage=storage,
+        save_quantized(model, out, qdir, storage=storage, overwrite=overwrite,
                        extra={k: v for k, v in meta.items() if k not in ("format", "version", "layers", "tied", "config")})
         return {"format": "safetensors", "path": str(out)}
     if fmt == "peft":
         from workbench.export.peft import export_peft
 
-        return export_peft(model, qdir, out)
-    if fmt == "hf":
-        from workbench.export.hf import export_hf
+        return export_peft(model, qdir, out, overwrite=overwrite)
+    from workbench.export.hf import export_hf
 
-        return export_hf(model, qdir, out)
-    from workbench.export.gguf import export_gguf, export_lora_gguf
-
-    report = export_gguf(qdir, out, ternary_type=ternary_type, fallback=fallback)
-    if any(e["lora_rank"] for e in meta["layers"].values()):
-        lora_out = out.with_name(out.stem + ".lora.gguf")
-        report["lora"] = export_lora_gguf(qdir, lora_out)
-    return report
-
+    return export_hf(model, qdir, out, overwrite=overwrite)

@@ -17,11 +17,23 @@ top-k cache goes to ``teacher_cache`` (the CLI keys it by teacher files and wind
 A rerun with the same directory resumes where the last checkpoint left off.
 Batches are drawn from generators seeded with (seed, phase, step), so a resumed run sees the same
 batches as an uninterrupted one.
+
+With a time budget (``time_budget`` seconds on a clock that starts with the whole command and is
+checkpointed, so a resumed run continues it), the phases run in this order, each within its share:
+
+- ``load`` (models, calibration windows, opening evaluation: whatever it takes, out of the budget);
+- ``teacher_cache``: at most ``cache_fraction`` of the end-to-end share; when it runs out, fewer
+  windows are cached and the end-to-end phase trains on those (none cached: no end-to-end phase);
+- ``blocks``: ``block_fraction`` of the training time (the budget left after loading), forward passes
+  and input capture included; a block gets an even part of what is left, and when no block fits any
+  more the rest are skipped (neither trained nor run);
+- ``e2e``: the rest of the budget; a step that would end past it is not started.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -35,6 +47,7 @@ from workbench.quant.model import quant_layers
 from workbench.quant.options import RecoverOptions
 
 Progress = Callable[[str, int, int, float | None], None]
+PHASES = ("load", "teacher_cache", "blocks", "e2e")  # in the order they run
 
 
 class _Stop(Exception):
@@ -115,25 +128,46 @@ def _run_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _block_outputs(block: nn.Module, x: torch.Tensor, kwargs: dict, batch_size: int, dtype: str) -> torch.Tensor:
+def _block_outputs(block: nn.Module, x: torch.Tensor, kwargs: dict, batch_size: int, dtype: str,
+                   limit: float | None = None) -> torch.Tensor | None:
+    """The block's outputs for every row of `x`; None as soon as the batches done so far show the
+    whole pass would take more than `limit` seconds (the pass is then left unfinished)."""
+    outs, start = [], time.perf_counter()
     with torch.no_grad(), autocast(dtype):
-        return torch.cat([_run_block(block, x[i:i + batch_size], kwargs).float()
-                          for i in range(0, len(x), batch_size)])
+        for i in range(0, len(x), batch_size):
+            if limit is not None and i and (time.perf_counter() - start) * len(x) / i > limit:
+                return None
+            outs.append(_run_block(block, x[i:i + batch_size], kwargs).float())
+    return torch.cat(outs)
 
 
 def teacher_topk(teacher: nn.Module, windows: torch.Tensor, k: int, batch_size: int,
-                 progress: Progress | None = None) -> dict[str, torch.Tensor]:
-    """The teacher's top-k log-probs, their ids and the log tail mass at every window position."""
+                 progress: Progress | None = None, time_left: Callable[[], float] | None = None,
+                 offset: int = 0, total: int | None = None) -> dict[str, torch.Tensor]:
+    """The teacher's top-k log-probs, their ids and the log tail mass at every window position.
+
+    With `time_left` (seconds), a batch that would not end in time is not started: the result then
+    covers the first windows only (maybe none). Progress counts from `offset` windows of `total`."""
     vals, idxs, tails = [], [], []
+    total = offset + len(windows) if total is None else total
+    last = 0.0  # seconds of the last batch
     with torch.no_grad():
         for i in range(0, len(windows), batch_size):
+            if time_left is not None and time_left() <= last:
+                break
+            t0 = time.perf_counter()
             logp = teacher(windows[i:i + batch_size], use_cache=False).logits.float().log_softmax(-1)
             v, idx = logp.topk(k, dim=-1)
             tails.append(logp.scatter(-1, idx, float("-inf")).logsumexp(-1))
             vals.append(v)
             idxs.append(idx.int())
+            last = time.perf_counter() - t0
             if progress:
-                progress("teacher", min(i + batch_size, len(windows)), len(windows), None)
+                progress("teacher", offset + min(i + batch_size, len(windows)), total, None)
+    if not vals:
+        t = windows.shape[1]
+        return {"logprobs": torch.empty(0, t, k), "indices": torch.empty(0, t, k, dtype=torch.int32),
+                "tail": torch.empty(0, t)}
     return {"logprobs": torch.cat(vals), "indices": torch.cat(idxs), "tail": torch.cat(tails)}
 
 
@@ -150,21 +184,28 @@ def kl_loss(student_logits: torch.Tensor, cache: dict[str, torch.Tensor]) -> tor
 
 
 class Recovery:
-    """One recovery run over a work directory (resumable)."""
+    """One recovery run over a work directory (resumable), within `opts.time_budget` when given.
+
+    `started` (a `time.perf_counter()` value) is when the command began: the loading before the
+    run counts against the budget (default: now)."""
 
     def __init__(self, student: nn.Module, windows: torch.Tensor, opts: RecoverOptions, work_dir: Path,
                  teacher_loader: Callable[[], nn.Module], progress: Progress | None = None,
-                 teacher_cache: Path | None = None):
+                 teacher_cache: Path | None = None, started: float | None = None):
         self.student, self.windows, self.opts = student, windows, opts
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.teacher_loader, self.progress = teacher_loader, progress
         self.teacher_cache_path = Path(teacher_cache) if teacher_cache else self.work_dir / "teacher_topk.safetensors"
         self.params = trainable(student, opts.scale_lr)
-        self.state = {"phase": "blocks" if opts.block_steps else "e2e", "block": 0, "step": 0, "elapsed": 0.0}
+        self.state = {"phase": "blocks" if opts.block_steps else "e2e", "block": 0, "step": 0, "elapsed": 0.0,
+                      "phases": {}}
         self.optimizer: torch.optim.Optimizer | None = None
-        self._t0 = time.perf_counter()
+        self._t0 = time.perf_counter() if started is None else started
         self._elapsed0 = 0.0
+        self._phase: str | None = "load"
+        self._phase_t0 = self._t0
+        self._block_step_seconds = 0.0  # the last block-phase step, to tell whether another one fits
         self._resume()
 
     # -- bookkeeping -----------------------------------------------------------------------------
@@ -182,6 +223,7 @@ class Recovery:
             for name, t in ck["trainable"].items():
                 self.params[name].copy_(t)
         self.state = ck["state"]
+        self.state.setdefault("phases", {})
         self._elapsed0 = float(self.state["elapsed"])
         if ck.get("optimizer") is not None:
             self.optimizer = _optimizer(self.params, self.opts.lr, self.opts.scale_lr)
@@ -206,7 +248,8 @@ class Recovery:
 
     def checkpoint(self) -> None:
         self.state["elapsed"] = self.elapsed
-        ck = {"trainable": {n: p.detach().clone() for n, p in self.params.items()}, "state": dict(self.state),
+        state = {**self.state, "phases": self.phase_seconds()}
+        ck = {"trainable": {n: p.detach().clone() for n, p in self.params.items()}, "state": state,
               "optimizer": self.optimizer.state_dict() if self.state["phase"] == "e2e" and self.optimizer else None}
         with atomic_file(self.work_dir / "checkpoint.pt", "wb") as f:
             torch.save(ck, f)
@@ -225,61 +268,152 @@ class Recovery:
         with open(self.work_dir / "loss.jsonl", "a") as f:
             f.write(json.dumps({**row, "elapsed": round(self.elapsed, 2)}) + "\n")
 
-    def _budget(self, share: float) -> float | None:
-        return None if self.opts.time_budget is None else self.opts.time_budget * share
+    # -- time budget -----------------------------------------------------------------------------
+    def phase_seconds(self) -> dict[str, float]:
+        """Seconds spent in each phase so far (the earlier runs of a resumed one included)."""
+        seconds = dict(self.state.get("phases", {}))
+        if self._phase is not None:
+            seconds[self._phase] = seconds.get(self._phase, 0.0) + time.perf_counter() - self._phase_t0
+        return seconds
+
+    def _enter(self, phase: str | None) -> None:
+        self.state["phases"] = self.phase_seconds()
+        self._phase, self._phase_t0 = phase, time.perf_counter()
+
+    def _deadline(self, phase: str) -> float | None:
+        """When `phase`, starting now, must end on the run's clock (None: no budget). Set when the
+        phase first starts and kept across resumes; a resume with another budget plans anew."""
+        budget, o, s = self.opts.time_budget, self.opts, self.state
+        if budget is None:
+            return None
+        if s.get("budget") != budget:
+            s.update(budget=budget, deadlines={}, shares={}, train_start=self.elapsed)
+        if phase not in s["deadlines"]:
+            now, train = self.elapsed, max(0.0, budget - s["train_start"])
+            blocks = 0.0 if not o.block_steps else train * (o.block_fraction if o.steps else 1.0)
+            share = {"teacher_cache": o.cache_fraction * (train - blocks), "blocks": blocks}.get(phase, budget - now)
+            s["deadlines"][phase] = min(budget, now + share)
+            s["shares"][phase] = max(0.0, s["deadlines"][phase] - now)
+        return s["deadlines"][phase]
+
+    def _time_left(self, deadline: float | None) -> float:
+        return math.inf if deadline is None else deadline - self.elapsed
+
+    def phase_report(self) -> dict[str, dict]:
+        """{phase: {"seconds", "share"}} for the phases that ran; the share is None without a budget
+        (loading's is the whole budget: it comes first)."""
+        seconds, shares, budget = self.phase_seconds(), self.state.get("shares", {}), self.opts.time_budget
+        return {p: {"seconds": seconds[p], "share": budget if p == "load" or budget is None else shares.get(p)}
+                for p in PHASES if p in seconds}
 
     # -- phases ----------------------------------------------------------------------------------
     def run(self) -> dict:
+        """The phases not done yet; return the state with `elapsed`, `phases` (each one's seconds
+        against its share) and `windows` (the calibration windows; `e2e_windows` were trained on)."""
+        e2e = bool(self.opts.steps) and self.state["phase"] != "done"
+        cache = self._cached_topk() if e2e else None
         teacher = None
-        if self.state["phase"] == "blocks":
+        if self.state["phase"] == "blocks" or (e2e and self._cache_size(cache) < self._cache_target()):
             teacher = self.teacher_loader()
+        if e2e:
+            self._enter("teacher_cache")
+            cache = self._teacher_cache(teacher, cache)
+        if self.state["phase"] == "blocks":
+            self._enter("blocks")
             self.reconstruct_blocks(teacher)
             self.state.update(phase="e2e", step=0)
             self.checkpoint()
-        if self.state["phase"] == "e2e" and self.opts.steps:
-            cache = self._teacher_cache(teacher)
-            teacher = None
+        teacher = None
+        if self.state["phase"] == "e2e" and self._cache_size(cache):
+            self._enter("e2e")
             self.end_to_end(cache)
+        self._enter(None)
         self.state["phase"] = "done"
         self.checkpoint()
-        return {"elapsed": self.elapsed, **self.state}
+        return {**self.state, "elapsed": self.elapsed, "phases": self.phase_report(), "windows": len(self.windows)}
 
     def reconstruct_blocks(self, teacher: nn.Module) -> None:
+        """Train each block to reproduce the teacher's, within the phase's share of the budget: a
+        block gets an even part of the time left (its forward passes included); when that leaves no
+        time to train, this block and the rest are skipped."""
         o = self.opts
+        deadline = self._deadline("blocks")
         n = max(o.batch_size, min(len(self.windows), o.block_tokens // o.seq_len) // o.batch_size * o.batch_size)
         windows = self.windows[:n]
         t_layers, s_layers = decoder_layers(teacher), decoder_layers(self.student)
+        total, first = len(s_layers), self.state["block"]
+        if self._time_left(deadline) <= 0:
+            return self._skip_blocks(first, total)
         x_fp, kwargs = capture_block_inputs(teacher, windows, o.batch_size)
         x_q, _ = capture_block_inputs(self.student, windows, o.batch_size)
-        deadline = self._budget(o.block_fraction)
-        forward_seconds = 0.0  # the last block's two forward passes, to leave time for them
+        f_t = f_s = 0.0  # seconds of the last teacher and student block forward passes
         for i, (tb, sb) in enumerate(zip(t_layers, s_layers)):
+            if self._block_time(deadline, i, first, total, f_t + f_s) <= 0:
+                return self._skip_blocks(max(i, first), total)
             t0 = time.perf_counter()
-            y_fp = _block_outputs(tb, x_fp, kwargs, o.batch_size, o.dtype)
-            if i >= self.state["block"]:
-                seconds = None if deadline is None else max(
-                    0.0, (deadline - self.elapsed) / (len(s_layers) - i) - forward_seconds)
-                t1 = time.perf_counter()
-                self._train_block(i, sb, x_q, y_fp, kwargs, seconds)
-                t0 += time.perf_counter() - t1
+            slot = self._time_left(deadline) / (total - i)  # this block's even part of the time left
+            limit = None if deadline is None else (slot if i >= first else self._time_left(deadline))
+            y_fp = _block_outputs(tb, x_fp, kwargs, o.batch_size, o.dtype, limit)
+            if y_fp is None:  # its forward pass alone would take the block's time
+                return self._skip_blocks(max(i, first), total)
+            f_t = time.perf_counter() - t0
+            last = i == total - 1
+            if i >= first:
+                seconds = None if deadline is None else slot - f_t - (0.0 if last else f_s)
+                if not self._train_block(i, sb, x_q, y_fp, kwargs, seconds) and deadline is not None:
+                    self.state["blocks_skipped"] = self.state.get("blocks_skipped", 0) + 1
                 self.state["block"] = i + 1
                 self.checkpoint()
-            x_q = _block_outputs(sb, x_q, kwargs, o.batch_size, o.dtype)
+            if last:
+                break
+            if self._block_time(deadline, i + 1, first, total, f_t + f_s, owed=f_s) <= 0:
+                return self._skip_blocks(max(i + 1, first), total)  # the next block would not fit: stop here
+            t0 = time.perf_counter()
+            x_q = _block_outputs(sb, x_q, kwargs, o.batch_size, o.dtype,
+                                 None if deadline is None else self._time_left(deadline) - f_t)
+            if x_q is None:  # no time left for the next block's teacher pass after it
+                return self._skip_blocks(max(i + 1, first), total)
+            f_s = time.perf_counter() - t0
             x_fp = y_fp
-            forward_seconds = time.perf_counter() - t0
             if self.progress:
-                self.progress("blocks", i + 1, len(s_layers), None)
+                self.progress("blocks", i + 1, total, None)
+        if self.progress:
+            self.progress("blocks", total, total, None)
+
+    def _block_time(self, deadline: float | None, i: int, first: int, total: int, forward: float,
+                    owed: float = 0.0) -> float:
+        """Seconds left to train block `i` (from an even split of the time left after `owed` seconds
+        of work due first) beyond its forward passes and one step; <= 0: it does not fit."""
+        if deadline is None:
+            return math.inf
+        left = self._time_left(deadline) - owed
+        if i < first:  # done before a resume: only run again
+            return left - forward
+        return left / (total - i) - forward - self._block_step_seconds
+
+    def _skip_blocks(self, first: int, total: int) -> None:
+        """The budget's block share is spent: blocks `first`.. stay as they are."""
+        self.state["blocks_skipped"] = self.state.get("blocks_skipped", 0) + max(0, total - first)
+        self.state["block"] = total
+        if self.progress:
+            self.progress("blocks", total, total, None)
 
     def _train_block(self, index: int, block: nn.Module, x: torch.Tensor, y: torch.Tensor, kwargs: dict,
-                     seconds: float | None) -> None:
+                     seconds: float | None) -> int:
+        """Up to `block_steps` steps; with `seconds`, a step that would end past them is not started.
+        Return the steps taken (-1: nothing to train in this block)."""
         o = self.opts
         params = {n: p for n, p in self.params.items() if any(p is q for q in block.parameters())}
         if not params:
-            return
+            return -1
         opt = _optimizer(params, o.block_lr, o.scale_lr)
         var = y.var().clamp_min(1e-12)
         start = time.perf_counter()
+        logged, loss = -1, None
         for step in range(o.block_steps):
+            if seconds is not None and time.perf_counter() - start + self._block_step_seconds > seconds:
+                break
+            t0 = time.perf_counter()
             idx = _batch(len(x), o.batch_size, o.seed, 1 + index, step)
             with autocast(o.dtype):
                 out = _run_block(block, x[idx], kwargs)
@@ -289,38 +423,76 @@ class Recovery:
             opt.step()
             if step == 0 or step == o.block_steps - 1 or step % 10 == 9:
                 self._log(phase="blocks", block=index, step=step, loss=loss.item())
-            if seconds is not None and time.perf_counter() - start > seconds:
-                self._log(phase="blocks", block=index, step=step, loss=loss.item())
-                break
+                logged = step
+            self._block_step_seconds = time.perf_counter() - t0
+        else:
+            return o.block_steps
+        if loss is not None and logged != step - 1:
+            self._log(phase="blocks", block=index, step=step - 1, loss=loss.item())
+        return step
 
-    def _teacher_cache(self, teacher: nn.Module | None) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file, save
+    def _cached_topk(self) -> dict[str, torch.Tensor] | None:
+        """The stored teacher cache when it covers a prefix of these windows (maybe all of them)."""
+        from safetensors.torch import load_file
 
         path = self.teacher_cache_path
-        if path.is_file():
-            cache = load_file(str(path))
-            if cache["logprobs"].shape[:2] == tuple(self.windows.shape):
-                return cache
-        teacher = teacher if teacher is not None else self.teacher_loader()
-        with autocast(self.opts.dtype):
-            cache = teacher_topk(teacher, self.windows, self.opts.top_k, self.opts.batch_size, self.progress)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(path, "wb") as f:
-            f.write(save({k: v.contiguous() for k, v in cache.items()}))
+        if not path.is_file():
+            return None
+        cache = load_file(str(path))
+        shape = cache["logprobs"].shape
+        if shape[1] != self.windows.shape[1] or shape[0] > len(self.windows) or shape[2] != self.opts.top_k:
+            return None
+        return cache
+
+    @staticmethod
+    def _cache_size(cache: dict[str, torch.Tensor] | None) -> int:
+        return 0 if cache is None else len(cache["tail"])
+
+    def _cache_target(self) -> int:
+        """The windows the end-to-end phase trains on: all, or those a resumed run started with."""
+        return self.state.get("e2e_windows", len(self.windows))
+
+    def _teacher_cache(self, teacher: nn.Module | None, cache: dict[str, torch.Tensor] | None
+                       ) -> dict[str, torch.Tensor] | None:
+        """The teacher cache over the end-to-end windows, completed within the phase's share of the
+        budget (a resumed run completes the windows it started with regardless); None: no window."""
+        from safetensors.torch import save
+
+        deadline = self._deadline("teacher_cache")
+        have, target = self._cache_size(cache), self._cache_target()
+        if have < target:
+            left = None if "e2e_windows" in self.state or deadline is None else (lambda: self._time_left(deadline))
+            with autocast(self.opts.dtype):
+                more = teacher_topk(teacher, self.windows[have:target], self.opts.top_k, self.opts.batch_size,
+                                    self.progress, left, offset=have, total=target)
+            if len(more["tail"]):
+                cache = more if cache is None else {k: torch.cat([cache[k], more[k]]) for k in cache}
+                self.teacher_cache_path.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_file(self.teacher_cache_path, "wb") as f:
+                    f.write(save({k: v.contiguous() for k, v in cache.items()}))
+        if cache is not None:
+            cache = {k: v[:target] for k, v in cache.items()}
+        self.state["e2e_windows"] = self._cache_size(cache)
         return cache
 
     def end_to_end(self, cache: dict[str, torch.Tensor]) -> None:
         o = self.opts
+        n = self._cache_size(cache)
         if self.optimizer is None:
             self.optimizer = _optimizer(self.params, o.lr, o.scale_lr)
-        budget = self._budget(1.0)
+        deadline = self._deadline("e2e")
         start = self.state.setdefault("e2e_start", self.elapsed)
+        last = 0.0  # seconds of the last step, to tell whether another one fits
         for step in range(self.state["step"], o.steps):
-            # Progress through the schedule: by steps, or by time when a time budget ends the run first.
-            done = step / o.steps if budget is None else max(step / o.steps, (self.elapsed - start) / max(1.0, budget - start))
+            if deadline is not None and self.elapsed + last > deadline:
+                break
+            t0 = time.perf_counter()
+            # Progress through the schedule: by steps, or by time when the budget ends the run first.
+            done = step / o.steps if deadline is None else max(
+                step / o.steps, (self.elapsed - start) / max(1e-6, deadline - start))
             for group, base in zip(self.optimizer.param_groups, (o.lr, o.scale_lr)):
                 group["lr"] = base * _cosine(step, done)
-            idx = _batch(len(self.windows), o.batch_size, o.seed, 0, step)
+            idx = _batch(n, o.batch_size, o.seed, 0, step)
             with autocast(o.dtype):
                 logits = self.student(self.windows[idx], use_cache=False).logits
             loss = kl_loss(logits, {k: v[idx] for k, v in cache.items()})
@@ -335,8 +507,7 @@ class Recovery:
                 self.checkpoint()
             if o.snapshot_every and self.elapsed >= self.state.get("next_snapshot", o.snapshot_every):
                 self.snapshot()
-            if budget is not None and self.elapsed > budget:
-                break
+            last = time.perf_counter() - t0
 
 
 def _cosine(step: int, done: float, warmup: int = 5) -> float:

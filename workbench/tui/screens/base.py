@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from textual.screen import Screen
@@ -32,6 +34,23 @@ class WorkbenchScreen(Screen):
 
     def warn(self, message: str, title: str = "") -> None:
         self.notify(message, title=title, severity="warning", markup=False)
+
+    def start_if_outputs_free(self, outputs: Iterable[Path | None], overwrite: bool,
+                              start: Callable[[], None]) -> None:
+        """Run ``start`` when no output would replace something; an occupied output is an error
+        unless overwrite is ticked, and then the user confirms first (nothing is replaced unasked)."""
+        from workbench.atomic import occupied
+        from workbench.tui.screens.confirm import ConfirmScreen
+
+        taken = [p for p in outputs if p is not None and occupied(p)]
+        if not taken:
+            start()
+        elif not overwrite:
+            self.error(f"{taken[0]} already exists and is not empty; choose another output or tick overwrite")
+        else:
+            names = "\n".join(f"  {p}" for p in taken)
+            self.app.push_screen(ConfirmScreen(f"Replace what is there now? Everything in it is deleted:\n{names}"),
+                                 lambda yes: start() if yes else self.warn("nothing replaced"))
 
 
 def guarded(method):

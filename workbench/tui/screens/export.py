@@ -104,14 +104,15 @@ class ExportScreen(WorkbenchScreen):
         name = source.name if source.is_dir() else source.stem
         out = Path(out_raw).expanduser() if out_raw else default_merge_out(name)
         overwrite = self.query_one("#export-overwrite", Checkbox).value
-        if out.exists() and not overwrite:
-            self.error(f"{out} already exists; choose another output or tick overwrite")
-            return
-        self.exporting = True
-        self.query_one("#export", Button).disabled = True
-        self.query_one("#export-result", Label).update(Text(""))
-        self.query_one("#export-job", JobStatus).start(f"exporting {source.name} into {out}...")
-        self.export(source, out, overwrite)
+
+        def start() -> None:
+            self.exporting = True
+            self.query_one("#export", Button).disabled = True
+            self.query_one("#export-result", Label).update(Text(""))
+            self.query_one("#export-job", JobStatus).start(f"exporting {source.name} into {out}...")
+            self.export(source, out, overwrite)
+
+        self.start_if_outputs_free([out], overwrite, start)
 
     @work(thread=True, exclusive=True, group="export", exit_on_error=False, description="export merged model")
     def export(self, source: Path, out: Path, overwrite: bool) -> None:

@@ -42,11 +42,19 @@ class QuantPlan:
     recovered: Path | None  # the recovered compressed directory (with minutes > 0)
     fmt: str  # "none" or one of workbench.quant.pipeline.EXPORT_FORMATS
     export_out: Path | None
+    overwrite: bool = False  # replace occupied outputs (the user confirmed it)
 
     @property
     def final(self) -> Path:
         """The compressed directory the export reads."""
         return self.recovered or self.out
+
+    @property
+    def outputs(self) -> list[Path]:
+        paths = [self.out, self.recovered, self.export_out]
+        if self.fmt == "gguf" and self.export_out is not None:
+            paths.append(self.export_out.with_name(self.export_out.stem + ".lora.gguf"))
+        return [p for p in paths if p is not None]
 
 
 @dataclass
@@ -135,14 +143,16 @@ class QuantizeScreen(WorkbenchScreen):
 
     def plan(self) -> QuantPlan | None:
         """The inputs, checked; None (after an error notification) when one is wrong."""
-        from workbench.eval.cli import resolve_model_dir
+        from workbench.models.loader import model_kind, resolve_model
 
         raw = self._value("#quant-model")
         if not raw:
             self.error("give a source model: a model directory or a model name in the home")
             return None
         try:
-            source = resolve_model_dir(Path(raw).expanduser())
+            source = resolve_model(Path(raw).expanduser())
+            if model_kind(source) != "float":
+                raise WorkbenchError(f"{source}: a {model_kind(source)} model; quantize a float model directory")
         except WorkbenchError as e:
             self.error(str(e))
             return None
@@ -169,12 +179,8 @@ class QuantizeScreen(WorkbenchScreen):
         export_raw = self._value("#quant-export-out")
         export_out = None if fmt == "none" else (
             Path(export_raw).expanduser() if export_raw else default_quant_export_out(recovered or out, fmt))
-        if not self.query_one("#quant-overwrite", Checkbox).value:
-            for path in (out, recovered, export_out):
-                if path is not None and path.exists():
-                    self.error(f"{path} already exists; choose another output or tick overwrite")
-                    return None
-        return QuantPlan(source, config, out, minutes, recovered, fmt, export_out)
+        return QuantPlan(source, config, out, minutes, recovered, fmt, export_out,
+                         self.query_one("#quant-overwrite", Checkbox).value)
 
     @on(Button.Pressed, "#quant-run")
     @guarded
@@ -185,11 +191,15 @@ class QuantizeScreen(WorkbenchScreen):
         plan = self.plan()
         if plan is None:
             return
-        self.running = True
-        self.query_one("#quant-run", Button).disabled = True
-        self.query_one("#quant-result", Label).update(Text(""))
-        self.query_one("#quant-job", JobStatus).start(f"quantizing {plan.source.name} with {plan.config.name}...")
-        self.quantize_job(plan)
+
+        def start() -> None:
+            self.running = True
+            self.query_one("#quant-run", Button).disabled = True
+            self.query_one("#quant-result", Label).update(Text(""))
+            self.query_one("#quant-job", JobStatus).start(f"quantizing {plan.source.name} with {plan.config.name}...")
+            self.quantize_job(plan)
+
+        self.start_if_outputs_free(plan.outputs, plan.overwrite, start)
 
     @work(thread=True, exclusive=True, group="quantize", exit_on_error=False, description="quantize")
     def quantize_job(self, plan: QuantPlan) -> None:
@@ -215,16 +225,16 @@ class QuantizeScreen(WorkbenchScreen):
         try:
             apply_threads(self.config.threads)
             result = QuantResult(plan, quantize_to_dir(plan.source, plan.config, plan.out, eval_task=None,
-                                                       progress=on_layer))
+                                                       progress=on_layer, overwrite=plan.overwrite))
             if plan.recovered is not None:
                 say(None, None, f"recovery ({plan.minutes:g} min): calibration text and teacher...")
                 result.recovery = recover_to_dir(
                     plan.out, plan.source, plan.recovered, RecoverOptions(time_budget=plan.minutes * 60),
-                    eval_task=None, progress=on_recover,
+                    eval_task=None, progress=on_recover, overwrite=plan.overwrite,
                     on_resume=lambda path: say(None, None, f"recovery: resuming from {path}"))
             if plan.export_out is not None:
                 say(None, None, f"exporting {plan.fmt} to {plan.export_out}...")
-                result.export = export_quantized(plan.final, plan.export_out, plan.fmt)
+                result.export = export_quantized(plan.final, plan.export_out, plan.fmt, overwrite=plan.overwrite)
         except Exception as e:  # noqa: BLE001
             self.post_message(JobFailed(job, error_text(e)))
             return

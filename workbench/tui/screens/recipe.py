@@ -193,14 +193,15 @@ class RecipeScreen(WorkbenchScreen):
         name = Path(self.source()).stem if self.source() != "<editor>" else (recipe.name or "recipe")
         out = Path(raw).expanduser() if raw else default_merge_out(name)
         overwrite = self.query_one("#overwrite", Checkbox).value
-        if out.exists() and not overwrite:
-            self.error(f"{out} already exists; choose another output or tick overwrite")
-            return
-        self.merging = True
-        self.query_one("#merge", Button).disabled = True
-        self.query_one("#merge-result", Label).update(Text(""))
-        self.query_one("#merge-job", JobStatus).start(f"merging into {out}...")
-        self.merge(recipe, out, overwrite)
+
+        def start() -> None:
+            self.merging = True
+            self.query_one("#merge", Button).disabled = True
+            self.query_one("#merge-result", Label).update(Text(""))
+            self.query_one("#merge-job", JobStatus).start(f"merging into {out}...")
+            self.merge(recipe, out, overwrite)
+
+        self.start_if_outputs_free([out], overwrite, start)
 
     @work(thread=True, exclusive=True, group="recipe-merge", exit_on_error=False, description="merge")
     def merge(self, recipe, out: Path, overwrite: bool) -> None:
