@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -91,10 +90,13 @@ def export_recipe_cli(args) -> int:
 
 
 def best_history_row(run_dir: Path) -> dict:
-    """The best-scored row of a run's history.jsonl."""
+    """The best-scored row of a run's history.jsonl, read as the UI reads it (`read_history`: a
+    row cut short by a kill, and anything after it, is left out)."""
+    from workbench.search.run import read_history
+
     if not (run_dir / "history.jsonl").is_file():
         raise WorkbenchError(f"{run_dir}: not a search run directory (no history.jsonl)")
-    rows = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_history(run_dir)
     scored = [r for r in rows if r.get("score") is not None]
     if not scored:
         raise WorkbenchError(f"{run_dir}: no candidate has been scored yet")

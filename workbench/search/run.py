@@ -5,7 +5,9 @@ Run directory::
     spec.yml         the spec as run (with its seed)
     history.jsonl    one row per evaluated candidate (generation, index, kind, genome, recipe,
                      score, per-task scores, items, seconds, merge_seconds, error)
-    checkpoint.pkl   optimizer state after the last complete generation (written atomically)
+    checkpoint.json  state after the last complete generation (counters, incumbent, numpy's RNG),
+                     naming checkpoint-cma-NNNNNN.pickle, pycma's ES, read by a restricted
+                     unpickler (see workbench.search.checkpoint; no arbitrary pickle is loaded)
     best.yml         mergekit-compatible recipe of the incumbent
     report.json/.md  the held-out report, at the end
 
@@ -23,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ import numpy as np
 from workbench.atomic import atomic_file
 from workbench.errors import WorkbenchError
 from workbench.merge.recipe import Recipe, dump_recipe, recipe_from_dict
+from workbench.search.checkpoint import Checkpoint, read_checkpoint, require_checkpoint, write_checkpoint
 from workbench.search.spec import SearchSpec, load_spec, spec_from_dict
 
 WORST = 2.0  # fitness (CMA minimizes -score, score in [0, 1]) given to a candidate that failed
@@ -152,14 +154,10 @@ class Search:
         return self
 
     def resume(self) -> "Search":
-        ckpt = self.run_dir / "checkpoint.pkl"
-        if not ckpt.is_file():
-            raise WorkbenchError(f"{self.run_dir}: no checkpoint.pkl to resume from")
-        with open(ckpt, "rb") as f:
-            data = pickle.load(f)  # our own file, written by _checkpoint below; it holds no model weights
-        self.es = pickle.loads(data["es"])
-        np.random.set_state(data["numpy_rng"])
-        self.state = data["state"]
+        ck = read_checkpoint(self.run_dir, _cma_options(self.spec))
+        self.es = ck.es
+        np.random.set_state(ck.numpy_rng)
+        self.state = SearchState(ck.generation, ck.evaluations, ck.elapsed, ck.incumbent, ck.stop_reason)
         rows = [r for r in read_history(self.run_dir) if r["generation"] < self.state.generation]
         with atomic_file(self.run_dir / "history.jsonl") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -245,11 +243,9 @@ class Search:
         self.backend.close()
 
     def _checkpoint(self) -> None:
-        state = SearchState(self.state.generation, self.state.evaluations, self.state.elapsed,
-                            self.state.incumbent, self.state.stop_reason)  # history lives in history.jsonl
-        data = {"es": self.es.pickle_dumps(), "numpy_rng": np.random.get_state(), "state": state}
-        with atomic_file(self.run_dir / "checkpoint.pkl", "wb") as f:
-            pickle.dump(data, f)
+        s = self.state  # its history lives in history.jsonl
+        write_checkpoint(self.run_dir, Checkpoint(s.generation, s.evaluations, s.elapsed, s.incumbent, s.stop_reason,
+                                                  np.random.get_state(), self.es))
         if self.state.incumbent is not None:
             with atomic_file(self.run_dir / "best.yml") as f:
                 f.write(dump_recipe(self.best_recipe()))
@@ -284,6 +280,7 @@ def open_search(spec_path: str | Path | None, run_dir: str | Path, resume: bool 
         spec_file = run_dir / "spec.yml"
         if not spec_file.is_file():
             raise WorkbenchError(f"{run_dir}: not a search run directory (no spec.yml)")
+        require_checkpoint(run_dir)  # before the models and tasks load
         source = json.loads((run_dir / "spec.yml").read_text())
         spec = spec_from_dict(source, source=str(spec_file))
         return Search(spec, run_dir, **kwargs).resume()

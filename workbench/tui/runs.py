@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
+from workbench.search.checkpoint import OLD_CHECKPOINT, has_checkpoint
 from workbench.search.run import read_history
 
 
@@ -20,7 +21,7 @@ class RunSummary:
     budget_generations: int | None
     evaluations: int
     best: float | None
-    status: str  # "finished" (report written), "budget spent", "resumable", "no checkpoint"
+    status: str  # "finished" (report written), "budget spent", "resumable", "old checkpoint", "no checkpoint"
     modified: float
 
 
@@ -51,8 +52,10 @@ def summarize_run(run_dir: Path) -> RunSummary:
         status = "finished"
     elif budget is not None and generations >= budget:
         status = "budget spent"
-    elif (run_dir / "checkpoint.pkl").is_file():
+    elif has_checkpoint(run_dir):
         status = "resumable"
+    elif (run_dir / OLD_CHECKPOINT).is_file():
+        status = "old checkpoint"  # a pickle of an older version: never loaded, not resumable
     else:
         status = "no checkpoint"
     return RunSummary(run_dir, str(spec.get("name", run_dir.name)), str(spec.get("merge_method", "?")),
