@@ -167,7 +167,8 @@ def _save_recovered(student, qdir: str | Path, meta: dict, out: str | Path, work
     extra = {"source_model": meta.get("source_model"), "recovery": recovery}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_quantized(student, tmp, qdir, cfg, overwrite=True, extra=extra)
-        (tmp / "loss.jsonl").write_text((work / "loss.jsonl").read_text())
+        losses = work / "loss.jsonl"   # absent when the budget left no time for a single step
+        (tmp / "loss.jsonl").write_text(losses.read_text() if losses.is_file() else "")
         recovery["ppl_after"] = None if eval_task is None else saved_perplexity(tmp, eval_task)
         recovery["phases"]["save_eval"] = {"seconds": time.perf_counter() - start, "share": None}
         meta_path = tmp / "quant_config.json"
