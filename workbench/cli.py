@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0, help="seed for DARE/DELLA random masks (default 0)")
     m.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     m.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    m.add_argument("--allow-nonfinite", action="store_true", help="merge even if a weight is NaN or inf")
     m.set_defaults(func=cmd_merge)
 
     r = sub.add_parser("recipe", help="recipe tools").add_subparsers(dest="recipe_command", metavar="ACTION")

@@ -106,6 +106,41 @@ def merge_tensor(plan: MergePlan, job: TensorJob, inputs: tuple[torch.Tensor | N
     return out
 
 
+class NonFiniteError(WorkbenchError):
+    """A merge input (or result) holding NaN or inf; the message names the model and tensor."""
+
+
+def check_finite(plan: MergePlan, job: TensorJob, inputs: tuple[torch.Tensor | None, list[torch.Tensor]],
+                 merged: torch.Tensor) -> None:
+    """Refuse a merged tensor that holds NaN/inf, naming the input model and tensor it came from.
+
+    One reduction over the result instead of a pass over every input: every merge method carries
+    a non-finite input entry into its result (masks multiply, so NaN * 0 stays NaN; slerp-like
+    methods spread it through their norms); ``tests/test_input_checks.py`` holds each method to
+    that. A sum is non-finite if any entry is, or if it overflows: then the entries are counted."""
+    if bool(torch.isfinite(merged.sum())):
+        return
+    n_out = count_nonfinite(merged)
+    if not n_out:   # the sum overflowed
+        return
+    base, others = inputs
+    found = [(plan.model_refs[m], name, n)
+             for (m, name), t in zip(([job.base] if job.base else []) + job.others,
+                                     ([base] if job.base else []) + others)
+             if (n := count_nonfinite(t))]
+    if not found:
+        raise NonFiniteError(f"tensor {job.out_name!r}: the {plan.method.name} merge made {n_out} non-finite "
+                             "values (NaN/inf) from finite inputs; pass --allow-nonfinite to write them anyway")
+    (model, name, n), *more = found
+    also = "".join(f"; model {m!r} too ({k} in {t!r})" for m, t, k in more)
+    raise NonFiniteError(f"model {model!r}: tensor {name!r} holds {n} non-finite values (NaN/inf){also}; "
+                         "pass --allow-nonfinite to merge anyway")
+
+
+def count_nonfinite(t: torch.Tensor) -> int:
+    return t.numel() - int(torch.isfinite(t).sum()) if t.is_floating_point() else 0
+
+
 def input_bytes(plan: MergePlan, job: TensorJob) -> int:
     refs = ([job.base] if job.base else []) + job.others
     total = 0
@@ -141,8 +176,11 @@ def assign_shards(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], shard_s
 
 def execute_merge(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu", out_dtype: str | None = None,
                   shard_size: int | str = "2GB", seed: int = 0, overwrite: bool = False,
-                  on_tensor: Callable[[int, int, str], None] | None = None) -> MergeResult:
-    """Run a planned merge into ``out_dir``. ``on_tensor(done, total, name)`` reports progress."""
+                  on_tensor: Callable[[int, int, str], None] | None = None,
+                  allow_nonfinite: bool = False) -> MergeResult:
+    """Run a planned merge into ``out_dir``. ``on_tensor(done, total, name)`` reports progress.
+    A NaN/inf in an input stops the merge, naming the model and tensor (nothing is written),
+    unless ``allow_nonfinite``."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -170,7 +208,10 @@ def execute_merge(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu", 
                     pending = None
                     if i + 1 < len(plan.jobs) and input_bytes(plan, plan.jobs[i + 1]) <= PREFETCH_BYTES:
                         pending = reader.submit(read_inputs, plan, plan.jobs[i + 1], dev, compute)
-                    out = merge_tensor(plan, job, inputs, dev, seed).to(dtype_out)
+                    out = merge_tensor(plan, job, inputs, dev, seed)
+                    if not allow_nonfinite:
+                        check_finite(plan, job, inputs, out)
+                    out = out.to(dtype_out)
                     del inputs
                     if written is not None:
                         written.result()
@@ -234,7 +275,7 @@ def run_merge_cli(args) -> int:
 
             result = execute_merge(plan, args.out, device=args.device, out_dtype=args.dtype,
                                    shard_size=args.shard_size, seed=args.seed, overwrite=args.overwrite,
-                                   on_tensor=on_tensor)
+                                   on_tensor=on_tensor, allow_nonfinite=getattr(args, "allow_nonfinite", False))
     finally:
         plan.close()
     console.print(f"[green]merged[/green] {result.num_tensors} tensors into {result.out_dir} "

@@ -14,13 +14,14 @@ from pathlib import Path
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.models.safetensors_io import NAME_DTYPES, SafetensorsFile
+from workbench.models.safetensors_io import NAME_DTYPES, SafetensorsFile, read_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SAFETENSORS_DTYPES = NAME_DTYPES
 # Decoder layers are named `...layers.N.` (Llama, Qwen2, Mistral) or `...h.N.` (GPT-2).
 LAYER_RE = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks))\.(?P<index>\d+)\.(?P<rest>.+)$")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+INDEX_NAME = "model.safetensors.index.json"
 
 
 class ModelLoadError(WorkbenchError, ValueError):
@@ -40,11 +41,63 @@ def rename_layer(tensor_name: str, new_index: int) -> str:
     return f"{m.group('prefix')}.{new_index}.{m.group('rest')}"
 
 
+def index_weight_map(path: Path) -> dict[str, Path] | None:
+    """Tensor name -> shard file from ``model.safetensors.index.json``, or None without an index."""
+    index = path / INDEX_NAME
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{index}: not a safetensors index (missing 'weight_map': {e})") from None
+    missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
+    if missing:
+        raise ModelLoadError(f"{index}: shard files listed but missing: {', '.join(missing)}")
+    return {name: path / f for name, f in weight_map.items()}
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a model directory: the index's shards, or every ``*.safetensors``."""
+    weight_map = index_weight_map(path)
+    files = sorted(set(weight_map.values())) if weight_map is not None else sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise ModelLoadError(
+            f"{path}: only pickled weights ({', '.join(pickled)}); workbench never unpickles "
+            "model files. Convert them to safetensors on a machine you trust, e.g. "
+            "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)`."
+        )
+    raise ModelLoadError(f"{path}: no *.safetensors weights found")
+
+
+def check_weight_files(model: str | Path) -> None:
+    """Check that a model's weight files are whole, before any work reads them: each safetensors
+    header against its file's size (headers only; no tensor data is read), or a ``.gguf`` file's
+    tensor ranges. Raises :class:`ModelLoadError` naming the file, the tensor and the bytes."""
+    path = Path(model)
+    if path.is_file() and path.suffix == ".gguf":
+        from workbench.models.gguf_import import check_gguf_file
+
+        try:
+            check_gguf_file(path)
+        except WorkbenchError as e:
+            raise ModelLoadError(str(e)) from None
+        return
+    for f in weight_files(path):
+        try:
+            read_header(f)
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from None
+
+
 class ModelDir:
     """A model directory: ``config.json`` plus single or sharded safetensors.
 
-    Opening a model reads only the file headers; each tensor is read on demand into its own
-    buffer (see ``safetensors_io``), so memory holds only the tensors in use.
+    Opening a model reads only the file headers, and checks each against its file's size (a
+    cut-short download is refused here, naming the file and tensor); each tensor is read on demand
+    into its own buffer (see ``safetensors_io``), so memory holds only the tensors in use.
     """
 
     def __init__(self, path: str | Path):
@@ -67,28 +120,16 @@ class ModelDir:
         self._files = self._find_weight_files()
 
     def _find_weight_files(self) -> dict[str, Path]:
-        """Map each tensor name to the safetensors file that holds it."""
-        index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ModelLoadError(f"{index}: not a safetensors index (missing 'weight_map': {e})") from None
-            missing = sorted({f for f in weight_map.values() if not (self.path / f).is_file()})
-            if missing:
-                raise ModelLoadError(f"{index}: shard files listed but missing: {', '.join(missing)}")
-            return {name: self.path / f for name, f in weight_map.items()}
-        files = sorted(self.path.glob("*.safetensors"))
-        if not files:
-            pickled = sorted(p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-            if pickled:
-                raise ModelLoadError(
-                    f"{self.path}: only pickled weights ({', '.join(pickled)}); workbench never unpickles "
-                    "model files. Convert them to safetensors on a machine you trust, e.g. "
-                    "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)`."
-                )
-            raise ModelLoadError(f"{self.path}: no *.safetensors weights found")
-        return {name: f for f in files for name in self._handle(f).keys()}
+        """Map each tensor name to the safetensors file that holds it. Every file is opened, so
+        its header is checked against its size (see ``safetensors_io.check_header``) here."""
+        weight_map = index_weight_map(self.path)
+        if weight_map is None:
+            return {name: f for f in weight_files(self.path) for name in self._handle(f).keys()}
+        for name, f in weight_map.items():
+            if name not in self._handle(f).header:
+                raise ModelLoadError(f"{self.path / INDEX_NAME}: lists tensor {name!r} in {f.name}, "
+                                     "which does not hold it")
+        return weight_map
 
     def _handle(self, f: Path) -> SafetensorsFile:
         if f not in self._handles:

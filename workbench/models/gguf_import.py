@@ -30,7 +30,8 @@ class GGUFImportError(WorkbenchError, ValueError):
 
 
 def check_gguf_file(path: str | Path) -> Path:
-    """The path, if it is an existing file that starts with the GGUF magic bytes."""
+    """The path, if it is an existing GGUF file (magic bytes) whose every tensor's data lies
+    within the file: a cut-short download is named with its first tensor past the end."""
     path = Path(path)
     if not path.exists():
         raise GGUFImportError(f"{path}: no such file (expected a .gguf model file)")
@@ -42,7 +43,47 @@ def check_gguf_file(path: str | Path) -> Path:
         raise GGUFImportError(
             f"{path}: not a GGUF file (expected the magic bytes {GGUF_MAGIC!r} at the start, found {magic!r})"
         )
+    _check_tensor_ranges(path, _tensor_ranges(path))
     return path
+
+
+def _tensor_ranges(path: Path) -> list[tuple[str, int, int]]:
+    """``(name, first byte, end byte)`` of every tensor's data, from the GGUF metadata only."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+
+    class RangeReader(GGUFReader):
+        """Records where each tensor's data lies instead of mapping it (which fails, unnamed, past
+        the end of a cut-short file)."""
+
+        def _build_tensors(self, start_offs: int, fields: list) -> None:
+            self.ranges = []
+            for field in fields:
+                _, name, _, dims, raw_dtype, offset = field.parts
+                block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_dtype[0]))]
+                n_elems = 1
+                for d in dims.tolist():
+                    n_elems *= int(d)
+                begin = start_offs + int(offset[0])
+                self.ranges.append((bytes(name).decode("utf-8", "replace"), begin,
+                                    begin + n_elems * type_size // block_size))
+
+    size = path.stat().st_size
+    try:
+        return RangeReader(path).ranges
+    except Exception as e:  # metadata cut short or corrupt: the reader fails in many ways
+        raise GGUFImportError(f"{path}: unreadable GGUF metadata ({size} bytes; cut short or corrupt?): "
+                              f"{type(e).__name__}: {e}") from None
+
+
+def _check_tensor_ranges(path: Path, ranges: list[tuple[str, int, int]]) -> None:
+    size = path.stat().st_size
+    past = sorted((begin, end, name) for name, begin, end in ranges if end > size)
+    if past:
+        begin, end, name = past[0]
+        more = f" (and {len(past) - 1} more tensors after it)" if len(past) > 1 else ""
+        raise GGUFImportError(
+            f"{path}: cut short (an incomplete download?): the file has {size} bytes, its tensors need "
+            f"{max(e for _, _, e in ranges)}; tensor {name!r} needs bytes {begin}..{end}{more}")
 
 
 def gguf_architecture(path: Path) -> str:

@@ -36,35 +36,107 @@ NAME_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 MAX_HEADER_BYTES = 100_000_000
 
 
+# bits per element of every dtype the safetensors format defines (workbench reads NAME_DTYPES)
+DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "E8M0": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+    "I64": 64, "U64": 64, "F64": 64, "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}
+
+
+class SafetensorsHeaderError(ValueError):
+    """A safetensors file whose header does not describe its bytes; the message names the file,
+    the tensor and the bytes expected vs present."""
+
+
 def dtype_size(dtype: torch.dtype) -> int:
     return dtype.itemsize
 
 
 def read_header(path: Path) -> tuple[dict, int]:
-    """Return ``(header, data_start)``; the header maps names to dtype/shape/data_offsets."""
+    """Return ``(header, data_start)``, checked against the file's size (see :func:`check_header`);
+    the header maps names to dtype/shape/data_offsets. Reads the header only."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise ValueError(f"{path}: too short to be a safetensors file")
+            raise SafetensorsHeaderError(f"{path}: {size} bytes, too short to be a safetensors file")
         (n,) = struct.unpack("<Q", raw)
         if n > MAX_HEADER_BYTES:
-            raise ValueError(f"{path}: header length {n} is implausible; not a safetensors file?")
+            raise SafetensorsHeaderError(f"{path}: header length {n} is implausible; not a safetensors file?")
+        if 8 + n > size:
+            raise SafetensorsHeaderError(f"{path}: the header says it is {n} bytes long, but the file has only "
+                                         f"{size} bytes (cut short, or not a safetensors file)")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: unreadable safetensors header ({e})") from None
+            raise SafetensorsHeaderError(f"{path}: the safetensors header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise SafetensorsHeaderError(f"{path}: the safetensors header is not a JSON object")
     header.pop("__metadata__", None)
+    check_header(path, header, 8 + n, size)
     return header, 8 + n
 
 
+def tensor_nbytes(path: Path, name: str, info: object) -> tuple[int, int]:
+    """``(begin, end)`` of one header entry, checked: known dtype, and as many bytes as its shape
+    and dtype take."""
+    if not (isinstance(info, dict) and isinstance(info.get("shape"), list)
+            and all(isinstance(d, int) and d >= 0 for d in info["shape"])
+            and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+            and all(isinstance(o, int) and o >= 0 for o in info["data_offsets"])):
+        raise SafetensorsHeaderError(f"{path}: tensor {name!r}: malformed header entry {str(info)[:200]} "
+                                     "(expected dtype, shape and data_offsets [begin, end])")
+    if info.get("dtype") not in DTYPE_BITS:
+        raise SafetensorsHeaderError(f"{path}: tensor {name!r} has unknown dtype {info.get('dtype')!r}")
+    begin, end = info["data_offsets"]
+    numel = 1
+    for d in info["shape"]:
+        numel *= d
+    bits = numel * DTYPE_BITS[info["dtype"]]
+    if (end - begin) * 8 != bits:
+        need = bits // 8 if bits % 8 == 0 else bits / 8
+        raise SafetensorsHeaderError(
+            f"{path}: tensor {name!r} has data_offsets [{begin}, {end}] ({end - begin} bytes), but its shape "
+            f"{info['shape']} of {info['dtype']} takes {need} bytes")
+    return begin, end
+
+
+def check_header(path: Path, header: dict, data_start: int, size: int) -> None:
+    """Every tensor's bytes must match its shape and dtype, lie within the file's ``size`` bytes,
+    and not overlap another's. A cut-short file is named with the first tensor past the end."""
+    ranges = sorted((*tensor_nbytes(path, name, info), name) for name, info in header.items())
+    past = [(b, e, n) for b, e, n in ranges if data_start + e > size]
+    if past:
+        begin, end, name = past[0]
+        more = f" (and {len(past) - 1} more tensors after it)" if len(past) > 1 else ""
+        raise SafetensorsHeaderError(
+            f"{path}: cut short (an incomplete download?): the file has {size} bytes, its header needs "
+            f"{data_start + ranges[-1][1]}; tensor {name!r} needs bytes {data_start + begin}..{data_start + end}"
+            f"{more}")
+    reach = (0, 0, "")  # the range that ends furthest so far
+    for begin, end, name in ranges:
+        if begin < reach[1] and begin < end:  # an empty tensor overlaps nothing
+            raise SafetensorsHeaderError(f"{path}: tensors {reach[2]!r} (data bytes {reach[0]}..{reach[1]}) "
+                                         f"and {name!r} (data bytes {begin}..{end}) overlap")
+        reach = max(reach, (begin, end, name), key=lambda r: r[1])
+
+
 class SafetensorsFile:
-    """One safetensors file, read tensor by tensor, each through a mapping of its own bytes."""
+    """One safetensors file, read tensor by tensor, each through a mapping of its own bytes.
+
+    Opening it reads and checks the header against the file's size (see :func:`check_header`),
+    so a cut-short file is refused before any tensor is read."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.header, self.data_start = read_header(self.path)
+        for name, info in self.header.items():
+            if info["dtype"] not in NAME_DTYPES:
+                raise SafetensorsHeaderError(
+                    f"{self.path}: tensor {name!r} has dtype {info['dtype']}, which workbench does not read "
+                    f"(expected one of {', '.join(NAME_DTYPES)})")
         self._fd: int | None = None
-        self._size = os.path.getsize(self.path)
 
     def keys(self) -> list[str]:
         return list(self.header)
@@ -78,18 +150,12 @@ class SafetensorsFile:
     def get_tensor(self, name: str) -> torch.Tensor:
         """The tensor, backed by a private (copy-on-write) mapping of the file: writing to it never
         changes the file, and the mapping goes when the last view of the tensor does. Files are
-        replaced by rename, never rewritten in place, so a mapping stays valid."""
+        replaced by rename, never rewritten in place, so a mapping stays valid (and the header was
+        checked against the file's size when it was opened)."""
         info = self.header[name]
         begin, end = info["data_offsets"]
         dtype = NAME_DTYPES[info["dtype"]]
-        numel = 1
-        for d in info["shape"]:
-            numel *= d
-        if numel * dtype_size(dtype) != end - begin:
-            raise IOError(f"{self.path}: tensor {name!r} has {end - begin} bytes, its shape and dtype need "
-                          f"{numel * dtype_size(dtype)}")
-        if self.data_start + end > self._size:
-            raise IOError(f"{self.path}: truncated data for tensor {name!r}")
+        numel = (end - begin) // dtype_size(dtype)
         if not numel:
             return torch.empty(info["shape"], dtype=dtype)
         if self._fd is None:
