@@ -84,6 +84,21 @@ def tiny_models(tmp_path):
     return make
 
 
+def write_quant_inputs(d: Path) -> tuple[Path, Path, Path]:
+    """A 2-bit LoRA config, a held-out perplexity task and a calibration text for the tiny models:
+    (config, task header, corpus) in ``d``."""
+    cfg = d / "q.yml"
+    cfg.write_text("bits: 2\ngroup_size: 16\nlora: {rank: 2}\n")
+    words = [f"w{i}" for i in range(3, VOCAB)]
+    (d / "ppl.jsonl").write_text("".join(json.dumps({"split": "heldout", "text": " ".join(words[i::7])}) + "\n"
+                                         for i in range(7)))
+    task = d / "ppl.yml"
+    task.write_text("name: tiny-ppl\ntype: perplexity\nitems: ppl.jsonl\nmax_length: 32\nstride: 32\n")
+    corpus = d / "corpus.txt"
+    corpus.write_text(" ".join(f"w{i % 90 + 3}" for i in range(3000)))  # tiny vocabulary words
+    return cfg, task, corpus
+
+
 def write_tiny_task(path: Path, n: int = 12) -> Path:
     """A 2-choice task for the tiny word-level tokenizer: which word follows (a seeded rule)."""
     rng = np.random.default_rng(0)

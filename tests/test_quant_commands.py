@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import VOCAB, save_tiny_model
+from conftest import VOCAB, save_tiny_model, write_quant_inputs
 from transformers import AutoModelForCausalLM
 
 from workbench.atomic import OutputExistsError
@@ -43,15 +43,7 @@ def one_thread():
 def files(tmp_path):
     """A tiny float model, a 2-bit LoRA config, a held-out perplexity task and a calibration text."""
     src = save_tiny_model(tmp_path / "src", "llama")
-    cfg = tmp_path / "q.yml"
-    cfg.write_text("bits: 2\ngroup_size: 16\nlora: {rank: 2}\n")
-    words = [f"w{i}" for i in range(3, VOCAB)]
-    (tmp_path / "ppl.jsonl").write_text("".join(json.dumps({"split": "heldout", "text": " ".join(words[i::7])}) + "\n"
-                                                for i in range(7)))
-    task = tmp_path / "ppl.yml"
-    task.write_text("name: tiny-ppl\ntype: perplexity\nitems: ppl.jsonl\nmax_length: 32\nstride: 32\n")
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(" ".join(f"w{i % 90 + 3}" for i in range(3000)))
+    cfg, task, corpus = write_quant_inputs(tmp_path)
     return {"src": src, "cfg": cfg, "task": str(task), "corpus": str(corpus)}
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import VOCAB, save_tiny_model
+from conftest import VOCAB, save_tiny_model, write_quant_inputs
 from transformers import AutoModelForCausalLM
 
 from workbench.quant.config import QuantConfigError, quant_config_from_dict
@@ -172,16 +172,8 @@ def test_cli_quantize_recover_export(tmp_path, capsys):
     from workbench.cli import main
 
     src = save_tiny_model(tmp_path / "src", "llama")
-    cfg = tmp_path / "q.yml"
-    cfg.write_text("bits: 2\ngroup_size: 16\nlora: {rank: 2}\n")
-    words = [f"w{i}" for i in range(3, VOCAB)]
-    (tmp_path / "ppl.jsonl").write_text("".join(json.dumps({"split": "heldout", "text": " ".join(words[i::7])}) + "\n"
-                                                for i in range(7)))
-    (tmp_path / "ppl.yml").write_text("name: tiny-ppl\ntype: perplexity\nitems: ppl.jsonl\nmax_length: 32\n"
-                                      "stride: 32\n")
-    task = ["--eval-task", str(tmp_path / "ppl.yml")]
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(" ".join(f"w{i % 90 + 3}" for i in range(3000)))  # tiny vocabulary words
+    cfg, task_file, corpus = write_quant_inputs(tmp_path)
+    task = ["--eval-task", str(task_file)]
     assert main(["quantize", str(src), "--config", str(cfg), "--out", str(tmp_path / "q"), "--no-progress",
                  "--json", str(tmp_path / "q.json"), *task]) == 0
     report = json.loads((tmp_path / "q.json").read_text())

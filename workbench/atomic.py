@@ -70,8 +70,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside ``target``, renamed over it when the block succeeds (removed otherwise),
     for writers that open their output by path themselves (gguf's); `atomic_file` builds on it."""
     target = Path(target)
-    if target.is_dir():
-        raise OutputExistsError(f"{target}: is a directory; expected the path of a file to write")
+    check_output(target, overwrite=True, file=True)   # a file replaces a file, never a directory
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     os.close(fd)
