@@ -160,6 +160,9 @@ def test_config_errors_name_file_line_and_field(tmp_path):
     p.write_text("bits: 2\nlayers:\n  - {pattern: 'mlp', bits: 7}\n")
     with pytest.raises(QuantConfigError, match=r"q.yml:3: layers.0.bits"):
         load_quant_config(p)
+    p.write_text("bits: 2\nlayers:\n  - {pattern: 'mlp', bits: 4}\n  - {pattern: 'attn', rank: -1}\n")
+    with pytest.raises(QuantConfigError, match=r"q.yml:4: layers.1.rank: expected a non-negative integer"):
+        load_quant_config(p)
 
 
 def test_group_size_not_dividing_a_row_is_refused_naming_every_tensor():
@@ -179,6 +182,13 @@ def test_mixed_config_resolves_per_layer():
     assert (attn.kind, attn.bits, attn.method) == ("asym", 4, "hqq")
     assert cfg.setting_for("model.layers.0.mlp.up_proj") is None
     assert cfg.setting_for("lm_head") is None
+
+
+def test_per_layer_rank_overrides_the_adapter_rank():
+    cfg = quant_config_from_dict({"bits": 2, "lora": {"rank": 8},
+                                  "layers": [{"pattern": r"mlp\.up_proj", "rank": 32}, {"pattern": "q_proj", "rank": 0}]})
+    assert [cfg.setting_for(f"model.layers.1.{n}").rank for n in ("mlp.up_proj", "self_attn.q_proj", "mlp.down_proj")] \
+        == [32, 0, 8]
 
 
 def test_example_configs_load():

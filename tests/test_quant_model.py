@@ -146,16 +146,24 @@ def test_hf_export_merges_adapters_and_reloads(tmp_path, embeddings):
     assert plain.get_input_embeddings().weight.dtype == torch.float32
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_peft_export_loads_with_peft_and_matches(tmp_path, arch):
+MIXED_RANKS = [{"pattern": "mlp", "rank": 2}, {"pattern": r"q_proj|c_attn", "rank": 0}, {"pattern": "k_proj", "rank": 6}]
+
+
+@pytest.mark.parametrize("arch,layers", [("llama", []), ("gpt2", []), ("llama", MIXED_RANKS), ("gpt2", MIXED_RANKS)])
+def test_peft_export_loads_with_peft_and_matches(tmp_path, arch, layers):
+    """One rank, or per-layer ranks as a searched config has them (peft's rank_pattern)."""
     peft = pytest.importorskip("peft")
     from workbench.export.peft import export_peft
 
     src = save_tiny_model(tmp_path / "src", arch)
     model = AutoModelForCausalLM.from_pretrained(src).eval()
-    quantize_model(model, quant_config_from_dict({"bits": 1.58, "group_size": 16, "lora": {"rank": 4, "alpha": 8}}))
+    quantize_model(model, quant_config_from_dict({"bits": 1.58, "group_size": 16, "lora": {"rank": 4, "alpha": 8},
+                                                  "layers": layers}))
+    if layers:
+        assert len({m.lora_rank for m in quant_layers(model).values()}) == (3 if arch == "gpt2" else 4)
     for m in quant_layers(model).values():
-        torch.nn.init.normal_(m.lora_B, std=0.05)
+        if m.lora_rank:
+            torch.nn.init.normal_(m.lora_B, std=0.05)
     save_quantized(model, tmp_path / "q", src)
     model = load_quantized(tmp_path / "q")
     export_peft(model, tmp_path / "q", tmp_path / "adapter")
@@ -190,3 +198,25 @@ def test_cli_quantize_recover_export(tmp_path, capsys):
     assert main(["recover", str(tmp_path / "q"), "--teacher", str(tmp_path / "nope"), "--out",
                  str(tmp_path / "x")]) == 2
     assert "--teacher" in capsys.readouterr().err
+
+
+def test_teacher_cache_under_a_deadline_risks_one_window_first(tmp_path):
+    """With a deadline, the first teacher batch is one window; a batch whose measured time per window
+    does not fit what is left is not started. Without one, whole batches give the same top-k."""
+    _, teacher, _, windows = _recovery_setup(tmp_path)
+    sizes = []
+
+    class Counting(torch.nn.Module):
+        def forward(self, ids, **kw):
+            sizes.append(len(ids))
+            return teacher(ids, **kw)
+
+    ref = teacher_topk(teacher, windows[:8], k=8, batch_size=4)
+    full = teacher_topk(Counting(), windows[:8], k=8, batch_size=4, time_left=lambda: 1e9)
+    assert sizes == [1, 4, 3]
+    torch.testing.assert_close(full["logprobs"], ref["logprobs"], atol=1e-5, rtol=0)
+    assert torch.equal(full["indices"][:, :, 0], ref["indices"][:, :, 0])
+    sizes.clear()
+    clock = iter([1e9] + [0.0] * 10)  # time enough for the probe, none after it
+    part = teacher_topk(Counting(), windows[:8], k=8, batch_size=4, time_left=lambda: next(clock))
+    assert sizes == [1] and len(part["tail"]) == 1

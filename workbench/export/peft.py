@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -26,10 +27,11 @@ def export_peft(qmodel: nn.Module, qdir: str | Path, out: str | Path, overwrite:
     layers = {n: m for n, m in quant_layers(qmodel).items() if m.lora_rank}
     if not layers:
         raise WorkbenchError(f"{qdir}: the model has no LoRA adapters to export (quantize with `lora: {{rank: N}}`)")
-    ranks = {m.lora_rank for m in layers.values()}
-    alphas = {m.lora_alpha for m in layers.values()}
-    if len(ranks) > 1 or len(alphas) > 1:
-        raise WorkbenchError(f"{qdir}: adapters of different ranks or alphas are not supported by this export")
+    # Mixed ranks (a searched config) go into peft's rank_pattern / alpha_pattern, keyed by module name.
+    rank, alpha = (Counter(getattr(m, k) for m in layers.values()).most_common(1)[0][0]
+                   for k in ("lora_rank", "lora_alpha"))
+    rank_pattern = {n: m.lora_rank for n, m in layers.items() if m.lora_rank != rank}
+    alpha_pattern = {n: m.lora_alpha for n, m in layers.items() if m.lora_alpha != alpha}
     base = dequantized_model(qmodel, qdir, merge_adapters=False)
     conv1d = any(type(base.get_submodule(n)).__name__ == "Conv1D" for n in layers)
     tensors = {}
@@ -39,7 +41,8 @@ def export_peft(qmodel: nn.Module, qdir: str | Path, out: str | Path, overwrite:
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_plain(base, qdir, tmp / "base")
-        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": ranks.pop(), "lora_alpha": alphas.pop(),
+        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
+                  "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
                   "target_modules": "(" + "|".join(re.escape(n) for n in sorted(layers)) + ")", "lora_dropout": 0.0,
                   "bias": "none", "fan_in_fan_out": conv1d, "inference_mode": True,
                   "base_model_name_or_path": str(out.absolute() / "base"),

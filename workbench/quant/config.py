@@ -7,6 +7,7 @@
     layers:              # per-layer overrides; the first pattern found in the module name wins
       - {pattern: 'mlp\\.down_proj', bits: 4}
       - {pattern: 'layers\\.0\\.', skip: true}
+      - {pattern: 'mlp\\.up_proj', rank: 32}   # a layer's own adapter rank (a searched config's way)
     lora: {rank: 16, alpha: 16, init: svd}   # adapters on every quantized layer (rank 0: none)
     storage: packed      # on disk: "packed" (2 bits per ternary code) or "trits" (1.6 bits)
     embeddings: float32  # token embeddings and output head: float32 or bfloat16 (half the bytes)
@@ -29,7 +30,7 @@ from workbench.yaml_lines import field_location, parse_with_lines
 
 BITS = (1, 1.58, 2, 3, 4)
 TOP_KEYS = {"bits", "group_size", "method", "skip", "layers", "lora", "storage", "seed", "embeddings"}
-LAYER_KEYS = {"pattern", "bits", "group_size", "method", "skip"}
+LAYER_KEYS = {"pattern", "bits", "group_size", "method", "skip", "rank"}
 LORA_KEYS = {"rank", "alpha", "init"}
 
 
@@ -45,6 +46,7 @@ class LayerSetting:
     group_size: int
     method: str
     nominal_bits: float  # 1.58 for ternary
+    rank: int = 0  # LoRA adapter rank (0: none)
 
     @property
     def label(self) -> str:
@@ -73,7 +75,8 @@ class QuantConfig:
 
     def setting_for(self, module_name: str) -> LayerSetting | None:
         """The setting of a module, or None when it stays in float."""
-        values = {"bits": self.bits, "group_size": self.group_size, "method": self.method, "skip": False}
+        values = {"bits": self.bits, "group_size": self.group_size, "method": self.method, "skip": False,
+                  "rank": self.lora.rank}
         if any(re.search(p, module_name) for p in self.skip):
             values["skip"] = True
         for rule in self.layers:
@@ -82,7 +85,9 @@ class QuantConfig:
                 break
         if values["skip"]:
             return None
-        return _setting(values["bits"], values["group_size"], values["method"])
+        s = _setting(values["bits"], values["group_size"], values["method"])
+        s.rank = values["rank"]
+        return s
 
     def to_dict(self) -> dict:
         return {"bits": self.bits, "group_size": self.group_size, "method": self.method, "skip": self.skip,
@@ -147,6 +152,10 @@ def quant_config_from_dict(data: Any, source: str = "<config>", lines: dict | No
             if not isinstance(rule["skip"], bool):
                 fail(("layers", i, "skip"), "expected true or false")
             r["skip"] = rule["skip"]
+        if "rank" in rule:
+            if not isinstance(rule["rank"], int) or isinstance(rule["rank"], bool) or rule["rank"] < 0:
+                fail(("layers", i, "rank"), f"expected a non-negative integer, got {rule['rank']!r}")
+            r["rank"] = rule["rank"]
         cfg.layers.append(r)
     lora = data.get("lora", {}) or {}
     if not isinstance(lora, dict):

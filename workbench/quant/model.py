@@ -77,7 +77,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig,
         w = float_weight(module).float()
         q = quantize_weight(w, s.nominal_bits, s.group_size, s.method)
         bias = getattr(module, "bias", None)
-        ql = QuantLinear.from_quantized(q, None if bias is None else bias.detach(), cfg.lora.rank, cfg.lora.alpha)
+        ql = QuantLinear.from_quantized(q, None if bias is None else bias.detach(), s.rank, cfg.lora.alpha)
         ql.init_lora(cfg.lora.init, w, seed=cfg.seed + i)
         ql.round_to_storage_()
         set_module(model, name, ql)
