@@ -145,8 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     rx.add_argument("--overwrite", action="store_true", help="replace OUT.yml if it exists")
     rx.set_defaults(func=cmd_recipe_export)
 
-    se = sub.add_parser("search", help="evolutionary (CMA-ES) search over merge recipes, in memory")
-    se.add_argument("spec", type=Path, nargs="?", help="search spec YAML (see recipes/*-search.yml)")
+    se = sub.add_parser("search", help="evolutionary search over merge recipes or quantization configs, in memory")
+    se.add_argument("spec", type=Path, nargs="?", help="search spec YAML (see recipes/*-search.yml; "
+                                                        "`kind: quantization` for a quantization search)")
+    se.add_argument("--front", type=Path, metavar="RUN_DIR", help="print a quantization run's Pareto front")
     se.add_argument("--out", type=Path, help="run directory to create")
     se.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its last generation")
     se.add_argument("--device", default="cpu")

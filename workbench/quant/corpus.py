@@ -21,11 +21,24 @@ from workbench.eval.taskfile import OS_LICENSES
 
 HELDOUT_TASK = "zoo-perplexity"
 HELDOUT_FILES = ("GPL-3", "MPL-2.0")
+# The `search` split of the calibration text: what a quantization search scores candidates on
+# (about 10k SmolLM2 tokens), kept out of recovery's calibration text as the held-out files are.
+SEARCH_FILES = ("GFDL-1.2", "GFDL-1.3")
 LICENSE_SKIP = ("GPL", "LGPL", "GFDL")  # symlinks to versioned files already listed
 
 
 def _heldout_paths() -> set[Path]:
-    return {(Path(OS_LICENSES) / f).resolve() for f in HELDOUT_FILES}
+    """Held-out and search text: never calibration text."""
+    return {(Path(OS_LICENSES) / f).resolve() for f in HELDOUT_FILES + SEARCH_FILES}
+
+
+def license_texts(files: tuple[str, ...]) -> list[tuple[str, str]]:
+    """[(name, text)] of license files the OS ships (the search or held-out split)."""
+    root = Path(OS_LICENSES)
+    missing = [f for f in files if not (root / f).is_file()]
+    if missing:
+        raise WorkbenchError(f"corpus: {', '.join(str(root / f) for f in missing)} not found on this machine")
+    return [(f"licenses/{f}", (root / f).read_text(errors="replace")) for f in files]
 
 
 def corpus_texts(spec: str | list[str]) -> list[tuple[str, str]]:
@@ -53,8 +66,8 @@ def corpus_texts(spec: str | list[str]) -> list[tuple[str, str]]:
                                      "file or directory of .txt files")
             for f in files:
                 if f.resolve() in heldout:
-                    raise WorkbenchError(f"corpus: {f} is held-out evaluation text ({HELDOUT_TASK} heldout "
-                                         "split); it cannot be used for calibration")
+                    raise WorkbenchError(f"corpus: {f} is held-out or search text ({HELDOUT_TASK} heldout split, "
+                                         "or the quantization search's split); it cannot be used for calibration")
                 texts.append((str(f), f.read_text(errors="replace")))
     if not texts:
         raise WorkbenchError("corpus: no calibration text given")

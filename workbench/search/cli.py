@@ -19,6 +19,12 @@ def run_search_cli(args) -> int:
     from workbench.search.report import heldout_report, report_markdown
     from workbench.search.run import open_search
 
+    from workbench.quant.search.cli import is_quant_run, run_quant_search_cli, show_front_cli
+
+    if getattr(args, "front", None):
+        return show_front_cli(args)
+    if is_quant_run(args):
+        return run_quant_search_cli(args)
     console = Console(stderr=True)
     if args.resume:
         run_dir = Path(args.resume)

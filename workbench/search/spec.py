@@ -42,7 +42,7 @@ from workbench.yaml_lines import field_location, parse_with_lines
 
 SEARCHABLE = ("ties", "dare_ties", "dare_linear", "task_arithmetic", "linear", "slerp", "breadcrumbs",
               "breadcrumbs_ties", "della", "della_linear")
-KEYS = {"name", "base_model", "models", "merge_method", "evolve", "granularity", "split_attention_mlp", "fixed",
+KEYS = {"kind", "name", "base_model", "models", "merge_method", "evolve", "granularity", "split_attention_mlp", "fixed",
         "objective", "budget", "seed", "racing", "sigma0", "limit", "dtype", "eval_dtype", "batch_size", "report_tasks"}
 BUDGET_KEYS = {"generations", "population", "max_evaluations", "max_minutes"}
 
@@ -118,6 +118,9 @@ def spec_from_dict(data: Any, source: str = "<spec>", lines: dict | None = None)
     for key in data:
         if key not in KEYS:
             fail((key,), f"unknown key; expected one of {', '.join(sorted(KEYS))}")
+    if data.get("kind", "merge") != "merge":
+        fail(("kind",), f"expected merge here, got {data.get('kind')!r} (a quantization spec runs with `workbench "
+                        "search`, which reads its kind)")
     method = data.get("merge_method")
     if method not in SEARCHABLE:
         fail(("merge_method",), f"{method!r} cannot be searched; expected one of {', '.join(SEARCHABLE)}")

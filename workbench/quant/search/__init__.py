@@ -1,0 +1,1 @@
+"""Evolutionary search over per-layer quantization formats and adapter ranks."""

@@ -1,0 +1,103 @@
+"""`workbench search` for a quantization spec, and `workbench search --front RUN`: rich adapters
+over `workbench.quant.search.run`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from workbench.errors import WorkbenchError
+
+
+def is_quant_run(args) -> bool:
+    """Whether the spec (or the resumed run's spec.yml) is a quantization search."""
+    from workbench.quant.search.spec import spec_kind
+
+    if args.resume:
+        path = Path(args.resume) / "spec.yml"
+        return path.is_file() and json.loads(path.read_text()).get("kind") == "quantization"
+    return args.spec is not None and spec_kind(args.spec) == "quantization"
+
+
+def run_quant_search_cli(args) -> int:
+    from workbench.quant.search.run import open_quant_search
+
+    console = Console(stderr=True)
+    run_dir = Path(args.resume or args.out or "")
+    if not args.resume and args.out is None:
+        raise WorkbenchError("workbench search: give SPEC.yml --out RUN_DIR, or --resume RUN_DIR")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, disable=args.no_progress) as progress:
+        bar = progress.add_task("layer database", total=None)
+
+        def on_build(label: str, done: int, total: int) -> None:
+            progress.update(bar, description=f"layer database: {label}"[:70], completed=done, total=total)
+
+        search = open_quant_search(args.spec, run_dir, resume=bool(args.resume), progress=on_build)
+        db = search.db_report
+        console.print(f"layer database {db['dir']}: {db['files']} files, {db['bytes'] / 1e6:.1f} MB, "
+                      f"built {db['built']} in {db['seconds']:.1f} s")
+        spec, state = search.spec, search.state
+        console.print(f"[bold]{spec.name}[/bold]: {len(search.units)} units x {len(search.db.options)} options, "
+                      f"targets {', '.join(f'{t:g}' for t in spec.targets)} bpw, {spec.optimizer}, seed {spec.seed}"
+                      + (f", resuming after generation {state['generation'] - 1}" if args.resume else ""))
+        progress.update(bar, description="generation", completed=state["generation"], total=spec.generations + 1)
+
+        def on_generation(ev) -> None:
+            parents = "; ".join(f"{p['target']:g}: KL {p['fitness']:.4f} at {p['bpw']:.3f}" for p in ev.targets)
+            line = (f"gen {ev.generation}: {parents} | {ev.evaluations} scored, {ev.rate:.0f} first-stage/min")
+            progress.update(bar, completed=ev.generation + 1)
+            (console if args.no_progress else progress.console).print(line)
+
+        final = search.run(on_generation=on_generation)
+        search.write_target_configs()
+        if args.no_report:
+            console.print(f"stopped: {final['stop_reason']}; no front (--no-report): `workbench search --resume "
+                          f"{run_dir}` after raising the budget, or rerun without --no-report")
+            print(run_dir)
+            return 0
+        hbar = progress.add_task("held-out scoring", total=None)
+        front = search.front(lambda _, done, total: progress.update(hbar, completed=done, total=total))
+    console.print(f"stopped: {final['stop_reason']} after {final['generation']} generations, "
+                  f"{final['evaluations']} scored, {final['elapsed'] / 60:.1f} min")
+    wide_console(stderr=True).print(front_table(front))
+    print(run_dir)
+    return 0
+
+
+def show_front_cli(args) -> int:
+    from workbench.quant.search.run import read_front
+
+    front = read_front(args.front)
+    wide_console().print(front_table(front))
+    return 0
+
+
+def front_table(front: dict) -> Table:
+    """The front and, per target, the searched config against the best uniform one."""
+    table = Table(title="quality vs size: bits per weight of the linear layers from stored bytes, adapters in")
+    for col in ("point", "bpw", "base", "adapters", "search KL", "held-out KL", "held-out ppl", "layers"):
+        table.add_column(col, justify="left" if col in ("point", "layers") else "right", no_wrap=col != "layers")
+
+    def row(name: str, p: dict, note: str) -> None:
+        table.add_row(name, f"{p['bpw']:.3f}", f"{p['base_bpw']:.3f}", f"{p['adapter_bpw']:.3f}",
+                      f"{p['fitness']:.4f}", f"{p['heldout_kl']:.4f}", f"{p['heldout_ppl']:.2f}", note)
+
+    for k, p in enumerate(front["front"]):
+        row(p.get("yml", str(k)), p, ", ".join(f"{n} {lab}" for lab, n in p["mix"].items()))
+    for t in front["targets"]:
+        table.add_section()
+        row(f"target {t['target']:g}", t["searched"], "searched")
+        if t["best_uniform"]:
+            row("  uniform", t["best_uniform"], f"best uniform: {t['best_uniform']['label']}; "
+                                                f"ppl ratio {t['ppl_ratio']:.3f}")
+    return table
+
+
+def wide_console(stderr: bool = False) -> Console:
+    """A console at least 140 columns wide, so a piped front stays one line per point."""
+    return Console(stderr=stderr, width=max(140, Console().width))
