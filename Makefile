@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE := 1
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	DISABLE_CUDA=1 $(PY) -m pip install -q -e ".[dev]"  # hqq: no CUDA extension build on this CPU machine
 	touch $@
 
 setup: $(VENV)/.installed
@@ -28,7 +28,6 @@ run: model
 test: model
 	$(PY) -m pytest
 
-# DISABLE_CUDA: hqq (the quantization peer) builds no CUDA extension.
 $(VENV)/.bench-installed: $(VENV)/.installed
 	DISABLE_CUDA=1 $(PY) -m pip install -q -e ".[dev,bench]"
 	touch $@

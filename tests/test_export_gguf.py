@@ -101,7 +101,7 @@ def _types(path: Path) -> dict[str, str]:
 def test_tq2_values_and_scales_exact_and_fallbacks_reported(dirs, tmp_path):
     out = tmp_path / "mixed.gguf"
     calls = []
-    report = export_gguf(dirs["mixed"], out, progress=lambda *a: calls.append(a))
+    report = export_gguf(dirs["mixed"], out, fallback="F16", progress=lambda *a: calls.append(a))
     assert out.is_file() and report["file_bytes"] == out.stat().st_size and calls[-1][1:] == (calls[-1][2],) * 2
     assert not list(tmp_path.glob(".*tmp*"))  # written through a temporary file
     types = _types(out)
@@ -139,6 +139,45 @@ def test_tq2_values_and_scales_exact_and_fallbacks_reported(dirs, tmp_path):
     m = ours["model.layers.0.self_attn.v_proj"]
     nonzero = (m.codes() != 1).any(-1).numpy()
     np.testing.assert_array_equal(d[nonzero], m.scale.detach().half().numpy()[:, 0][nonzero])
+
+
+@pytest.mark.parametrize("layers", [MIXED_CFG["layers"],
+                                    [{"pattern": r"q_proj", "bits": 3, "group_size": 32},
+                                     {"pattern": r"k_proj", "group_size": 128}, {"pattern": r"mlp", "bits": 4,
+                                                                                "group_size": 64}]])
+def test_q4_fallback_holds_our_codes(dirs, tmp_path, layers):
+    """The default fallback: ternary groups of a multiple of 32 as Q4_0 blocks, read back (with gguf)
+    exactly equal to our dequantized values; 1-4 bit codes as Q4_1 blocks, equal up to the float16
+    rounding of m = -scale x zero, whose measured error the report gives."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(dirs["src"])
+    quantize_model(model, quant_config_from_dict({**BASE_CFG, "layers": layers}))
+    qdir = save_quantized(model, tmp_path / "q", dirs["src"])
+    out = tmp_path / "q4.gguf"
+    report = export_gguf(qdir, out)
+    types, back = _types(out), gguf_weights_as_hf(out)
+    fb = {f["layer"]: f for f in report["fallbacks"]}
+    seen = set()
+    for name, m in _ours(qdir).items():
+        gname = f"{gguf_module(gguf.MODEL_ARCH.LLAMA, name)}.weight"
+        w = m.dequantized_weight().numpy()
+        if m.kind == "ternary" and m.group_size % 256 == 0:
+            assert types[gname] == "TQ2_0"
+        elif m.kind == "ternary":
+            assert types[gname] == "Q4_0" and fb[name]["exact"]
+            np.testing.assert_array_equal(back[f"{name}.weight"], w)
+        else:
+            assert types[gname] == "Q4_1"
+            err = np.abs(back[f"{name}.weight"] - w).max()
+            assert err == fb[name]["max_abs_error"] or np.isclose(err, fb[name]["max_abs_error"])
+            step = (m.scale.detach().numpy() * np.abs(m.zero.detach().numpy())).max()
+            assert err <= step * 2 ** -10 + 1e-7  # float16 rounding of m: half an ulp, relative 2^-11
+        seen.add(types[gname])
+    assert {"Q4_0", "Q4_1"} & seen
+    for t, size in (("Q4_0", 18), ("Q4_1", 20)):
+        if t in report["by_type"]:
+            assert report["by_type"][t]["bits_per_weight"] == pytest.approx(8 * size / 32)
 
 
 def test_norms_embeddings_metadata_and_tokenizer(dirs, tmp_path):
@@ -303,7 +342,7 @@ def test_errors(dirs, tmp_path, tiny_models):
     with pytest.raises(GGUFExportError, match="WordLevel.*tokenizer=False"):
         export_gguf(qllama, tmp_path / "x.gguf")
     report = export_gguf(qllama, tmp_path / "x.gguf", tokenizer=False)
-    assert report["tokenizer"] == {"model": "none"} and report["types"]["F16"] >= 7
+    assert report["tokenizer"] == {"model": "none"} and report["types"]["Q4_0"] == 7  # ternary g32: exact Q4_0
     with pytest.raises(GGUFExportError, match="no LoRA adapters"):
         export_lora_gguf(qllama, tmp_path / "lora.gguf")
 

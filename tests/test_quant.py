@@ -106,6 +106,26 @@ def test_asym_rtn_matches_direct_reference(bits):
     assert np.all(np.abs(deq - ref) <= scale[..., None] * 0.51 + 1e-3)
 
 
+@pytest.mark.parametrize("bits,group", [(2, 64), (3, 32), (4, 64), (2, 128)])
+def test_hqq_codes_equal_the_hqq_packages_quantizer(bits, group):
+    """Our 2-4 bit `hqq` method is hqq's own solve (Quantizer.quantize, axis 1, optimize on): with its
+    scale and zero rounded to float16, as we store them, its codes are ours exactly; before that
+    rounding, hqq's own codes agree on nearly every weight."""
+    hqq_quantize = pytest.importorskip("hqq.core.quantize")
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(bits)) * 0.02
+    w[3, :group] = 0.01  # a constant group: hqq's unit scale path
+    ours = quantize_asym(w, bits, group, "hqq")
+    w_q, meta = hqq_quantize.Quantizer.quantize(w, nbits=bits, group_size=group, axis=1, bitpack=False,
+                                                device="cpu")
+    scale = meta["scale"].reshape(48, -1, 1).half().float().clamp_min(6e-8)
+    zero = meta["zero"].reshape(48, -1, 1).half().float()
+    g = w.reshape(48, -1, group)
+    expected = (g / scale + zero).round().clamp(0, 2 ** bits - 1).to(torch.uint8).reshape(w.shape)
+    assert torch.equal(ours.codes, expected)
+    assert torch.equal(ours.scale, scale.squeeze(-1).half()) and torch.equal(ours.zero, zero.squeeze(-1).half())
+    assert (ours.codes == w_q.reshape(w.shape).to(torch.uint8)).float().mean() > 0.99
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_hqq_lowers_l1_error_of_rtn(bits):
     w = torch.randn(128, 256, generator=torch.Generator().manual_seed(7)) * torch.rand(128, 1)

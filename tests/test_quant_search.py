@@ -210,3 +210,14 @@ def test_cli_refuses_a_non_empty_run_dir_and_a_resume_without_checkpoint(setup, 
     assert main(["search", str(spec), "--out", str(tmp_path / "full"), "--no-progress"]) != 0
     assert "is not empty" in capsys.readouterr().err
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+def test_example_quantization_search_specs_validate():
+    from workbench.quant.search.spec import spec_kind
+
+    specs = [p for p in sorted((Path(__file__).parent.parent / "recipes").glob("*-search.yml"))
+             if spec_kind(p) == "quantization"]
+    assert len(specs) >= 2
+    for path in specs:
+        spec = load_quant_search_spec(path)
+        assert len(spec.options) >= 8 and spec.targets and spec.max_minutes

@@ -5,8 +5,13 @@
   the block's absmax is then our float16 scale, so `gguf.quants.quantize` of our dequantized weight
   reproduces our values exactly (checked for every tensor). Any other quantized layer (other group
   sizes, rows not a multiple of 256, 1-4 bit asymmetric: gguf-py cannot write Q2_K/Q3_K/Q4_K) falls
-  back to F16 or Q8_0 of its dequantized weight, and the report lists each with the reason and the
-  error. Embeddings and output are F16 (output omitted when tied), norms and biases F32.
+  back, and the report lists each with the reason and the error read back. The default fallback
+  ``Q4`` is the most compact type that holds our values: a ternary group of a multiple of 32 is
+  exactly a Q4_0 block run (d = our scale, q = t + 8; 4.5 bits per weight), and 1-4 bit codes are a
+  Q4_1 block run (d = scale, m = float16(-scale x zero); 5 bits per weight), exact up to the float16
+  rounding of m, whose error is measured and reported. Layers no Q4 block fits (a group not a
+  multiple of 32) and the ``F16`` / ``Q8_0`` fallbacks store the dequantized weight. Embeddings
+  and output are F16 (output omitted when tied), norms and biases F32.
 * `export_lora_gguf` writes the adapters in llama.cpp's LoRA GGUF format (``general.type=adapter``,
   ``adapter.type=lora``, ``adapter.lora.alpha``; ``<base>.lora_a`` [r, in] and ``<base>.lora_b``
   [out, r] as numpy shapes, i.e. ggml ne [in, r] and [r, out]). llama.cpp scales by alpha / rank.
@@ -61,9 +66,11 @@ __all__ = [
 
 TQ_BLOCK = 256
 TERNARY_TYPES = {"TQ2_0": QT.TQ2_0, "TQ1_0": QT.TQ1_0}
-FALLBACK_TYPES = {"F16": QT.F16, "Q8_0": QT.Q8_0}
+FALLBACK_TYPES = {"Q4": QT.Q4_0, "F16": QT.F16, "Q8_0": QT.Q8_0}  # Q4: Q4_0 (ternary) / Q4_1 (asymmetric)
+Q4_BLOCK = 32
 FILE_TYPES = {QT.TQ2_0: gguf.LlamaFileType.MOSTLY_TQ2_0, QT.TQ1_0: gguf.LlamaFileType.MOSTLY_TQ1_0,
-              QT.F16: gguf.LlamaFileType.MOSTLY_F16, QT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}
+              QT.F16: gguf.LlamaFileType.MOSTLY_F16, QT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+              QT.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0, QT.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1}
 
 Progress = Callable[[str, int, int], None]
 
@@ -127,9 +134,30 @@ def _quant_type(m: QuantLinear, name: str, ternary: QT, fallback: QT) -> tuple[Q
     else:
         why = (f"{m.bits}-bit asymmetric ((code - zero) * scale): no GGUF type that gguf-py can write "
                f"holds it (Q{m.bits}_K is read-only there)")
+    if fallback == QT.Q4_0:
+        if m.group_size % Q4_BLOCK == 0 and m.bits <= 4:
+            return (QT.Q4_0 if m.kind == "ternary" else QT.Q4_1), why
+        return QT.F16, why + f"; group_size {m.group_size} is not a multiple of the Q4 block ({Q4_BLOCK})"
     if fallback == QT.Q8_0 and m.in_features % 32:
         return QT.F16, why + f"; row length {m.in_features} is not a multiple of the Q8_0 block (32)"
     return fallback, why
+
+
+def q4_blocks(m: QuantLinear, heads: int | None) -> np.ndarray:
+    """Our codes as raw Q4_0 (ternary: d = scale, q = code - 1 + 8) or Q4_1 (d = scale, m = -scale x
+    zero, q = code) blocks of 32, rows in llama.cpp's order: [rows, blocks x (18 | 20)] uint8."""
+    out, inp = m.out_features, m.in_features
+    per = m.group_size // Q4_BLOCK
+    codes = _rows(m.codes().numpy().astype(np.uint8), heads).reshape(out, inp // Q4_BLOCK, Q4_BLOCK)
+    scale = _rows(m.scale.detach().half().numpy(), heads).repeat(per, axis=1)  # per block of 32
+    q = codes + 7 if m.kind == "ternary" else codes  # ternary code 0/1/2 is t = -1/0/1, q = t + 8
+    qs = (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
+    head = [scale[..., None].view(np.uint8)]
+    if m.kind != "ternary":
+        zero = _rows(m.zero.detach().half().numpy(), heads).repeat(per, axis=1)
+        low = (-(scale.astype(np.float32) * zero.astype(np.float32))).astype(np.float16)
+        head.append(low[..., None].view(np.uint8))
+    return np.concatenate([*head, qs], axis=-1).reshape(out, -1)
 
 
 def _rows(w: np.ndarray, heads: int | None) -> np.ndarray:
@@ -143,10 +171,11 @@ def _encode(w: np.ndarray, qtype: QT) -> np.ndarray:
     return gguf.quants.quantize(w, qtype)
 
 
-def _encode_layer(layer: str, w: np.ndarray, qtype: QT, why: str | None) -> tuple[np.ndarray, float]:
-    """Encode a dequantized layer weight; return the data and its max error read back. A TQ type
-    (`why` None) must reproduce the ternary values exactly."""
-    data = _encode(w, qtype)
+def _encode_layer(layer: str, w: np.ndarray, qtype: QT, why: str | None,
+                  blocks: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """Encode a dequantized layer weight (or take its ready `blocks`); return the data and its max
+    error read back. A TQ type (`why` None) must reproduce the ternary values exactly."""
+    data = _encode(w, qtype) if blocks is None else blocks
     err = float(np.abs(gguf.quants.dequantize(data, qtype).reshape(w.shape) - w).max()) if w.size else 0.0
     if why is None and err != 0.0:
         raise GGUFExportError(f"{layer}: {qtype.name} does not reproduce the ternary weights exactly (max error "
@@ -190,12 +219,12 @@ def _add_hparams(writer: gguf.GGUFWriter, src: _Source, warnings: list[str]) -> 
     return extra
 
 
-def export_gguf(qdir: str | Path, out_path: str | Path, *, ternary_type: str = "TQ2_0", fallback: str = "F16",
+def export_gguf(qdir: str | Path, out_path: str | Path, *, ternary_type: str = "TQ2_0", fallback: str = "Q4",
                 tokenizer: bool = True, progress: Progress | None = None) -> dict[str, Any]:
     """Write the quantized base model of `qdir` (without adapters) as one GGUF file; return a report.
 
-    `ternary_type`: TQ2_0 (2.0625 bits/weight) or TQ1_0 (1.6875). `fallback`: F16 or Q8_0, for the
-    quantized layers no TQ type can hold. `tokenizer=False` writes no vocabulary (tokenizer model
+    `ternary_type`: TQ2_0 (2.0625 bits/weight) or TQ1_0 (1.6875). `fallback`: Q4 (exact Q4_0 / Q4_1
+    blocks where our groups allow, else F16), F16 or Q8_0, for the quantized layers no TQ type can hold. `tokenizer=False` writes no vocabulary (tokenizer model
     "none"), for tokenizers that are not byte-level BPE. The report's ``bits_per_weight`` counts the
     bytes written for the quantized layers (fallbacks included) over their weights, the same
     population as `workbench.quant.model.size_report`."""
@@ -243,7 +272,11 @@ def export_gguf(qdir: str | Path, out_path: str | Path, *, ternary_type: str = "
         else:
             m = src.quant_linear(hf)
             qtype, why = _quant_type(m, hf, ternary, fb)
-            data, err = _encode_layer(hf, _rows(m.dequantized_weight(torch.float32).numpy(), heads), qtype, why)
+            w = _rows(m.dequantized_weight(torch.float32).numpy(), heads)
+            blocks = q4_blocks(m, heads) if qtype in (QT.Q4_0, QT.Q4_1) else None
+            data, err = _encode_layer(hf, w, qtype, why, blocks)
+            if qtype == QT.Q4_0 and err != 0.0:
+                raise GGUFExportError(f"{hf}: Q4_0 does not reproduce the ternary weights exactly (max error {err:g})")
             t = by_type.setdefault(qtype.name, {"tensors": 0, "weights": 0, "bytes": 0})
             t["tensors"] += 1
             t["weights"] += m.in_features * m.out_features
@@ -256,7 +289,8 @@ def export_gguf(qdir: str | Path, out_path: str | Path, *, ternary_type: str = "
         if progress:
             progress(gname, i + 1, len(items))
 
-    writer.add_file_type(FILE_TYPES[ternary if ternary.name in by_type else fb])
+    most = max(by_type, key=lambda k: by_type[k]["weights"]) if by_type else fb.name
+    writer.add_file_type(FILE_TYPES[ternary if ternary.name in by_type else QT[most]])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     with atomic_path(out_path) as tmp:
         _write(writer, tmp)

@@ -265,7 +265,8 @@ def add_parsers(sub) -> None:
     e.add_argument("--storage", default="packed", choices=("packed", "trits"),
                    help="safetensors: ternary codes at 2 bits (packed) or 1.6 bits (trits)")
     e.add_argument("--ternary-type", default="TQ2_0", choices=("TQ2_0", "TQ1_0"), help="gguf: type of ternary layers")
-    e.add_argument("--fallback", default="F16", choices=("F16", "Q8_0"),
-                   help="gguf: type of quantized layers no GGUF low-bit type can hold exactly")
+    e.add_argument("--fallback", default="Q4", choices=("Q4", "F16", "Q8_0"),
+                   help="gguf: layers no TQ type holds: Q4 (our values as Q4_0 / Q4_1 blocks where groups are "
+                        "multiples of 32, else F16; default), F16 or Q8_0 of the dequantized weight")
     e.add_argument("--overwrite", action="store_true", help="replace OUT (and OUT.lora.gguf for gguf) if they exist")
     e.set_defaults(func=run_export_cli)

@@ -200,7 +200,7 @@ def export_paths(qdir: str | Path, out: str | Path, fmt: str) -> list[Path]:
 
 
 def export_quantized(qdir: str | Path, out: str | Path, fmt: str, storage: str = "packed",
-                     ternary_type: str = "TQ2_0", fallback: str = "F16", overwrite: bool = False) -> dict:
+                     ternary_type: str = "TQ2_0", fallback: str = "Q4", overwrite: bool = False) -> dict:
     """`workbench export` as a function: write the compressed directory `qdir` as `fmt` (safetensors,
     peft, hf or gguf; GGUF adds OUT.lora.gguf when the model has adapters) to `out`; return a report.
     Outputs that hold something are refused before any work unless `overwrite`."""

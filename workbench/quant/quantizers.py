@@ -7,7 +7,8 @@ Two kinds, both grouped along the input dimension (see `packing.py`):
   rounding and the least-squares scale <w, t> / <t, t>, which never increases the squared error.
 * ``asym`` (1..4 bits): value = (code - zero) * scale with a float16 scale and zero per group.
   ``rtn`` is min/max round-to-nearest; ``hqq`` keeps the min/max scale and solves for the zero by
-  half-quadratic splitting under an l_p (p < 1) error, as HQQ does (Badri & Shaji, 2023).
+  half-quadratic splitting under an l_p (p < 1) error, through the `hqq` package's own solver
+  (Badri & Shaji, 2023). Ternary stays ours: hqq has no symmetric {-1, 0, 1} format.
 
 The returned scale and zero are already rounded to float16 and the codes are computed with those
 rounded values, so `dequantize` reproduces exactly what every consumer (kernels, GGUF) sees.
@@ -61,26 +62,19 @@ def quantize_ternary(w: torch.Tensor, group_size: int, method: str = "lsq", iter
     return QuantizedWeight("ternary", 2, group_size, codes, scale.squeeze(-1).half(), None)
 
 
-def _shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
-    """Generalised soft-threshold: the proximal step of the l_p norm used by HQQ."""
-    return torch.sign(x) * torch.relu(x.abs() - (1.0 / beta) * x.abs().clamp_min(1e-12).pow(p - 1))
+def hqq_scale_zero(g: torch.Tensor, max_code: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """HQQ's min/max start and half-quadratic zero solve, by the `hqq` package itself
+    (`hqq.core.optimize.optimize_weights_proximal`, its defaults: l_p 0.7, beta 10, kappa 1.01, 20
+    iterations), for groups `g` [..., group]; returns (scale, zero) in float32, before rounding."""
+    from hqq.core.optimize import optimize_weights_proximal
 
-
-def _hqq_zero(g: torch.Tensor, inv_scale: torch.Tensor, zero: torch.Tensor, max_code: int, iters: int = 20,
-              lp: float = 0.7, beta: float = 10.0, kappa: float = 1.01) -> torch.Tensor:
-    """Half-quadratic solve for the zero with the scale fixed; stops when the l1 error rises."""
-    best_zero, best_err = zero, float("inf")
-    for _ in range(iters):
-        q = (g * inv_scale + zero).round().clamp(0, max_code)
-        rec = (q - zero) / inv_scale
-        err_w = _shrink_lp(g - rec, beta, lp)
-        zero = (q - (g - err_w) * inv_scale).mean(-1, keepdim=True)
-        beta *= kappa
-        err = (g - rec).abs().mean().item()
-        if err >= best_err:
-            break
-        best_zero, best_err = zero, err
-    return best_zero
+    rows = g.reshape(-1, g.shape[-1])
+    lo, hi = rows.amin(-1, keepdim=True), rows.amax(-1, keepdim=True)
+    # As hqq's Quantizer.quantize: inverse scale, 1 for a (nearly) constant group, capped for float16.
+    inv = torch.where((hi - lo).abs() <= 1e-4, torch.ones_like(lo), max_code / (hi - lo)).clamp(max=2e4)
+    _, inv, zero = optimize_weights_proximal(rows, inv, -lo * inv, [0, max_code], axis=1, device="cpu")
+    shape = (*g.shape[:-1], 1)
+    return (1.0 / inv).reshape(shape), zero.reshape(shape)
 
 
 def quantize_asym(w: torch.Tensor, bits: int, group_size: int, method: str = "hqq") -> QuantizedWeight:
@@ -91,11 +85,12 @@ def quantize_asym(w: torch.Tensor, bits: int, group_size: int, method: str = "hq
         raise ValueError(f"asymmetric method must be one of {ASYM_METHODS}, got {method!r}")
     g = _groups(w, group_size)
     max_code = (1 << bits) - 1
-    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-    scale = ((hi - lo) / max_code).clamp_min(1e-8)
-    zero = -lo / scale
     if method == "hqq":
-        zero = _hqq_zero(g, 1.0 / scale, zero, max_code)
+        scale, zero = hqq_scale_zero(g, max_code)
+    else:
+        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+        scale = ((hi - lo) / max_code).clamp_min(1e-8)
+        zero = -lo / scale
     scale = scale.half().float().clamp_min(6e-8)
     zero = zero.half().float()
     codes = (g / scale + zero).round().clamp(0, max_code).to(torch.uint8).reshape(w.shape)
