@@ -637,3 +637,81 @@ async def test_search_screen_offers_the_quick_zoo_spec_once_the_zoo_is_built(env
     app = WorkbenchApp(env.config)
     async with app.run_test(size=SIZE):
         assert app.screen.query_one("#spec-path", Input).value.endswith("recipes/zoo-quick-search.yml")
+
+
+# --- Quant search -----------------------------------------------------------------------------
+
+@pytest.mark.asyncio
+async def test_quant_search_screen_runs_pauses_resumes_plots_and_builds_a_point(env, tmp_path):
+    """F7: a tiny quantization search started, paused after a generation, resumed to its end; the
+    plot and table show the front that pareto.json holds; the selected point builds and exports
+    to what `workbench quantize` makes from its config."""
+    import torch
+    from safetensors.torch import load_file
+
+    from conftest import write_quant_inputs
+    from workbench.cli import main
+    from workbench.quant.search.run import read_front
+    from workbench.tui.screens.quant_search import QuantSearchScreen
+
+    _, task, _ = write_quant_inputs(tmp_path)
+    spec = tmp_path / "tiny-quant-search.yml"
+    spec.write_text(yaml.safe_dump({
+        "kind": "quantization", "name": "tiny-q", "model": str(env.base), "targets": [5.0, 7.0], "seq_len": 32,
+        "options": {"formats": [{"bits": 1.58, "group_size": 16}, {"bits": 2, "group_size": 16},
+                                {"bits": 4, "group_size": 16}], "ranks": [0, 4]},
+        "stages": [{"windows": 2, "keep": 2}, {"windows": 4, "keep": 1}], "budget": {"generations": 3, "offspring": 4},
+        "heldout_windows": 4, "heldout_task": str(task)}))
+    run = tmp_path / "qrun"
+    app = WorkbenchApp(env.config)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f7")
+        screen = app.screen
+        assert isinstance(screen, QuantSearchScreen)
+        screen.query_one("#qs-spec", Input).value = str(spec)
+        screen.query_one("#qs-run", Input).value = str(run)
+        await pilot.press("ctrl+r")
+        await wait_until(pilot, lambda: (run / "checkpoint.json").is_file(), what="the first generation")
+        await pilot.press("ctrl+t")  # pause
+        await wait_until(pilot, lambda: not screen.running, what="the pause")
+        await app.workers.wait_for_complete()
+        paused_at = json.loads((run / "checkpoint.json").read_text())["generation"]
+        assert 1 <= paused_at <= 4 and not (run / "pareto.json").exists()
+        await pilot.press("ctrl+n")  # resume
+        await wait_until(pilot, lambda: screen.front is not None, timeout=120, what="the front")
+        await app.workers.wait_for_complete()
+        assert not notifications(app, "error")
+        front = read_front(run)
+        table = screen.query_one("#qs-table", DataTable)
+        assert table.row_count == len(front["front"]) > 0
+        plot = str(screen.query_one("#qs-plot").render())
+        assert "●" in plot and "○" in plot and "total bits per weight" in plot
+
+        table.move_cursor(row=table.row_count - 1)
+        screen.query_one("#qs-format", Select).value = "safetensors"
+        out = tmp_path / "point"
+        screen.query_one("#qs-out", Input).value = str(out)
+        await pilot.press("ctrl+g")
+        await wait_until(pilot, lambda: screen.built is not None, timeout=120, what="the point build")
+        await app.workers.wait_for_complete()
+        assert not notifications(app, "error")
+        assert "bits per weight" in str(screen.query_one("#qs-result", Label).render())
+        point = front["front"][-1]
+        assert screen.built["quantized"]["bits_per_weight_with_adapters"] == pytest.approx(point["bpw"])
+        assert main(["quantize", str(env.base), "--config", str(run / point["yml"]), "--out", str(tmp_path / "cli"),
+                     "--no-eval", "--no-progress"]) == 0
+        ours, theirs = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "cli" / "model.safetensors"))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+        assert (tmp_path / "point-safetensors" / "model.safetensors").is_file()
+
+
+def test_front_plot_places_marks_on_their_axes():
+    from workbench.tui.widgets.front_plot import render_scatter
+
+    lines, marks = render_scatter([(2.0, 1.0, "uniform"), (4.0, 0.0, "front"), (3.0, 0.5, "other")],
+                                  width=21, height=11)
+    grid = lines[1:12]
+    assert grid[0].endswith("|○" + " " * 20) and grid[-1].endswith("●")  # (2, 1) top left, (4, 0) bottom right
+    assert grid[5][grid[5].index("|") + 11] == "·"  # (3, 0.5) in the middle
+    assert sorted(marks.values()) == ["front", "other", "uniform"]
+    assert render_scatter([])[0] == ["no scored configurations yet"]

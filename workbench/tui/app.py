@@ -1,6 +1,6 @@
 """The workbench terminal UI: one screen per view (modes), heavy work in thread workers.
 
-Run ``workbench`` (no arguments) or ``workbench tui``. F1-F6 or the tabs switch screens,
+Run ``workbench`` (no arguments) or ``workbench tui``. F1-F7 or the tabs switch screens,
 ctrl+p lists every action, ctrl+q quits. Every action calls the same library functions as the
 CLI, so anything done here can be done headless.
 """
@@ -18,6 +18,7 @@ from workbench.tui.screens import (
     ExportScreen,
     ModelsScreen,
     QuantizeScreen,
+    QuantSearchScreen,
     RecipeScreen,
     RunsScreen,
     SearchScreen,
@@ -29,7 +30,7 @@ class WorkbenchApp(App):
     TITLE = "workbench"
     SUB_TITLE = "model merging and quantization"
     MODES = {"search": SearchScreen, "models": ModelsScreen, "recipe": RecipeScreen, "runs": RunsScreen,
-             "export": ExportScreen, "quantize": QuantizeScreen}
+             "export": ExportScreen, "quantize": QuantizeScreen, "qsearch": QuantSearchScreen}
     DEFAULT_MODE = "search"
     BINDINGS = [
         Binding("f1", "switch_mode('search')", "Search", id="mode.search", priority=True),
@@ -38,6 +39,7 @@ class WorkbenchApp(App):
         Binding("f4", "switch_mode('runs')", "Runs", id="mode.runs", priority=True),
         Binding("f5", "switch_mode('export')", "Export", id="mode.export", priority=True),
         Binding("f6", "switch_mode('quantize')", "Quantize", id="mode.quantize", priority=True),
+        Binding("f7", "switch_mode('qsearch')", "Quant search", id="mode.qsearch", priority=True),
         Binding("ctrl+q", "quit", "Quit", id="app.quit", priority=True),
     ]
     COMMANDS = App.COMMANDS | {WorkbenchCommands}

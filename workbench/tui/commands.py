@@ -15,6 +15,7 @@ COMMANDS: tuple[tuple[str, str, str | None, str], ...] = (
     ("Go to Runs", "runs", None, "past search runs: resume, compare (F4)"),
     ("Go to Export", "export", None, "export a merged model (F5)"),
     ("Go to Quantize", "quantize", None, "quantize, recover and export a compressed model (F6)"),
+    ("Go to Quant search", "qsearch", None, "search per-layer formats and ranks under a bits budget (F7)"),
     ("Search: start", "search", "start", "start a new search from the spec (ctrl+r)"),
     ("Search: pause", "search", "pause", "pause after the current candidate (ctrl+t)"),
     ("Search: resume", "search", "resume", "resume the run directory (ctrl+n)"),
@@ -33,6 +34,11 @@ COMMANDS: tuple[tuple[str, str, str | None, str], ...] = (
     ("Runs: resume selected", "runs", "resume", "resume the selected run on Search (ctrl+n)"),
     ("Export: merged model", "export", "export", "export a merged model directory (ctrl+r)"),
     ("Quantize: run", "quantize", "run_quantize", "quantize, recover if a budget is set, export (ctrl+r)"),
+    ("Quant search: start", "qsearch", "start", "start a new quantization search (ctrl+r)"),
+    ("Quant search: pause", "qsearch", "pause", "pause after the current generation (ctrl+t)"),
+    ("Quant search: resume", "qsearch", "resume", "resume the run directory (ctrl+n)"),
+    ("Quant search: stop", "qsearch", "stop", "stop and score the front (ctrl+b)"),
+    ("Quant search: build point", "qsearch", "build_point", "quantize, recover, export the selected point (ctrl+g)"),
 )
 
 

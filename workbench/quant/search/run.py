@@ -66,6 +66,25 @@ def window_kls(model, windows: torch.Tensor, cache: dict[str, torch.Tensor], bat
     return out
 
 
+def unique_rows(rows: list[dict], windows: int) -> dict[tuple, dict]:
+    """The first row of each config scored on `windows` windows (the last stage's: comparable)."""
+    unique: dict[tuple, dict] = {}
+    for r in rows:
+        if r["windows"] == windows:
+            unique.setdefault(tuple(r["config"]), r)
+    return unique
+
+
+def pareto_rows(rows: list[dict]) -> list[dict]:
+    """The rows no other row beats on both total bits and fitness, by increasing bits."""
+    points, best = [], math.inf
+    for r in sorted(rows, key=lambda r: (r["bpw"], r["fitness"])):
+        if r["fitness"] < best:
+            points.append(r)
+            best = r["fitness"]
+    return points
+
+
 def read_rows(path: Path) -> list[dict]:
     from workbench.search.run import read_history
 
@@ -295,15 +314,8 @@ class QuantSearch:
     def front(self, progress: Callable[[str, int, int], None] | None = None) -> dict:
         """pareto.json and point-K.yml: the non-dominated configs scored on the last stage's windows
         (uniform ones included), each held-out; and per target, searched vs best uniform."""
-        rows = [r for r in read_rows(self.run_dir) if r["windows"] == self.spec.windows]
-        unique = {}
-        for r in rows:
-            unique.setdefault(tuple(r["config"]), r)
-        points, best_fit = [], math.inf
-        for r in sorted(unique.values(), key=lambda r: (r["bpw"], r["fitness"])):
-            if r["fitness"] < best_fit:
-                points.append(r)
-                best_fit = r["fitness"]
+        unique = unique_rows(read_rows(self.run_dir), self.spec.windows)
+        points = pareto_rows(list(unique.values()))
         if len(points) > FRONT_MAX:
             keep = sorted({round(i * (len(points) - 1) / (FRONT_MAX - 1)) for i in range(FRONT_MAX)})
             points = [points[i] for i in keep]
@@ -345,7 +357,7 @@ class QuantSearch:
             base = min(fits, key=lambda e: e["heldout_ppl"]) if fits else None
             targets.append({"target": p["target"], "searched": searched, "best_uniform": base,
                             "ppl_ratio": searched["heldout_ppl"] / base["heldout_ppl"] if base else None})
-        result = {"model": str(self.source), "weights": self.weights, "front": front, "uniform": uniform_entries,
+        result = {"model": str(self.source), "heldout_task": self.spec.heldout_task, "weights": self.weights, "front": front, "uniform": uniform_entries,
                   "targets": targets, "generations": self.state["generation"], "evaluations": self.state["evaluations"],
                   "elapsed": self.state["elapsed"], "stop_reason": self.state["stop_reason"],
                   "options": [o.label for o in options], "units": len(self.units), "seed": self.spec.seed,

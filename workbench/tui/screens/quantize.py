@@ -94,7 +94,9 @@ def result_lines(r: QuantResult) -> list[str]:
 class QuantizeScreen(WorkbenchScreen):
     MODE = "quantize"
     BINDINGS = [Binding("ctrl+r", "run_quantize", "Run", id="quantize.run",
-                        tooltip="quantize, recover if a budget is set, export (workbench quantize/recover/export)")]
+                        tooltip="quantize, recover if a budget is set, export (workbench quantize/recover/export)"),
+                Binding("ctrl+e", "app.switch_mode('qsearch')", "Search mode", id="quantize.search",
+                        tooltip="search per-layer formats and ranks under a bits budget (the Quant search screen)")]
 
     def __init__(self) -> None:
         super().__init__()

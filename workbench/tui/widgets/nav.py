@@ -1,4 +1,4 @@
-"""The row of tabs at the top of every screen: one per app mode, click or F1-F6 to switch."""
+"""The row of tabs at the top of every screen: one per app mode, click or F1-F7 to switch."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from textual.widgets import Tab, Tabs
 
 SCREENS = (("search", "Search", "f1"), ("models", "Models", "f2"), ("recipe", "Recipe", "f3"),
            ("runs", "Runs", "f4"), ("export", "Export", "f5"),
-           ("quantize", "Quantize", "f6"))
+           ("quantize", "Quantize", "f6"), ("qsearch", "Quant search", "f7"))
 
 
 class NavBar(Tabs):
