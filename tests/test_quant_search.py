@@ -221,3 +221,31 @@ def test_example_quantization_search_specs_validate():
     for path in specs:
         spec = load_quant_search_spec(path)
         assert len(spec.options) >= 8 and spec.targets and spec.max_minutes
+
+
+def test_recover_targets_builds_searched_and_uniform_configs_and_measures_them_held_out(setup, capsys):
+    from workbench.cli import main
+    from workbench.quant.search.recover_points import read_recovered
+
+    tmp_path, src, spec = setup
+    spec.write_text(spec.read_text().replace("targets: [5.0, 7.0]", "targets: [5.0]"))
+    run = tmp_path / "run"
+    assert main(["search", str(spec), "--out", str(run), "--no-progress"]) == 0
+    front = read_front(run)
+    t = front["targets"][0]
+    assert main(["search", "--recover", str(run), "--time-budget", "0.05", "--no-progress"]) == 0
+    rec = read_recovered(run)
+    names = {t["searched"]["yml"].removesuffix(".yml"), t["best_uniform"]["yml"].removesuffix(".yml")}
+    assert set(rec) == names
+    for name, e in rec.items():
+        assert (run / "points" / f"{name}-recovered" / "quant_config.json").is_file()
+        assert e["bpw"] <= 5.0 + 1e-12 and e["ppl_after"] > 0 and e["kl_after"] >= 0
+    searched = rec[t["searched"]["yml"].removesuffix(".yml")]
+    # built from its YAML, the searched config measures what the front said before recovery
+    assert searched["bpw"] == pytest.approx(t["searched"]["bpw"])
+    assert searched["kl_before"] == pytest.approx(t["searched"]["heldout_kl"], rel=1e-5)
+    capsys.readouterr()
+    assert main(["search", "--front", str(run)]) == 0
+    assert "after recovery" in capsys.readouterr().out
+    assert main(["search", "--recover", str(run), "--points", "point-99", "--no-progress"]) == 2
+    assert "no config point-99.yml" in capsys.readouterr().err

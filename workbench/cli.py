@@ -148,7 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     se = sub.add_parser("search", help="evolutionary search over merge recipes or quantization configs, in memory")
     se.add_argument("spec", type=Path, nargs="?", help="search spec YAML (see recipes/*-search.yml; "
                                                         "`kind: quantization` for a quantization search)")
-    se.add_argument("--front", type=Path, metavar="RUN_DIR", help="print a quantization run's Pareto front")
+    se.add_argument("--front", type=Path, metavar="RUN_DIR", help="print a quantization run's Pareto front "
+                                                                   "(and, beside it, the configs recovered)")
+    se.add_argument("--recover", type=Path, metavar="RUN_DIR",
+                    help="quantization run: build and recover --points, each with --time-budget minutes")
+    se.add_argument("--points", default="targets",
+                    help="with --recover: configs of the run, comma separated (point-K, best-T, uniform-LABEL), "
+                         "or 'targets' (every target's searched and best uniform config; default)")
+    se.add_argument("--time-budget", type=float, default=10.0, help="with --recover: minutes of recovery per config")
+    se.add_argument("--overwrite", action="store_true", help="with --recover: replace built points")
     se.add_argument("--out", type=Path, help="run directory to create")
     se.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its last generation")
     se.add_argument("--device", default="cpu")

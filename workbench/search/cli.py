@@ -19,10 +19,12 @@ def run_search_cli(args) -> int:
     from workbench.search.report import heldout_report, report_markdown
     from workbench.search.run import open_search
 
-    from workbench.quant.search.cli import is_quant_run, run_quant_search_cli, show_front_cli
+    from workbench.quant.search.cli import is_quant_run, recover_points_cli, run_quant_search_cli, show_front_cli
 
     if getattr(args, "front", None):
         return show_front_cli(args)
+    if getattr(args, "recover", None):
+        return recover_points_cli(args)
     if is_quant_run(args):
         return run_quant_search_cli(args)
     console = Console(stderr=True)

@@ -54,8 +54,8 @@ def run_quant_search_cli(args) -> int:
             (console if args.no_progress else progress.console).print(line)
 
         final = search.run(on_generation=on_generation)
-        search.write_target_configs()
         if args.no_report:
+            search.write_target_configs()
             console.print(f"stopped: {final['stop_reason']}; no front (--no-report): `workbench search --resume "
                           f"{run_dir}` after raising the budget, or rerun without --no-report")
             print(run_dir)
@@ -70,11 +70,49 @@ def run_quant_search_cli(args) -> int:
 
 
 def show_front_cli(args) -> int:
+    from workbench.quant.search.recover_points import read_recovered
     from workbench.quant.search.run import read_front
 
     front = read_front(args.front)
-    wide_console().print(front_table(front))
+    console = wide_console()
+    console.print(front_table(front))
+    recovered = read_recovered(args.front)
+    if recovered:
+        console.print(recovered_table(recovered))
     return 0
+
+
+def recover_points_cli(args) -> int:
+    from workbench.quant.search.recover_points import point_names, read_recovered, recover_points
+
+    run_dir = Path(args.recover)
+    if not (run_dir / "spec.yml").is_file():
+        raise WorkbenchError(f"{run_dir}: not a search run directory (no spec.yml)")
+    names = [n.strip() for n in args.points.split(",") if n.strip()]
+    todo = point_names(run_dir, names)
+    console = Console(stderr=True)
+    console.print(f"recovering {len(todo)} config(s) of {run_dir}, {args.time_budget:g} min each: {', '.join(todo)}")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, disable=args.no_progress) as progress:
+        bar = progress.add_task("", total=None)
+
+        def on_progress(config: str, phase: str, done: int, total: int) -> None:
+            progress.update(bar, description=f"{config}: {phase}", completed=done, total=total)
+
+        recover_points(run_dir, names, args.time_budget, overwrite=args.overwrite, progress=on_progress)
+    wide_console().print(recovered_table(read_recovered(run_dir)))
+    return 0
+
+
+def recovered_table(recovered: dict) -> Table:
+    """Each recovered config before and after its recovery, held-out."""
+    table = Table(title="after recovery: held-out KL and perplexity of each config, before -> after")
+    for col in ("config", "bpw", "base", "minutes", "steps", "held-out KL", "held-out ppl"):
+        table.add_column(col, justify="left" if col == "config" else "right", no_wrap=True)
+    for name, e in sorted(recovered.items(), key=lambda kv: kv[1]["bpw"]):
+        table.add_row(name, f"{e['bpw']:.3f}", f"{e['base_bpw']:.3f}", f"{e['minutes']:g}", str(e["steps"]),
+                      f"{e['kl_before']:.4f} -> {e['kl_after']:.4f}", f"{e['ppl_before']:.2f} -> {e['ppl_after']:.2f}")
+    return table
 
 
 def front_table(front: dict) -> Table:

@@ -6,12 +6,14 @@ is the bytes unit `u` stores as option `o`; a configuration fits a budget when i
 
 * ``levelswitch``: EvoPress's (1 + lambda) algorithm. Each offspring changes 1-3 units (the min of
   two uniform draws, as EvoPress does) to another option and, when that breaks the budget, moves
-  randomly chosen other units one level down until it fits again (our options differ in size,
-  so a budget-preserving switch cannot be exact as with EvoPress's equal-size levels). Multi-step
+  randomly chosen other units one level down until it fits again and then other units one level up
+  while they fit (our options differ in size, so a budget-preserving switch cannot be exact as with
+  EvoPress's equal-size levels; this keeps every offspring close to the budget). Multi-step
   selection scores every offspring on the first stage's windows, the best few on more, and the best
   of the last stage replaces the parent when it beats it on the same windows.
 * ``cma``: pycma over one continuous gene per unit in [0, options), rounded down to an option (pycma's
-  `integer_variables` keeps their step size from vanishing), repaired to the budget the same way.
+  `integer_variables` keeps their step size from vanishing), repaired and filled to the budget the
+  same way.
 
 Every random draw comes from a generator seeded by (seed, target, generation), so a resumed run
 draws what the uninterrupted run drew.
@@ -65,8 +67,31 @@ def repair(config: list[int], costs: np.ndarray, budget_bytes: float, rng: np.ra
     return tuple(config)
 
 
+def fill(config: Config, costs: np.ndarray, budget_bytes: float, rng: np.random.Generator,
+         keep: set[int] = frozenset()) -> Config:
+    """Move random units (not in `keep`) one level up while that still fits: an offspring uses the
+    budget as EvoPress's exact level switches do (a target between two uniform levels would
+    otherwise leave most of its bits unused for many generations)."""
+    config = list(config)
+    rows = np.arange(len(config))
+    while True:
+        slack = budget_bytes - costs[rows, config].sum()
+        up = {}
+        for u in rows:
+            if u in keep:
+                continue
+            dearer = np.flatnonzero((costs[u] > costs[u, config[u]]) & (costs[u] - costs[u, config[u]] <= slack))
+            if len(dearer):
+                up[u] = dearer[costs[u, dearer] == costs[u, dearer].min()]
+        if not up:
+            return tuple(config)
+        u = list(up)[rng.integers(len(up))]
+        config[u] = int(up[u][rng.integers(len(up[u]))])
+
+
 def level_switch(parent: Config, costs: np.ndarray, budget_bytes: float, rng: np.random.Generator) -> Config:
-    """One offspring: 1-3 units switched to another option, then repaired to fit the budget."""
+    """One offspring: 1-3 units switched to another option, repaired to fit the budget, then
+    filled up to it (other units one level up while they fit)."""
     units, options = costs.shape
     n = int(min(rng.integers(1, 4), rng.integers(1, 4)))
     for _ in range(100):
@@ -76,8 +101,10 @@ def level_switch(parent: Config, costs: np.ndarray, budget_bytes: float, rng: np
             child[u] = int(others[rng.integers(len(others))])
             changed.add(int(u))
         fixed = repair(child, costs, budget_bytes, rng, keep=changed)
-        if fixed is not None and fixed != parent:
-            return fixed
+        if fixed is not None:
+            fixed = fill(fixed, costs, budget_bytes, rng, keep=changed)
+            if fixed != parent:
+                return fixed
     return parent
 
 
@@ -122,7 +149,8 @@ def cma_generation(es, costs: np.ndarray, budget_bytes: float, windows: int, sco
     """One pycma generation: ask, round and repair to the budget, score on `windows`, tell. With
     `tells` (a resume replaying history), those fitnesses are told instead of scoring."""
     xs = es.ask()
-    configs = [repair(cma_genes_to_config(x, costs.shape[1]), costs, budget_bytes, rng) or cheapest(costs) for x in xs]
+    configs = [fill(repair(cma_genes_to_config(x, costs.shape[1]), costs, budget_bytes, rng) or cheapest(costs),
+                    costs, budget_bytes, rng) for x in xs]
     fitness = list(tells) if tells is not None else list(score(configs, windows))
     es.tell(xs, fitness)
     return configs, fitness

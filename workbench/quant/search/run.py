@@ -348,11 +348,16 @@ class QuantSearch:
         uniform_entries = sorted((entry(r) for r in uniform), key=lambda e: e["bpw"])
         for e in uniform_entries:
             e["label"] = options[e["config"][0]].label
+            e["yml"] = f"uniform-{e['label'].replace(' ', '-')}.yml"
+            self._write_yaml(self.run_dir / e["yml"], option_config(self.spec, self.choice(tuple(e["config"]))),
+                             f"# uniform config {e['label']}: {e['bpw']:.3f} bits per weight (adapters in)\n")
+        self.write_target_configs()
         targets = []
         for p in self.state["parents"] or []:
             c = tuple(p["config"])
             searched = entry({**unique.get(c, {}), "config": c, **self.bits(c), "fitness": p["fitness"],
                               "kind": unique.get(c, {}).get("kind", "search")})
+            searched["yml"] = f"best-{p['target']:g}.yml"
             fits = [e for e in uniform_entries if e["bpw"] <= p["target"] + 1e-12]
             base = min(fits, key=lambda e: e["heldout_ppl"]) if fits else None
             targets.append({"target": p["target"], "searched": searched, "best_uniform": base,
