@@ -327,3 +327,44 @@ def test_search_workers_reuse_freed_buffers_without_page_faults():
     pages = (64 << 20) // 4096
     assert float(faults("default")) > 0.5 * pages
     assert float(kept) < 0.05 * pages
+
+
+def test_joint_mode_scores_each_merge_after_quantizing(tiny_models, tmp_path):
+    """`quantize: CFG` in a merge spec: a candidate's score is the objective of its merge quantized by
+    CFG (as `quantized_copy`, from the merged tensors); the report scores entries both ways."""
+    from workbench.cli import main
+    from workbench.eval.evaluator import evaluate
+    from workbench.merge.recipe import recipe_from_dict
+    from workbench.quant.config import load_quant_config
+    from workbench.quant.model import quant_layers, quantized_copy
+    from workbench.search.candidates import InMemoryMerger
+
+    base, a, b = tiny_models("llama", 3)
+    task = write_tiny_task(tmp_path / "tiny.yml")
+    cfg = tmp_path / "q.yml"
+    cfg.write_text("bits: ternary\ngroup_size: 16\nlora: {rank: 2}\n")
+    spec = {"name": "joint", "base_model": str(base), "models": [str(a), str(b)], "merge_method": "ties",
+            "evolve": {"weight": [0.0, 1.0], "density": [0.2, 1.0]}, "fixed": {"normalize": True},
+            "objective": [{"task": str(task)}], "budget": {"generations": 1, "population": 3}, "seed": 1,
+            "quantize": "q.yml", "eval_dtype": "float32"}  # relative to the spec file
+    path = tmp_path / "j-search.yml"
+    path.write_text(yaml.safe_dump(spec))
+    assert load_spec(path).quantize == str(cfg.resolve())
+    run = tmp_path / "run"
+    assert main(["search", str(path), "--out", str(run), "--no-progress"]) == 0
+    row = read_history(run)[0]
+    recipe = recipe_from_dict(row["recipe"])
+    merger = InMemoryMerger(recipe, seed=1)
+    merger.apply(recipe)
+    quantized = quantized_copy(merger.model, load_quant_config(cfg))
+    assert len(quant_layers(quantized)) == 28 and not quant_layers(merger.model)
+    (ours,) = evaluate(quantized, merger.tokenizer, str(task), split="search").values()
+    (plain,) = evaluate(merger.model, merger.tokenizer, str(task), split="search").values()
+    assert row["score"] == pytest.approx(ours.score, abs=1e-6) and ours.score != pytest.approx(plain.score, abs=1e-6)
+    report = json.loads((run / "report.json").read_text())
+    assert report["quantize"] == str(cfg.resolve()) and all("heldout_quantized" in e for e in report["entries"])
+    assert "quantized" in (run / "report.md").read_text()
+    bad = {**spec, "quantize": "missing.yml"}
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(SpecError, match=r"j-search.yml:\d+: quantize: missing.yml: quantization config not found"):
+        load_spec(path)

@@ -88,6 +88,15 @@ def quantize_model(model: nn.Module, cfg: QuantConfig,
     return done
 
 
+def quantized_copy(model: nn.Module, cfg: QuantConfig) -> nn.Module:
+    """A quantized copy of `model` (left as it is): what a joint merge x quantization search scores."""
+    import copy
+
+    out = copy.deepcopy(model)
+    quantize_model(out, cfg)
+    return out.eval()
+
+
 def layer_entry(m: QuantLinear, storage: str) -> dict:
     return {"kind": m.kind, "bits": m.bits, "group_size": m.group_size, "in_features": m.in_features,
             "out_features": m.out_features, "bias": m.bias is not None, "lora_rank": m.lora_rank,

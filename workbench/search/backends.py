@@ -40,6 +40,19 @@ class CandidateWorker:
 
             objective = Objective(spec)
         self.objective = objective
+        self.quant_cfg = None
+        if spec.quantize:
+            from workbench.quant.config import load_quant_config
+
+            self.quant_cfg = load_quant_config(spec.quantize)
+
+    def scored_model(self):
+        """The resident merge, or (joint mode) a quantized copy of it."""
+        if self.quant_cfg is None:
+            return self.merger.model
+        from workbench.quant.model import quantized_copy
+
+        return quantized_copy(self.merger.model, self.quant_cfg)
 
     def evaluate(self, job: Job) -> dict:
         genes, generation, index, kind, incumbent = job
@@ -48,7 +61,7 @@ class CandidateWorker:
         merge_seconds, score, tasks, error = 0.0, None, {}, None
         try:
             merge_seconds = self.merger.apply(recipe).seconds
-            fitness = self.objective(self.merger.model, self.merger.tokenizer, incumbent=incumbent)
+            fitness = self.objective(self.scored_model(), self.merger.tokenizer, incumbent=incumbent)
             score, tasks = float(fitness.score), fitness.tasks
             if not math.isfinite(score):
                 raise ValueError(f"non-finite score {score}")

@@ -61,16 +61,26 @@ def heldout_report(search, top: int = 3, on_entry=None) -> dict:
         entries.append((f"search #{i + 1} (gen {row['generation']})", row["recipe"], row["score"]))
     entries += [(name, recipe, None) for name, recipe in baseline_recipes(search).items()]
     rows = []
+    quant_cfg = None
+    if spec.quantize:  # joint mode: every entry is also scored as it will be deployed, quantized
+        from workbench.quant.config import load_quant_config
+        from workbench.quant.model import quantized_copy
+
+        quant_cfg = load_quant_config(spec.quantize)
     for name, recipe_dict, search_score in entries:
         search.merger.apply(recipe_from_dict(recipe_dict, source=spec.source))
         results = evaluate(search.merger.model, search.merger.tokenizer, tasks, split=HELDOUT,
                            batch_size=spec.batch_size)
         row = {"name": name, "search_score": search_score, "recipe": recipe_dict,
                "heldout": {t: {k: v for k, v in r.metrics.items()} for t, r in results.items()}}
+        if quant_cfg is not None:
+            quantized = evaluate(quantized_copy(search.merger.model, quant_cfg), search.merger.tokenizer, tasks,
+                                 split=HELDOUT, batch_size=spec.batch_size)
+            row["heldout_quantized"] = {t: dict(r.metrics) for t, r in quantized.items()}
         rows.append(row)
         if on_entry:
             on_entry(row)
-    report = {"tasks": [t.name for t in tasks], "entries": rows}
+    report = {"tasks": [t.name for t in tasks], "entries": rows, "quantize": spec.quantize}
     with atomic_file(search.run_dir / "report.json") as f:
         f.write(json.dumps(report, indent=2))
     with atomic_file(search.run_dir / "report.md") as f:
@@ -87,13 +97,16 @@ def main_metric(metrics: dict) -> tuple[str, float]:
 
 def report_markdown(report: dict) -> str:
     tasks = report["tasks"]
-    head = "| model | search score | " + " | ".join(f"{t} (held-out)" for t in tasks) + " |"
-    lines = [head, "|" + " --- |" * (len(tasks) + 2)]
+    quantized = bool(report.get("quantize"))
+    cols = [f"{t} (held-out)" for t in tasks] + ([f"{t} (held-out, quantized)" for t in tasks] if quantized else [])
+    head = "| model | search score | " + " | ".join(cols) + " |"
+    lines = [head, "|" + " --- |" * (len(cols) + 2)]
     for row in report["entries"]:
         cells = []
-        for t in tasks:
-            name, value = main_metric(row["heldout"][t])
-            cells.append(f"{value:.3f} {name}" if value is not None else "n/a")
+        for key in ("heldout", "heldout_quantized") if quantized else ("heldout",):
+            for t in tasks:
+                name, value = main_metric(row[key][t])
+                cells.append(f"{value:.3f} {name}" if value is not None else "n/a")
         s = f"{row['search_score']:.3f}" if row["search_score"] is not None else ""
         lines.append(f"| {row['name']} | {s} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -20,6 +20,9 @@
     racing: false
     sigma0: 0.25                   # CMA-ES step size in the genome's [0, 1] units
     limit: null                    # items per task (null: the whole search split)
+    quantize: recipes/ternary.yml  # joint mode: each candidate scored after quantizing by this config
+                                   # (adapters SVD-initialised, no training): the merge that survives
+                                   # low-bit deployment best
 
 Validated here, in one place; errors name the file, the line and the field.
 """
@@ -43,7 +46,8 @@ from workbench.yaml_lines import field_location, parse_with_lines
 SEARCHABLE = ("ties", "dare_ties", "dare_linear", "task_arithmetic", "linear", "slerp", "breadcrumbs",
               "breadcrumbs_ties", "della", "della_linear")
 KEYS = {"kind", "name", "base_model", "models", "merge_method", "evolve", "granularity", "split_attention_mlp", "fixed",
-        "objective", "budget", "seed", "racing", "sigma0", "limit", "dtype", "eval_dtype", "batch_size", "report_tasks"}
+        "objective", "budget", "seed", "racing", "sigma0", "limit", "dtype", "eval_dtype", "batch_size", "report_tasks",
+        "quantize"}
 BUDGET_KEYS = {"generations", "population", "max_evaluations", "max_minutes"}
 
 
@@ -85,6 +89,7 @@ class SearchSpec:
     eval_dtype: str = "bfloat16"    # the resident model's weights while candidates are scored
     batch_size: int = 32
     report_tasks: list[str] = field(default_factory=list)  # scored on held-out at the end, beside the objective
+    quantize: str | None = None  # a quantization config: each candidate is scored after quantizing (joint mode)
     source: str = "<spec>"
 
     def to_dict(self) -> dict:
@@ -95,7 +100,7 @@ class SearchSpec:
             "fixed": dict(self.fixed), "objective": [{"task": o.task, "weight": o.weight} for o in self.objective],
             "budget": vars(self.budget).copy(), "seed": self.seed, "racing": self.racing, "sigma0": self.sigma0,
             "limit": self.limit, "dtype": self.dtype, "eval_dtype": self.eval_dtype, "batch_size": self.batch_size,
-            "report_tasks": list(self.report_tasks),
+            "report_tasks": list(self.report_tasks), "quantize": self.quantize,
         }
 
 
@@ -202,6 +207,22 @@ def spec_from_dict(data: Any, source: str = "<spec>", lines: dict | None = None)
     report_tasks = data.get("report_tasks") or []
     if not isinstance(report_tasks, list) or not all(isinstance(t, str) for t in report_tasks):
         fail(("report_tasks",), "expected a list of task names or paths")
+    quantize = data.get("quantize")
+    if quantize is not None:
+        from workbench.quant.config import QuantConfigError, load_quant_config
+
+        if not isinstance(quantize, str):
+            fail(("quantize",), "expected the path of a quantization config (e.g. recipes/ternary.yml)")
+        path = Path(quantize).expanduser()
+        if not path.is_absolute() and source not in ("<spec>",) and not path.is_file():
+            path = Path(source).parent / path  # relative to the spec file when not to the working directory
+        if not path.is_file():
+            fail(("quantize",), f"{quantize}: quantization config not found")
+        try:
+            load_quant_config(path)
+        except QuantConfigError as e:
+            fail(("quantize",), str(e))
+        quantize = str(path.resolve())
     spec = SearchSpec(
         models=models, merge_method=method, evolve=bounds, objective=objs, base_model=base,
         name=typed("name", str, "search"), granularity=gran,
@@ -213,6 +234,6 @@ def spec_from_dict(data: Any, source: str = "<spec>", lines: dict | None = None)
         dtype=typed("dtype", str, "float32", lambda v: v in DTYPES, f"one of {DTYPES}"),
         eval_dtype=typed("eval_dtype", str, "bfloat16", lambda v: v in EVAL_DTYPES, f"one of {EVAL_DTYPES}"),
         batch_size=typed("batch_size", int, 32, lambda v: v > 0, "a positive integer"),
-        report_tasks=report_tasks, source=source,
+        report_tasks=report_tasks, quantize=quantize, source=source,
     )
     return spec
