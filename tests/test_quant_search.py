@@ -249,3 +249,14 @@ def test_recover_targets_builds_searched_and_uniform_configs_and_measures_them_h
     assert "after recovery" in capsys.readouterr().out
     assert main(["search", "--recover", str(run), "--points", "point-99", "--no-progress"]) == 2
     assert "no config point-99.yml" in capsys.readouterr().err
+
+
+def test_levels_leave_out_options_a_cheaper_one_beats_and_moves_stay_on_them():
+    costs = np.array([[1, 2, 3, 4], [1, 2, 3, 4]])
+    errors = np.array([[4.0, 2.0, 3.0, 1.0], [4.0, 3.0, 2.0, 1.0]])  # option 2 of unit 0: dearer and worse than 1
+    levels = evolve.levels_mask(costs, errors)
+    assert levels.tolist() == [[True, True, False, True], [True, True, True, True]]
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        child = evolve.level_switch((0, 0), costs, 6, rng, levels)
+        assert child[0] != 2 and evolve.config_bytes(costs, child) <= 6

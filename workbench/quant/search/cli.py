@@ -40,7 +40,9 @@ def run_quant_search_cli(args) -> int:
         search = open_quant_search(args.spec, run_dir, resume=bool(args.resume), progress=on_build)
         db = search.db_report
         console.print(f"layer database {db['dir']}: {db['files']} files, {db['bytes'] / 1e6:.1f} MB, "
-                      f"built {db['built']} in {db['seconds']:.1f} s")
+                      f"built {db['built']} in {db['seconds']:.1f} s; {db['levels_per_unit']:.1f} of "
+                      f"{len(search.db.options)} options are levels (not beaten by a cheaper one on weight error), "
+                      f"{db['levels_seconds']:.1f} s")
         spec, state = search.spec, search.state
         console.print(f"[bold]{spec.name}[/bold]: {len(search.units)} units x {len(search.db.options)} options, "
                       f"targets {', '.join(f'{t:g}' for t in spec.targets)} bpw, {spec.optimizer}, seed {spec.seed}"

@@ -139,27 +139,42 @@ class LayerDatabase:
         """The layer `name` as option `option`: a QuantLinear equal to what `quantize_model` makes."""
         key = (name, option)
         if key not in self._modules:
-            opt = self.options[option]
-            fmt, rank = opt.format, opt.rank
-            w, bias = self.weights[name], self.bias[name]
-            kind = "ternary" if fmt.bits == 1.58 else "asym"
-            m = QuantLinear(w.shape[1], w.shape[0], kind, 2 if kind == "ternary" else int(fmt.bits), fmt.group_size,
-                            bias is not None, rank, self.spec.lora_alpha if rank else None)
-            base = self._load(fmt, 0)
-            m.qweight.copy_(base[f"{name}.qweight"])
-            m.scale.data.copy_(base[f"{name}.scale"].float())
-            if m.zero is not None:
-                m.zero.data.copy_(base[f"{name}.zero"].float())
-            if bias is not None:
-                m.bias.data.copy_(bias.detach().float())
-            if rank:
-                lora = self._load(fmt, rank)
-                m.lora_A.data.copy_(lora[f"{name}.lora_A"].float())
-                m.lora_B.data.copy_(lora[f"{name}.lora_B"].float())
-            m.round_to_storage_()
-            m.requires_grad_(False)
-            self._modules[key] = m
+            self._modules[key] = self._build(name, option)
         return self._modules[key]
+
+    def _build(self, name: str, option: int) -> QuantLinear:
+        opt = self.options[option]
+        fmt, rank = opt.format, opt.rank
+        w, bias = self.weights[name], self.bias[name]
+        kind = "ternary" if fmt.bits == 1.58 else "asym"
+        m = QuantLinear(w.shape[1], w.shape[0], kind, 2 if kind == "ternary" else int(fmt.bits), fmt.group_size,
+                        bias is not None, rank, self.spec.lora_alpha if rank else None)
+        base = self._load(fmt, 0)
+        m.qweight.copy_(base[f"{name}.qweight"])
+        m.scale.data.copy_(base[f"{name}.scale"].float())
+        if m.zero is not None:
+            m.zero.data.copy_(base[f"{name}.zero"].float())
+        if bias is not None:
+            m.bias.data.copy_(bias.detach().float())
+        if rank:
+            lora = self._load(fmt, rank)
+            m.lora_A.data.copy_(lora[f"{name}.lora_A"].float())
+            m.lora_B.data.copy_(lora[f"{name}.lora_B"].float())
+        m.round_to_storage_()
+        m.requires_grad_(False)
+        return m
+
+    def relative_errors(self) -> tuple[list[str], "torch.Tensor"]:
+        """(layer names, [layers, options] squared error of each option's weight, adapters folded in,
+        and the float weight's squared norm as the last column): the move structure's prior."""
+        out = torch.zeros(len(self.names), len(self.options) + 1, dtype=torch.float64)
+        with torch.no_grad():
+            for i, name in enumerate(self.names):
+                w = self.weights[name].float()
+                out[i, -1] = float((w * w).sum())
+                for o in range(len(self.options)):
+                    out[i, o] = float(((self._build(name, o).merged_weight() - w) ** 2).sum())
+        return self.names, out
 
     def stored_bytes(self, name: str, option: int) -> tuple[int, int]:
         """(base bytes, adapter bytes) of a layer as option `option` is saved (codes packed, scales,

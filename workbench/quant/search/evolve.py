@@ -47,40 +47,58 @@ def cheapest(costs: np.ndarray) -> Config:
     return tuple(int(o) for o in costs.argmin(1))
 
 
+def levels_mask(costs: np.ndarray, errors: np.ndarray | None) -> np.ndarray:
+    """[units, options] True where an option is a level of its unit: no other option of the unit
+    costs no more and has a lower error (all options without `errors`). The moves go along these
+    chains, as EvoPress's levels (more bits, less error); the fitness still judges every config end
+    to end (per-layer errors do not add up to the model's, which is why the search exists)."""
+    if errors is None:
+        return np.ones(costs.shape, dtype=bool)
+    mask = np.zeros(costs.shape, dtype=bool)
+    for u in range(costs.shape[0]):
+        for o in range(costs.shape[1]):
+            beaten = (costs[u] <= costs[u, o]) & (errors[u] < errors[u, o])
+            mask[u, o] = not beaten.any()
+    return mask
+
+
 def repair(config: list[int], costs: np.ndarray, budget_bytes: float, rng: np.random.Generator,
-           keep: set[int] = frozenset()) -> Config | None:
+           keep: set[int] = frozenset(), levels: np.ndarray | None = None) -> Config | None:
     """Move random units (not in `keep` while others can move) one level down until the config fits;
     None when even that cannot make it fit."""
     config = list(config)
     rows = np.arange(len(config))
+    levels = np.ones(costs.shape, dtype=bool) if levels is None else levels
     while costs[rows, config].sum() > budget_bytes:
-        movable = [u for u in rows if costs[u].min() < costs[u, config[u]]]
+        movable = [u for u in rows if (levels[u] & (costs[u] < costs[u, config[u]])).any()]
         if not movable:
             return None
         free = [u for u in movable if u not in keep] or movable
         u = free[rng.integers(len(free))]
-        # One level down: the dearest cheaper options (a random one among equal costs), so a repair
+        # One level down: the dearest cheaper levels (a random one among equal costs), so a repair
         # takes back no more bits than it must.
-        cheaper = np.flatnonzero(costs[u] < costs[u, config[u]])
+        cheaper = np.flatnonzero(levels[u] & (costs[u] < costs[u, config[u]]))
         nearest = cheaper[costs[u, cheaper] == costs[u, cheaper].max()]
         config[u] = int(nearest[rng.integers(len(nearest))])
     return tuple(config)
 
 
 def fill(config: Config, costs: np.ndarray, budget_bytes: float, rng: np.random.Generator,
-         keep: set[int] = frozenset()) -> Config:
+         keep: set[int] = frozenset(), levels: np.ndarray | None = None) -> Config:
     """Move random units (not in `keep`) one level up while that still fits: an offspring uses the
     budget as EvoPress's exact level switches do (a target between two uniform levels would
     otherwise leave most of its bits unused for many generations)."""
     config = list(config)
     rows = np.arange(len(config))
+    levels = np.ones(costs.shape, dtype=bool) if levels is None else levels
     while True:
         slack = budget_bytes - costs[rows, config].sum()
         up = {}
         for u in rows:
             if u in keep:
                 continue
-            dearer = np.flatnonzero((costs[u] > costs[u, config[u]]) & (costs[u] - costs[u, config[u]] <= slack))
+            dearer = np.flatnonzero(levels[u] & (costs[u] > costs[u, config[u]])
+                                    & (costs[u] - costs[u, config[u]] <= slack))
             if len(dearer):
                 up[u] = dearer[costs[u, dearer] == costs[u, dearer].min()]
         if not up:
@@ -89,20 +107,24 @@ def fill(config: Config, costs: np.ndarray, budget_bytes: float, rng: np.random.
         config[u] = int(up[u][rng.integers(len(up[u]))])
 
 
-def level_switch(parent: Config, costs: np.ndarray, budget_bytes: float, rng: np.random.Generator) -> Config:
-    """One offspring: 1-3 units switched to another option, repaired to fit the budget, then
-    filled up to it (other units one level up while they fit)."""
+def level_switch(parent: Config, costs: np.ndarray, budget_bytes: float, rng: np.random.Generator,
+                 levels: np.ndarray | None = None) -> Config:
+    """One offspring: 1-3 units switched to another of their levels, repaired to fit the budget,
+    then filled up to it (other units one level up while they fit)."""
     units, options = costs.shape
+    levels = np.ones(costs.shape, dtype=bool) if levels is None else levels
     n = int(min(rng.integers(1, 4), rng.integers(1, 4)))
     for _ in range(100):
         child, changed = list(parent), set()
         for u in rng.choice(units, size=min(n, units), replace=False):
-            others = [o for o in range(options) if o != child[u]]
+            others = [o for o in np.flatnonzero(levels[u]) if o != child[u]]
+            if not others:
+                continue
             child[u] = int(others[rng.integers(len(others))])
             changed.add(int(u))
-        fixed = repair(child, costs, budget_bytes, rng, keep=changed)
+        fixed = repair(child, costs, budget_bytes, rng, keep=changed, levels=levels)
         if fixed is not None:
-            fixed = fill(fixed, costs, budget_bytes, rng, keep=changed)
+            fixed = fill(fixed, costs, budget_bytes, rng, keep=changed, levels=levels)
             if fixed != parent:
                 return fixed
     return parent
@@ -121,9 +143,9 @@ def select(offspring: list[Config], stages: list[tuple[int, int]], score: Score)
 
 def levelswitch_generation(parent: Config, parent_fitness: float, costs: np.ndarray, budget_bytes: float,
                            offspring: int, stages: list[tuple[int, int]], score: Score,
-                           rng: np.random.Generator) -> tuple[Config, float]:
+                           rng: np.random.Generator, levels: np.ndarray | None = None) -> tuple[Config, float]:
     """One (1 + lambda) generation: the new parent and its fitness on the last stage's windows."""
-    children = [level_switch(parent, costs, budget_bytes, rng) for _ in range(offspring)]
+    children = [level_switch(parent, costs, budget_bytes, rng, levels) for _ in range(offspring)]
     best, fitness = select(children, stages, score)
     return (best, fitness) if fitness < parent_fitness else (parent, parent_fitness)
 
@@ -145,12 +167,13 @@ def make_cma(start: Config, options: int, offspring: int, seed: int):
 
 
 def cma_generation(es, costs: np.ndarray, budget_bytes: float, windows: int, score: Score,
-                   rng: np.random.Generator, tells: list[float] | None = None) -> tuple[list[Config], list[float]]:
+                   rng: np.random.Generator, tells: list[float] | None = None,
+                   levels: np.ndarray | None = None) -> tuple[list[Config], list[float]]:
     """One pycma generation: ask, round and repair to the budget, score on `windows`, tell. With
     `tells` (a resume replaying history), those fitnesses are told instead of scoring."""
     xs = es.ask()
-    configs = [fill(repair(cma_genes_to_config(x, costs.shape[1]), costs, budget_bytes, rng) or cheapest(costs),
-                    costs, budget_bytes, rng) for x in xs]
+    configs = [fill(repair(cma_genes_to_config(x, costs.shape[1]), costs, budget_bytes, rng, levels=levels)
+                    or cheapest(costs), costs, budget_bytes, rng, levels=levels) for x in xs]
     fitness = list(tells) if tells is not None else list(score(configs, windows))
     es.tell(xs, fitness)
     return configs, fitness

@@ -121,6 +121,14 @@ class QuantSearch:
                 raise WorkbenchError(f"{spec.source}: targets: {t} bits per weight is below the smallest config "
                                      f"these options give ({smallest:.3f}, adapters counted)")
         self.db_report = self.db.build(progress)
+        t0 = time.perf_counter()
+        names, err = self.db.relative_errors()
+        index = {n: i for i, n in enumerate(names)}
+        unit_err = np.array([[sum(float(err[index[n], o]) for n in u) / sum(float(err[index[n], -1]) for n in u)
+                              for o in range(n_opt)] for u in self.units])
+        self.levels = evolve.levels_mask(self.costs, unit_err)
+        self.db_report["levels_seconds"] = time.perf_counter() - t0
+        self.db_report["levels_per_unit"] = float(self.levels.sum(1).mean())
         g = spec.seed
         self.search_windows = token_windows(self.tokenizer, license_texts(SEARCH_FILES), spec.seq_len,
                                             spec.windows * spec.seq_len, seed=g)
@@ -279,9 +287,11 @@ class QuantSearch:
         budget = self.budget_bytes(parent["target"])
         if self.spec.optimizer == "levelswitch":
             best, fitness = evolve.levelswitch_generation(tuple(parent["config"]), parent["fitness"], self.costs,
-                                                          budget, self.spec.offspring, self._stages(), self.score, rng)
+                                                          budget, self.spec.offspring, self._stages(), self.score, rng,
+                                                          self.levels)
         else:
-            configs, fits = evolve.cma_generation(es[ti], self.costs, budget, self.spec.windows, self.score, rng)
+            configs, fits = evolve.cma_generation(es[ti], self.costs, budget, self.spec.windows, self.score, rng,
+                                                  levels=self.levels)
             i = int(np.argmin(fits))
             best, fitness = (configs[i], fits[i]) if fits[i] < parent["fitness"] else (tuple(parent["config"]),
                                                                                          parent["fitness"])
@@ -300,7 +310,8 @@ class QuantSearch:
             for ti, t in enumerate(self.spec.targets):
                 tells = [r["fitness"] for r in history if r["generation"] == g and r["target"] == t]
                 evolve.cma_generation(es[ti], self.costs, self.budget_bytes(t), self.spec.windows,
-                                      self.score, evolve.generation_rng(self.spec.seed, ti, g), tells=tells)
+                                      self.score, evolve.generation_rng(self.spec.seed, ti, g), tells=tells,
+                                      levels=self.levels)
         return es
 
     # -- the front ----------------------------------------------------------------------------------
