@@ -30,6 +30,9 @@ def run_quant_search_cli(args) -> int:
     run_dir = Path(args.resume or args.out or "")
     if not args.resume and args.out is None:
         raise WorkbenchError("workbench search: give SPEC.yml --out RUN_DIR, or --resume RUN_DIR")
+    if args.backend != "local" or args.device != "cpu":
+        raise WorkbenchError(f"workbench search: a quantization search runs in this process on the CPU; "
+                             f"--backend {args.backend} --device {args.device} serve merge searches only")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=args.no_progress) as progress:
         bar = progress.add_task("layer database", total=None)
