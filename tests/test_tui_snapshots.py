@@ -74,7 +74,7 @@ async def screenshot(mode: str) -> str:
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("mode", ["search", "models", "recipe", "runs", "export", "quantize"])
+@pytest.mark.parametrize("mode", ["search", "models", "recipe", "runs", "export", "quantize", "qsearch"])
 async def test_screen_snapshot(mode, fixed_home):
     if mode == "models" and importlib.util.find_spec("workbench.zoo") is None:
         pytest.skip("the Models snapshot shows the zoo's table; this checkout has no workbench.zoo")

@@ -249,13 +249,14 @@ class QuantSearch:
 
     def run(self, on_generation: Callable[[GenerationDone], None] | None = None,
             on_score: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None) -> dict:
-        """Generations until the budget ends (generation 0 scores the uniform configs); then the front."""
+        """Generations until the budget ends or `should_stop()` says so after one (generation 0 scores
+        the uniform configs); the front is `front()`'s."""
         self._on_score = on_score
         es: dict = {}
         while True:
             reason = self.budget_left()
-            if reason or (should_stop and should_stop()):
-                self.state["stop_reason"] = reason or "stopped"
+            if reason:
+                self.state["stop_reason"] = reason
                 break
             t0 = time.perf_counter()
             g = self.state["generation"]
@@ -280,6 +281,9 @@ class QuantSearch:
                                                   **self.bits(tuple(p["config"]))} for p in self.state["parents"]],
                                              self.state["evaluations"], self.state["elapsed"],
                                              60 * first / max(1e-9, time.perf_counter() - t0)))
+            if should_stop and should_stop() and not self.budget_left():
+                self.state["stop_reason"] = "stopped"  # after the generation in progress: it is checkpointed
+                break
         return self.state
 
     def _generation(self, ti: int, parent: dict, g: int, es: dict) -> None:
