@@ -260,3 +260,23 @@ def test_levels_leave_out_options_a_cheaper_one_beats_and_moves_stay_on_them():
     for _ in range(200):
         child = evolve.level_switch((0, 0), costs, 6, rng, levels)
         assert child[0] != 2 and evolve.config_bytes(costs, child) <= 6
+
+
+def test_task_fitness_is_one_minus_the_tasks_search_score(setup):
+    from conftest import write_tiny_task
+    from workbench.eval.evaluator import evaluate
+
+    tmp_path, src, spec = setup
+    task = write_tiny_task(tmp_path / "tiny.yml")
+    spec.write_text(spec.read_text().replace("budget: {generations: 3, offspring: 4}", "budget: {generations: 1, offspring: 3}")
+                    + f"fitness: {{task: {task}}}\n")
+    search = open_quant_search(spec, tmp_path / "run")
+    search.run()
+    row = _rows(tmp_path / "run")[-1]
+    fresh = AutoModelForCausalLM.from_pretrained(src).eval()
+    quantize_model(fresh, quant_config_from_dict(option_config(search.spec, search.choice(tuple(row["config"])))))
+    with torch.no_grad():
+        (result,) = evaluate(fresh, search.tokenizer, str(task), split="search", limit=row["windows"]).values()
+    assert row["fitness"] == pytest.approx(1.0 - result.score, abs=1e-6)
+    heldout = dict(load_quant_search_spec(spec).to_dict())
+    assert heldout["fitness"] == {"task": str(task)}

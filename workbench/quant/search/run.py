@@ -120,6 +120,20 @@ class QuantSearch:
             if t < smallest:
                 raise WorkbenchError(f"{spec.source}: targets: {t} bits per weight is below the smallest config "
                                      f"these options give ({smallest:.3f}, adapters counted)")
+        g = spec.seed
+        self.search_windows = token_windows(self.tokenizer, license_texts(SEARCH_FILES), spec.seq_len,
+                                            spec.windows * spec.seq_len, seed=g)
+        if spec.fitness == "kl" and len(self.search_windows) < spec.windows:
+            raise WorkbenchError(f"{spec.source}: stages: the search text gives {len(self.search_windows)} windows "
+                                 f"of {spec.seq_len} tokens, fewer than the last stage's {spec.windows}")
+        self.task = None
+        if spec.fitness != "kl":
+            from workbench.eval.taskfile import check_search_objective, load_task
+
+            self.task = load_task(spec.fitness)
+            check_search_objective(self.task, "search")
+        self.heldout_windows = token_windows(self.tokenizer, license_texts(HELDOUT_FILES), spec.seq_len,
+                                             spec.heldout_windows * spec.seq_len, seed=g)
         self.db_report = self.db.build(progress)
         t0 = time.perf_counter()
         names, err = self.db.relative_errors()
@@ -129,14 +143,6 @@ class QuantSearch:
         self.levels = evolve.levels_mask(self.costs, unit_err)
         self.db_report["levels_seconds"] = time.perf_counter() - t0
         self.db_report["levels_per_unit"] = float(self.levels.sum(1).mean())
-        g = spec.seed
-        self.search_windows = token_windows(self.tokenizer, license_texts(SEARCH_FILES), spec.seq_len,
-                                            spec.windows * spec.seq_len, seed=g)
-        if len(self.search_windows) < spec.windows:
-            raise WorkbenchError(f"{spec.source}: stages: the search text gives {len(self.search_windows)} windows "
-                                 f"of {spec.seq_len} tokens, fewer than the last stage's {spec.windows}")
-        self.heldout_windows = token_windows(self.tokenizer, license_texts(HELDOUT_FILES), spec.seq_len,
-                                             spec.heldout_windows * spec.seq_len, seed=g)
         self.search_cache = teacher_topk(self.model, self.search_windows, TOP_K, 4)
         self.heldout_cache = teacher_topk(self.model, self.heldout_windows, TOP_K, 4)
         self.student = copy.deepcopy(self.model)
@@ -169,12 +175,15 @@ class QuantSearch:
         out = []
         for config in configs:
             t0 = time.perf_counter()
-            have = self._kls.setdefault(tuple(config), [])
-            if len(have) < windows:
-                self.assemble(config)
-                have += window_kls(self.student, self.search_windows[len(have):windows],
-                                   {k: v[len(have):windows] for k, v in self.search_cache.items()})
-            fitness = float(np.mean(have[:windows]))
+            if self.task is not None:
+                fitness = self._task_fitness(config, windows)
+            else:
+                have = self._kls.setdefault(tuple(config), [])
+                if len(have) < windows:
+                    self.assemble(config)
+                    have += window_kls(self.student, self.search_windows[len(have):windows],
+                                       {k: v[len(have):windows] for k, v in self.search_cache.items()})
+                fitness = float(np.mean(have[:windows]))
             out.append(fitness)
             row = {**self._context, "windows": windows, "config": list(config), **self.bits(config),
                    "fitness": fitness, "seconds": time.perf_counter() - t0}
@@ -183,6 +192,19 @@ class QuantSearch:
                 self._on_score(row)
         self._flush()
         return out
+
+    def _task_fitness(self, config: evolve.Config, items: int) -> float:
+        """1 - the task's continuous score over its first `items` search items (lower is better):
+        with a task fitness, a stage's `windows` count task items."""
+        from workbench.eval.evaluator import evaluate
+
+        key = (tuple(config), items)
+        if key not in self._kls:
+            with torch.no_grad():
+                (result,) = evaluate(self.assemble(config), self.tokenizer, self.task, split="search",
+                                     limit=items).values()
+            self._kls[key] = [1.0 - float(result.score)]
+        return self._kls[key][0]
 
     def _flush(self) -> None:
         from workbench.search.run import write_jsonl_rows

@@ -15,7 +15,8 @@
     skip: [lm_head]
     granularity: per_layer        # per_layer | per_block (a decoder block's linears together) | per_type (q_proj ...)
     targets: [2.5, 3.0, 4.0]      # total bits per weight of the linear layers, adapters counted
-    fitness: kl                   # KL to the float model on the calibration text's search split, or {task: NAME}
+    fitness: kl                   # KL to the float model on the calibration text's search split, or {task: NAME}:
+                                  # 1 - the task's score on its search split (stage `windows` then count items)
     seq_len: 128                  # tokens per fitness window
     stages:                       # multi-step selection: every offspring on the first windows, the best on more
       - {windows: 2, keep: 4}
