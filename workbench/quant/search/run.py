@@ -109,6 +109,9 @@ class QuantSearch:
         self.model.eval().requires_grad_(False)
         self.db = LayerDatabase(self.model, source, spec, db_root)
         self.units = layer_units(self.db.names, spec.granularity)
+        if spec.optimizer == "cma" and len(self.units) < 2:
+            raise WorkbenchError(f"{spec.source}: optimizer: cma needs at least 2 genes; granularity "
+                                 f"{spec.granularity} gives {len(self.units)} here (use levelswitch)")
         self.weights = sum(self.db.weights[n].numel() for n in self.db.names)
         n_opt = len(self.db.options)
         per_layer = {n: [self.db.stored_bytes(n, o) for o in range(n_opt)] for n in self.db.names}
