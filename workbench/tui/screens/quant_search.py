@@ -245,15 +245,14 @@ class QuantSearchScreen(WorkbenchScreen):
         if message.front is None:
             job.finish(f"{message.reason}: resume with Resume (ctrl+n)")
             return
-        self.front = message.front
-        spec = message.front
+        self.front = front = message.front
         self.query_one("#qs-plot", FrontPlot).show(
             plot_points(read_rows(message.run_dir), _last_windows(message.run_dir), message.front))
         self._fill_table(message.front)
         best = "; ".join(f"{t['target']:g} bpw: held-out ppl {t['searched']['heldout_ppl']:.2f}"
                          + (f" vs {t['best_uniform']['heldout_ppl']:.2f} uniform" if t["best_uniform"] else "")
-                         for t in spec["targets"])
-        job.finish(f"{message.reason}: {len(spec['front'])} front points; {best}")
+                         for t in front["targets"])
+        job.finish(f"{message.reason}: {len(front['front'])} front points; {best}")
         self.info(f"front written to {message.run_dir / 'pareto.json'}", title="quantization search done")
 
     def _fill_table(self, front: dict) -> None:
