@@ -45,11 +45,10 @@ def recover_points(run_dir: str | Path, names: list[str], minutes: float, overwr
     import numpy as np
 
     from workbench.models.loader import load_model
-    from workbench.quant.corpus import HELDOUT_FILES, license_texts, token_windows
     from workbench.quant.options import RecoverOptions
     from workbench.quant.pipeline import quantize_to_dir, recover_to_dir
     from workbench.quant.recover import teacher_topk
-    from workbench.quant.search.run import TOP_K, window_kls
+    from workbench.quant.search.run import TOP_K, heldout_windows, window_kls
     from workbench.quant.search.spec import quant_search_spec_from_dict
 
     run_dir = Path(run_dir)
@@ -58,8 +57,7 @@ def recover_points(run_dir: str | Path, names: list[str], minutes: float, overwr
     spec = quant_search_spec_from_dict(json.loads((run_dir / "spec.yml").read_text()), str(run_dir / "spec.yml"))
     todo = point_names(run_dir, names)
     teacher, tok = load_model(spec.model)
-    windows = token_windows(tok, license_texts(HELDOUT_FILES), spec.seq_len, spec.heldout_windows * spec.seq_len,
-                            seed=spec.seed)
+    windows = heldout_windows(tok, spec)  # the front's held-out windows: before/after compare with it
     cache = teacher_topk(teacher, windows, TOP_K, 4)
     del teacher
     path = run_dir / "recovered.json"

@@ -39,6 +39,7 @@ from workbench.errors import WorkbenchError
 from workbench.quant.search import evolve
 from workbench.quant.search.database import LayerDatabase, layer_units, option_config
 from workbench.quant.search.spec import QuantSearchSpec, load_quant_search_spec, quant_search_spec_from_dict
+from workbench.search.run import read_history as read_rows  # the same run-directory convention
 
 TOP_K = 64  # teacher log-probs kept per position; the rest is one tail bucket (recovery's coarse KL)
 FRONT_MAX = 12  # front points scored held-out (evenly spread over bits when there are more)
@@ -66,6 +67,14 @@ def window_kls(model, windows: torch.Tensor, cache: dict[str, torch.Tensor], bat
     return out
 
 
+def heldout_windows(tokenizer, spec: QuantSearchSpec) -> torch.Tensor:
+    """The held-out text's windows a run's front (and its recovered points) are measured on."""
+    from workbench.quant.corpus import HELDOUT_FILES, license_texts, token_windows
+
+    return token_windows(tokenizer, license_texts(HELDOUT_FILES), spec.seq_len, spec.heldout_windows * spec.seq_len,
+                         seed=spec.seed)
+
+
 def unique_rows(rows: list[dict], windows: int) -> dict[tuple, dict]:
     """The first row of each config scored on `windows` windows (the last stage's: comparable)."""
     unique: dict[tuple, dict] = {}
@@ -85,19 +94,13 @@ def pareto_rows(rows: list[dict]) -> list[dict]:
     return points
 
 
-def read_rows(path: Path) -> list[dict]:
-    from workbench.search.run import read_history
-
-    return read_history(path)
-
-
 class QuantSearch:
     """Set up with `QuantSearch(spec, run_dir)`, then `.start()` or `.resume()`, then `.run()`."""
 
     def __init__(self, spec: QuantSearchSpec, run_dir: str | Path, db_root: Path | None = None,
                  progress: Callable[[str, int, int], None] | None = None):
         from workbench.models.loader import load_model, model_kind, resolve_model
-        from workbench.quant.corpus import HELDOUT_FILES, SEARCH_FILES, license_texts, token_windows
+        from workbench.quant.corpus import SEARCH_FILES, license_texts, token_windows
         from workbench.quant.recover import teacher_topk
 
         self.spec, self.run_dir = spec, Path(run_dir)
@@ -135,8 +138,7 @@ class QuantSearch:
 
             self.task = load_task(spec.fitness)
             check_search_objective(self.task, "search")
-        self.heldout_windows = token_windows(self.tokenizer, license_texts(HELDOUT_FILES), spec.seq_len,
-                                             spec.heldout_windows * spec.seq_len, seed=g)
+        self.heldout_windows = heldout_windows(self.tokenizer, spec)
         self.db_report = self.db.build(progress)
         t0 = time.perf_counter()
         names, err = self.db.relative_errors()
@@ -191,6 +193,7 @@ class QuantSearch:
             row = {**self._context, "windows": windows, "config": list(config), **self.bits(config),
                    "fitness": fitness, "seconds": time.perf_counter() - t0}
             self._rows_since.append(row)
+            self.state["evaluations"] += 1
             if self._on_score:
                 self._on_score(row)
         self._flush()
@@ -285,7 +288,6 @@ class QuantSearch:
                 break
             t0 = time.perf_counter()
             g = self.state["generation"]
-            scored_before = self.state["evaluations"]
             if g == 0:
                 self.state["parents"] = self._first_parents()
                 self.state["starts"] = [list(p["config"]) for p in self.state["parents"]]
@@ -295,8 +297,6 @@ class QuantSearch:
                 for ti, parent in enumerate(self.state["parents"]):
                     self._context = {"generation": g, "target": parent["target"], "kind": self.spec.optimizer}
                     self._generation(ti, parent, g, es)
-            n_rows = sum(1 for r in read_rows(self.run_dir) if r["generation"] == g)
-            self.state["evaluations"] = scored_before + n_rows
             self.state["elapsed"] += time.perf_counter() - t0
             self.state["generation"] = g + 1
             self.checkpoint()
