@@ -232,3 +232,31 @@ def export_quantized(qdir: str | Path, out: str | Path, fmt: str, storage: str =
     from workbench.export.hf import export_hf
 
     return export_hf(model, qdir, out, overwrite=overwrite)
+
+
+def quantize_recover_export(source: str | Path, config: str | Path, out: str | Path, minutes: float = 0,
+                            recovered: str | Path | None = None, fmt: str = "none",
+                            export_out: str | Path | None = None, eval_task: str | None = EVAL_TASK,
+                            overwrite: bool = False, progress: ProgressFn | None = None,
+                            recover_progress: RecoverProgressFn | None = None,
+                            say: Callable[[str], None] | None = None,
+                            on_resume: Callable[[Path], None] | None = None) -> dict:
+    """Quantize `source` by `config` into `out`, recover it for `minutes` into `recovered` (when
+    minutes > 0) and export the last of those as `fmt` to `export_out` (unless fmt is "none"): what
+    the UI's Quantize and Quant search screens run. Returns {"quantized", "recovery", "export"} (the
+    reports of the three functions; None for a step not taken); `say(text)` announces each step."""
+    result: dict = {"quantized": quantize_to_dir(source, config, out, eval_task=eval_task, progress=progress,
+                                                 overwrite=overwrite), "recovery": None, "export": None}
+    final = Path(out)
+    if minutes > 0 and recovered is not None:
+        if say:
+            say(f"recovery ({minutes:g} min): calibration text and teacher...")
+        result["recovery"] = recover_to_dir(out, source, recovered, RecoverOptions(time_budget=minutes * 60),
+                                            eval_task=eval_task, progress=recover_progress, overwrite=overwrite,
+                                            on_resume=on_resume)
+        final = Path(recovered)
+    if fmt != "none" and export_out is not None:
+        if say:
+            say(f"exporting {fmt} to {export_out}...")
+        result["export"] = export_quantized(final, export_out, fmt, overwrite=overwrite)
+    return result

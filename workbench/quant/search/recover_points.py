@@ -45,8 +45,7 @@ def recover_points(run_dir: str | Path, names: list[str], minutes: float, overwr
     import numpy as np
 
     from workbench.models.loader import load_model
-    from workbench.quant.options import RecoverOptions
-    from workbench.quant.pipeline import quantize_to_dir, recover_to_dir
+    from workbench.quant.pipeline import quantize_recover_export
     from workbench.quant.recover import teacher_topk
     from workbench.quant.search.run import TOP_K, heldout_windows, window_kls
     from workbench.quant.search.spec import quant_search_spec_from_dict
@@ -71,11 +70,11 @@ def recover_points(run_dir: str | Path, names: list[str], minutes: float, overwr
             if progress:
                 progress(_stem, phase, d, t)
 
-        q = quantize_to_dir(spec.model, run_dir / name, qdir, eval_task=spec.heldout_task, overwrite=overwrite,
-                            progress=lambda n, d, t: say("quantize", d, t))
-        r = recover_to_dir(qdir, spec.model, rdir, RecoverOptions(time_budget=60 * minutes),
-                           eval_task=spec.heldout_task, overwrite=overwrite,
-                           progress=lambda ph, d, t, loss: say(ph, d, t))
+        built = quantize_recover_export(spec.model, run_dir / name, qdir, minutes, rdir,
+                                        eval_task=spec.heldout_task, overwrite=overwrite,
+                                        progress=lambda n, d, t: say("quantize", d, t),
+                                        recover_progress=lambda ph, d, t, loss: say(ph, d, t))
+        q, r = built["quantized"], built["recovery"]
         kls = {}
         for key, d in (("kl_before", qdir), ("kl_after", rdir)):
             model, _ = load_model(d)

@@ -308,25 +308,19 @@ class QuantSearchScreen(WorkbenchScreen):
     @work(thread=True, exclusive=True, group="qpoint", exit_on_error=False, description="build point")
     def build_job(self, config: Path, out: Path, minutes: float, recovered: Path | None, fmt: str,
                   export: Path | None, overwrite: bool) -> None:
-        from workbench.quant.options import RecoverOptions
-        from workbench.quant.pipeline import export_quantized, quantize_to_dir, recover_to_dir
+        from workbench.quant.pipeline import quantize_recover_export
 
         def say(done, total, text):
             self.post_message(JobProgress("qpoint", done, total, text))
 
         try:
             apply_threads(self.config.threads)
-            source, task = Path(self.front["model"]), self.front["heldout_task"]
-            result = {"quantized": quantize_to_dir(source, config, out, eval_task=task, overwrite=overwrite,
-                                                   progress=lambda n, d, t: say(d, t, f"quantizing: {d}/{t} {n}"))}
-            if recovered is not None:
-                result["recovery"] = recover_to_dir(
-                    out, source, recovered, RecoverOptions(time_budget=minutes * 60), eval_task=task,
-                    overwrite=overwrite,
-                    progress=lambda ph, d, t, loss: say(d, t, f"recovery, {PHASES.get(ph, ph)}: {d}/{t}"))
-            if export is not None:
-                say(None, None, f"exporting {fmt} to {export}...")
-                result["export"] = export_quantized(recovered or out, export, fmt, overwrite=overwrite)
+            result = quantize_recover_export(
+                Path(self.front["model"]), config, out, minutes, recovered, fmt, export,
+                eval_task=self.front["heldout_task"], overwrite=overwrite,
+                progress=lambda n, d, t: say(d, t, f"quantizing: {d}/{t} {n}"),
+                recover_progress=lambda ph, d, t, loss: say(d, t, f"recovery, {PHASES.get(ph, ph)}: {d}/{t}"),
+                say=lambda text: say(None, None, text))
         except Exception as e:  # noqa: BLE001
             self.post_message(JobFailed("qpoint", error_text(e)))
             return
@@ -339,9 +333,9 @@ class QuantSearchScreen(WorkbenchScreen):
         q = r["quantized"]
         lines = [f"{q['out']}: {q['bits_per_weight_with_adapters']:.3f} bits per weight with adapters "
                  f"({q['bits_per_weight']:.3f} base), held-out ppl {q['ppl']:.2f}"]
-        if "recovery" in r:
+        if r["recovery"] is not None:
             lines.append(f"recovered: held-out ppl {r['recovery']['ppl_before']:.2f} -> {r['recovery']['ppl_after']:.2f}")
-        if "export" in r:
+        if r["export"] is not None:
             lines.append(f"exported: {r['export']['path']}")
         self.query_one("#qs-point-job", JobStatus).finish(message.text)
         self.query_one("#qs-result", Label).update(Text("\n".join(lines), style="green"))

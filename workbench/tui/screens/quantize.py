@@ -205,12 +205,7 @@ class QuantizeScreen(WorkbenchScreen):
 
     @work(thread=True, exclusive=True, group="quantize", exit_on_error=False, description="quantize")
     def quantize_job(self, plan: QuantPlan) -> None:
-        from workbench.quant.pipeline import (
-            export_quantized,
-            quantize_to_dir,
-            recover_to_dir,
-        )
-        from workbench.quant.options import RecoverOptions
+        from workbench.quant.pipeline import quantize_recover_export
 
         job = "quantize"
 
@@ -226,17 +221,12 @@ class QuantizeScreen(WorkbenchScreen):
 
         try:
             apply_threads(self.config.threads)
-            result = QuantResult(plan, quantize_to_dir(plan.source, plan.config, plan.out, eval_task=None,
-                                                       progress=on_layer, overwrite=plan.overwrite))
-            if plan.recovered is not None:
-                say(None, None, f"recovery ({plan.minutes:g} min): calibration text and teacher...")
-                result.recovery = recover_to_dir(
-                    plan.out, plan.source, plan.recovered, RecoverOptions(time_budget=plan.minutes * 60),
-                    eval_task=None, progress=on_recover, overwrite=plan.overwrite,
-                    on_resume=lambda path: say(None, None, f"recovery: resuming from {path}"))
-            if plan.export_out is not None:
-                say(None, None, f"exporting {plan.fmt} to {plan.export_out}...")
-                result.export = export_quantized(plan.final, plan.export_out, plan.fmt, overwrite=plan.overwrite)
+            done = quantize_recover_export(
+                plan.source, plan.config, plan.out, plan.minutes, plan.recovered, plan.fmt, plan.export_out,
+                eval_task=None, overwrite=plan.overwrite, progress=on_layer, recover_progress=on_recover,
+                say=lambda text: say(None, None, text),
+                on_resume=lambda path: say(None, None, f"recovery: resuming from {path}"))
+            result = QuantResult(plan, done["quantized"], done["recovery"], done["export"])
         except Exception as e:  # noqa: BLE001
             self.post_message(JobFailed(job, error_text(e)))
             return
