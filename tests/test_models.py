@@ -344,7 +344,8 @@ def test_model_info_of_a_recovered_directory_and_the_cli(tmp_path, capsys):
 
 def test_list_models_shows_quantized_directories(home, capsys):
     from workbench.home import models_dir
-    from workbench.models.info import list_models, print_models
+    from workbench.cli.models import print_models
+    from workbench.models.info import list_models
 
     quantized_tiny(models_dir(), {"bits": 2, "group_size": 16})
     rows = {r["name"]: r for r in list_models()}
@@ -398,7 +399,8 @@ def test_list_models_finds_models_in_workbench_home(home):
 
 def test_print_models_table_and_json(home, capsys):
     from workbench.home import models_dir
-    from workbench.models.info import list_models, print_models
+    from workbench.cli.models import print_models
+    from workbench.models.info import list_models
 
     save_tiny_model(models_dir() / "tiny-a", "llama")
     save_tiny_model(models_dir() / "tiny-b", "gpt2")

@@ -18,7 +18,9 @@ from workbench.cli import main
 from workbench.quant.config import quant_config_from_dict
 from workbench.quant.model import load_quantized, quantize_model, save_quantized
 from workbench.quant.options import RecoverOptions
-from workbench.quant.pipeline import heldout_perplexity, quantize_to_dir, recover_to_dir
+from workbench.eval.evaluator import heldout_perplexity
+from workbench.ops.quant import quantize as quantize_to_dir
+from workbench.ops.quant import recover as recover_to_dir
 from workbench.quant.recover import Recovery, decoder_layers
 
 TOL = 1.0  # seconds: a phase may end past its share by about one step or batch (on a busy 2-core CPU)
@@ -82,7 +84,7 @@ def test_export_keeps_a_users_directory_without_overwrite(tmp_path, files, fmt, 
 
 
 def test_gguf_export_keeps_the_users_gguf_and_lora_companion(tmp_path, files):
-    from workbench.quant.pipeline import export_quantized
+    from workbench.ops.quant import export as export_quantized
 
     q = _quantized(tmp_path, files["src"])
     for name in ("model.gguf", "model.lora.gguf"):

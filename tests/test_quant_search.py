@@ -225,7 +225,7 @@ def test_example_quantization_search_specs_validate():
 
 def test_recover_targets_builds_searched_and_uniform_configs_and_measures_them_held_out(setup, capsys):
     from workbench.cli import main
-    from workbench.quant.search.recover_points import read_recovered
+    from workbench.ops.qsearch import read_recovered
 
     tmp_path, src, spec = setup
     spec.write_text(spec.read_text().replace("targets: [5.0, 7.0]", "targets: [5.0]"))

@@ -281,8 +281,8 @@ async def test_models_list_add_and_prepare_default(env, tmp_path, monkeypatch):
     shutil.copytree(env.a, home_models / "tiny-a")
     calls, go = [], threading.Event()
 
-    def fake_prepare(dtype="float32", force=False, progress=True):  # the real one converts a 135M GGUF
-        calls.append(progress)
+    def fake_prepare(dtype="float32", force=False, progress=None):  # the real one converts a 135M GGUF
+        calls.append(callable(progress))
         assert go.wait(30)
         return home_models / "tiny-a"
 
@@ -311,8 +311,8 @@ async def test_models_list_add_and_prepare_default(env, tmp_path, monkeypatch):
         await pilot.press("ctrl+b")  # build zoo while preparing: refused
         assert "running" in notifications(app, "warning")[-1].message
         go.set()
-        await wait_until(pilot, lambda: screen.job is None, what="the preparation job")
-        assert calls == [False]
+        await wait_until(pilot, lambda: not screen.jobs, what="the preparation job")
+        assert calls == [True]   # the job's progress callback
         assert "default model ready" in str(screen.query_one("#models-job").label.render())
         assert not screen.query_one("#prepare").disabled
 

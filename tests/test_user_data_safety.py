@@ -78,12 +78,12 @@ def test_output_directories_and_files_get_the_umask_permissions(tmp_path, umask)
 
 
 def test_eval_refuses_an_existing_json_before_loading_the_model(tmp_path, capsys, monkeypatch):
-    import workbench.eval.cli as eval_cli
+    import workbench.models.loader as loader
 
     src = save_tiny_model(tmp_path / "m", "llama")
     out = tmp_path / "results.json"
     out.write_text("my earlier results\n")
-    monkeypatch.setattr(eval_cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     assert main(["eval", str(src), "zoo-perplexity", "--limit", "1", "--json", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "results.json" in err and "--overwrite" in err and "Traceback" not in err
@@ -151,7 +151,7 @@ def test_tied_head_is_not_a_missing_weight(tmp_path):
 def test_compressed_directory_loads_as_what_it_is(tmp_path, arch):
     """Before: transformers loaded it with every linear weight missing and random (ppl 2.5e18)."""
     from workbench.quant.model import load_quantized
-    from workbench.quant.pipeline import export_quantized
+    from workbench.ops.quant import export as export_quantized
 
     _, q = _quantized(tmp_path, arch)
     assert model_kind(q) == "quantized"
@@ -169,7 +169,7 @@ def test_compressed_directory_loads_as_what_it_is(tmp_path, arch):
 
 
 def test_eval_of_a_compressed_directory_equals_eval_of_its_hf_export(tmp_path, capsys):
-    from workbench.quant.pipeline import export_quantized
+    from workbench.ops.quant import export as export_quantized
 
     _, q = _quantized(tmp_path, "llama")
     hf = tmp_path / "hf"

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import save_tiny_model
+from workbench.ops.zoo import build
 from workbench.zoo import build as B
 from workbench.zoo.train import TrainConfig
 
@@ -30,11 +31,11 @@ def tiny_zoo(tmp_path, monkeypatch):
 def test_build_is_resumable_idempotent_and_records_training(tiny_zoo):
     from safetensors.torch import load_file
 
-    assert B.build_zoo(progress=False, stop_after=3) == []  # interrupted after 3 of 6 steps
+    assert build(stop_after=3) == []  # interrupted after 3 of 6 steps
     states = {r["name"]: r["state"] for r in B.zoo_status()}
     assert states["zoo-expert-arith"].startswith("partial (3/6") and states["zoo-expert-french"].startswith("partial")
 
-    paths = B.build_zoo(progress=False)
+    paths = build()
     assert [p.name for p in paths] == ["zoo-expert-arith", "zoo-expert-french"]
     rec = json.loads((paths[0] / "train.json").read_text())
     assert rec["resumed_from_step"] == 3 and rec["steps"] == 6 and len(rec["loss_curve"]) == 6
@@ -52,7 +53,7 @@ def test_build_is_resumable_idempotent_and_records_training(tiny_zoo):
     assert changed and all(".mlp." in n and (".2." in n or ".3." in n) for n in changed)
 
     stamp = (paths[0] / "model.safetensors").stat().st_mtime_ns
-    assert B.build_zoo(progress=False) == paths  # nothing left to do
+    assert build() == paths  # nothing left to do
     assert (paths[0] / "model.safetensors").stat().st_mtime_ns == stamp
     assert {r["state"] for r in B.zoo_status()} == {"built"}
 
@@ -60,11 +61,11 @@ def test_build_is_resumable_idempotent_and_records_training(tiny_zoo):
 def test_resumed_build_equals_uninterrupted_build(tiny_zoo, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    B.build_zoo(progress=False, only=["zoo-expert-arith"], stop_after=4)
-    resumed = load_file(str(B.build_zoo(progress=False, only=["zoo-expert-arith"])[0] / "model.safetensors"))
+    build(only=["zoo-expert-arith"], stop_after=4)
+    resumed = load_file(str(build(only=["zoo-expert-arith"])[0] / "model.safetensors"))
     monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home2"))
     save_tiny_model(tmp_path / "home2" / "models" / "SmolLM2-135M-Instruct", "llama", seed=0)
-    straight = load_file(str(B.build_zoo(progress=False, only=["zoo-expert-arith"])[0] / "model.safetensors"))
+    straight = load_file(str(build(only=["zoo-expert-arith"])[0] / "model.safetensors"))
     assert all(torch.equal(resumed[n], straight[n]) for n in straight)
 
 

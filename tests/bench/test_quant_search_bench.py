@@ -112,7 +112,7 @@ def test_searched_configs_against_the_best_uniform_ones(run_dir):
 
 
 def test_searched_against_uniform_after_the_same_recovery(run_dir):
-    from workbench.quant.search.recover_points import read_recovered
+    from workbench.ops.qsearch import read_recovered
     from workbench.quant.search.run import read_front
 
     minutes = float(os.environ.get("BENCH_QSEARCH_RECOVER_MINUTES", "10"))

@@ -26,6 +26,7 @@ from workbench.eval.racing import BOUNDS, Race, race_order
 from workbench.eval.requests import Prepared, Unit, prepare
 from workbench.eval.scoring import loglik_reducer, model_max_length, score_requests
 from workbench.eval.taskfile import Task, load_task, normalize_text
+from workbench.tasks import HELDOUT_PPL_TASK
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -285,3 +286,18 @@ def results_to_dict(results: dict[str, TaskResult]) -> dict:
 def all_samples(results: dict[str, TaskResult]) -> Iterable[dict]:
     for r in results.values():
         yield from r.samples
+
+
+def heldout_perplexity(model, tokenizer, task: str = HELDOUT_PPL_TASK) -> float:
+    """Perplexity of ``model`` on the ``heldout`` split of a perplexity task."""
+    with torch.no_grad():
+        (result,) = evaluate(model, tokenizer, task, split="heldout").values()
+    return result.metrics["ppl"]
+
+
+def saved_perplexity(path: str | Path, task: str = HELDOUT_PPL_TASK) -> float:
+    """Held-out perplexity of a saved model, loaded as `workbench eval PATH TASK --split heldout` does."""
+    from workbench.models.loader import load_model
+
+    model, tok = load_model(path)
+    return heldout_perplexity(model, tok, task)

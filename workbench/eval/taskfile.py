@@ -39,9 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from workbench.errors import WorkbenchError
+from workbench.schema import Field, Reader, parse_with_lines
 
 TYPES = ("multiple_choice", "exact_match", "perplexity", "kl")
 NORMALIZERS = ("strip", "lower", "collapse_whitespace", "strip_punctuation")
@@ -149,17 +148,6 @@ def _item_file(task: Task, item: Item) -> Path:
     return p if p.is_absolute() else task.items_path.parent / p
 
 
-def _header_lines(text: str) -> dict[str, int]:
-    """1-based line of each top-level key of a YAML mapping (best effort)."""
-    try:
-        node = yaml.compose(text)
-    except yaml.YAMLError:
-        return {}
-    if not isinstance(node, yaml.MappingNode):
-        return {}
-    return {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
-
-
 def resolve_task_path(ref: str | Path) -> Path:
     """A task reference as a header path: an existing file, else a built-in task by name."""
     p = Path(ref).expanduser()
@@ -173,92 +161,73 @@ def resolve_task_path(ref: str | Path) -> Path:
     raise TaskError(f"{ref}: no such task file or built-in task (built-in: {', '.join(available) or 'none'})")
 
 
+def _strings(v: list, path: tuple, fail) -> list[str]:
+    if not all(isinstance(s, str) and s for s in v):
+        fail(path, f"expected a list of non-empty strings, got {v!r}")
+    return list(v)
+
+
+HEADER = {
+    "name": Field(str, nonempty=True, want="a non-empty string"),
+    "type": Field(str, choices=TYPES, msg=lambda v: f"{v!r} is not one of {', '.join(TYPES)}"),
+    "description": Field(str, "", want="str"),
+    "items": Field(str, nonempty=True, want="a non-empty file name"),
+    "chat_template": Field(bool, False, want="bool"),
+    "num_fewshot": Field(int, 0, low=0, want="an integer >= 0"),
+    "fewshot_split": Field(str, None, nonempty=True, want="a split name"),
+    "target_delimiter": Field(str, None, want="str", doc="None: '' with chat_template, else ' '"),
+    "fewshot_delimiter": Field(str, "\n\n", want="str"),
+    "stop": Field(list, [], check=_strings, want="a list of strings"),
+    "max_new_tokens": Field(int, 32, low=1, want="an integer >= 1"),
+    "normalize": Field(list, ["strip"], check=_strings, want="a list of strings"),
+    "max_length": Field(int, 512, low=2),
+    "stride": Field(int, None, low=1, want="an integer >= 1"),
+    "max_tokens": Field(int, None, low=1, want="an integer >= 1"),
+    "reference": Field(str, None, nonempty=True, want="a model directory or name"),
+    "top_k": Field(int, 32, low=1, want="an integer >= 1"),
+}
+
+
 def load_task(ref: str | Path) -> Task:
     """Load and validate a task header and its items; raises :class:`TaskError`."""
     path = resolve_task_path(ref)
-    text = path.read_text(encoding="utf-8")
-    lines = _header_lines(text)
-    try:
-        head = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise TaskError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    head, lines = parse_with_lines(path.read_text(encoding="utf-8"), str(path), TaskError)
     if not isinstance(head, dict):
         raise TaskError(f"{path}: a task header must be a YAML mapping")
-
-    def err(key: str, msg: str) -> TaskError:
-        where = f"{path}:{lines[key]}" if key in lines else str(path)
-        return TaskError(f"{where}: {key}: {msg}")
-
+    lines.pop((), None)  # a missing field is named without a line
+    r = Reader(str(path), lines, TaskError, root="task")
     for key in ("name", "type", "items"):
         if key not in head:
-            raise err(key, "required field is missing")
-    ttype = head["type"]
-    if ttype not in TYPES:
-        raise err("type", f"{ttype!r} is not one of {', '.join(TYPES)}")
+            r.fail((key,), "required field is missing")
+    ttype = r.check(head["type"], HEADER["type"], ("type",))
     allowed = COMMON | BY_TYPE[ttype]
     for key in head:
         if key not in allowed:
             other = [t for t in TYPES if key in BY_TYPE[t]]
-            hint = f"only used by type {', '.join(other)}" if other else \
-                f"unknown field (expected: {', '.join(sorted(allowed))})"
-            raise err(str(key), hint)
-
-    def get(key: str, kind: type | tuple, default: Any, check=None, what: str = "") -> Any:
-        if key not in head or (head[key] is None and key not in ("name", "type", "items")):
-            return default
-        v = head[key]
-        if isinstance(v, bool) and kind is not bool:
-            raise err(key, f"expected {what or kind.__name__}, got {v!r}")
-        if not isinstance(v, kind) or (check and not check(v)):
-            raise err(key, f"expected {what or getattr(kind, '__name__', kind)}, got {v!r}")
-        return v
-
-    def str_list(key: str, default: list[str], nonempty: bool) -> list[str]:
-        v = get(key, list, default, what="a list of strings")
-        if not all(isinstance(s, str) and (s or not nonempty) for s in v):
-            raise err(key, f"expected a list of {'non-empty ' if nonempty else ''}strings, got {v!r}")
-        return list(v)
-
-    pos = lambda v: v > 0
-    task = Task(
-        name=get("name", str, None, bool, "a non-empty string"), type=ttype, path=path.absolute(),
-        items_path=path.parent / get("items", str, None, bool, "a non-empty file name"), items=[],
-        description=get("description", str, ""),
-        chat_template=get("chat_template", bool, False),
-        num_fewshot=get("num_fewshot", int, 0, lambda v: v >= 0, "an integer >= 0"),
-        fewshot_split=get("fewshot_split", str, None, bool, "a split name"),
-        target_delimiter=get("target_delimiter", str, None),
-        fewshot_delimiter=get("fewshot_delimiter", str, "\n\n"),
-        stop=str_list("stop", [], True),
-        max_new_tokens=get("max_new_tokens", int, 32, pos, "an integer >= 1"),
-        normalize=str_list("normalize", ["strip"], True),
-        max_length=get("max_length", int, 512, lambda v: v >= 2, "an integer >= 2"),
-        stride=get("stride", int, None, pos, "an integer >= 1"),
-        max_tokens=get("max_tokens", int, None, pos, "an integer >= 1"),
-        reference=get("reference", str, None, bool, "a model directory or name"),
-        top_k=get("top_k", int, 32, pos, "an integer >= 1"),
-    )
+            r.fail((key,), f"only used by type {', '.join(other)}" if other else
+                   f"unknown field (expected: {', '.join(sorted(allowed))})")
+    h = r.read(head, HEADER)  # the fields of other types (refused above) take their defaults
+    task = Task(**{k: v for k, v in h.items() if k != "items"}, path=path.absolute(),
+                items_path=path.parent / h["items"], items=[])
     if task.target_delimiter is None:
         task.target_delimiter = "" if task.chat_template else " "
     for n in task.normalize:
         if n not in NORMALIZERS:
-            raise err("normalize", f"{n!r} is not one of {', '.join(NORMALIZERS)}")
+            r.fail(("normalize",), f"{n!r} is not one of {', '.join(NORMALIZERS)}")
     if task.stride is not None and task.stride > task.max_length:
-        raise err("stride", f"{task.stride} is larger than max_length {task.max_length}")
+        r.fail(("stride",), f"{task.stride} is larger than max_length {task.max_length}")
     if ttype == "kl" and not task.reference:
-        raise err("reference", "required for type kl (the teacher model)")
+        r.fail(("reference",), "required for type kl (the teacher model)")
     if task.num_fewshot and not task.fewshot_split:
-        raise err("num_fewshot", f"{task.num_fewshot} few-shot examples need a fewshot_split")
+        r.fail(("num_fewshot",), f"{task.num_fewshot} few-shot examples need a fewshot_split")
     if not task.items_path.is_file():
-        raise err("items", f"{task.items_path} does not exist")
+        r.fail(("items",), f"{task.items_path} does not exist")
 
     task.items = _load_items(task)
     if task.num_fewshot:
         shots = [it for it in task.items if it.split == task.fewshot_split]
         if len(shots) < task.num_fewshot:
-            raise err("num_fewshot", f"{task.num_fewshot} few-shot examples asked but split "
+            r.fail(("num_fewshot",), f"{task.num_fewshot} few-shot examples asked but split "
                                      f"{task.fewshot_split!r} has {len(shots)} items")
     digest = hashlib.sha256(json.dumps(head, sort_keys=True, default=str).encode())
     digest.update(task.items_path.read_bytes())
@@ -276,32 +245,28 @@ def _load_items(task: Task) -> list[Item]:
         for n, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
-
-            def err(key: str, msg: str, n: int = n) -> TaskError:
-                return TaskError(f"{fname}:{n}: {key}: {msg}")
-
             try:
                 d = json.loads(raw)
             except json.JSONDecodeError as e:
                 raise TaskError(f"{fname}:{n}: invalid JSON: {e.msg} (column {e.colno})") from None
             if not isinstance(d, dict):
                 raise TaskError(f"{fname}:{n}: an item must be a JSON object, got {type(d).__name__}")
+            fail = Reader(str(fname), {(): n}, TaskError).fail  # fail((key,), msg): "file:n: key: msg"
             for key in d:
                 if key not in allowed:
-                    raise err(key, f"unknown field for a {task.type} item (expected: "
-                                   f"{', '.join(sorted(allowed))})")
+                    fail((key,), f"unknown field for a {task.type} item (expected: {', '.join(sorted(allowed))})")
             for key in ["split", *sorted(need)]:
                 if key not in d:
-                    raise err(key, "required field is missing")
+                    fail((key,), "required field is missing")
             if not isinstance(d["split"], str) or not d["split"]:
-                raise err("split", f"expected a split name, got {d['split']!r}")
-            _check_item(task, d, err)
+                fail(("split",), f"expected a split name, got {d['split']!r}")
+            _check_item(task, d, fail)
             item = Item(d["split"], n, d)
             prev = seen.get(item.key)
             if prev is not None and prev.split != item.split:
                 field_name = next(k for k in ("context", "prompt", "text", "file") if k in d)
-                raise err(field_name, f"same item as line {prev.line} (split {prev.split!r}) but in split "
-                                      f"{item.split!r}: splits must be disjoint")
+                fail((field_name,), f"same item as line {prev.line} (split {prev.split!r}) but in split "
+                                    f"{item.split!r}: splits must be disjoint")
             seen.setdefault(item.key, item)
             items.append(item)
     if not items:
@@ -309,38 +274,38 @@ def _load_items(task: Task) -> list[Item]:
     return items
 
 
-def _check_item(task: Task, d: dict, err) -> None:
+def _check_item(task: Task, d: dict, fail) -> None:
     def is_str_list(v: Any, nonempty: bool) -> bool:
         return isinstance(v, list) and len(v) > 0 and \
             all(isinstance(s, str) and (s.strip() or not nonempty) for s in v)
 
     if task.type == "multiple_choice":
         if not isinstance(d["context"], str):
-            raise err("context", f"expected a string, got {d['context']!r}")
+            fail(("context",), f"expected a string, got {d['context']!r}")
         ch = d["choices"]
         if not is_str_list(ch, True) or len(ch) < 2:
-            raise err("choices", f"expected a list of at least 2 non-blank strings, got {ch!r}")
+            fail(("choices",), f"expected a list of at least 2 non-blank strings, got {ch!r}")
         g = d["gold"]
         if not isinstance(g, int) or isinstance(g, bool):
-            raise err("gold", f"expected an integer index, got {g!r}")
+            fail(("gold",), f"expected an integer index, got {g!r}")
         if not 0 <= g < len(ch):
-            raise err("gold", f"{g} is out of range for {len(ch)} choices")
+            fail(("gold",), f"{g} is out of range for {len(ch)} choices")
     elif task.type == "exact_match":
         if not isinstance(d["prompt"], str) or not d["prompt"]:
-            raise err("prompt", f"expected a non-empty string, got {d['prompt']!r}")
+            fail(("prompt",), f"expected a non-empty string, got {d['prompt']!r}")
         if not is_str_list(d["answers"], True):
-            raise err("answers", f"expected a list of non-blank strings, got {d['answers']!r}")
+            fail(("answers",), f"expected a list of non-blank strings, got {d['answers']!r}")
     else:
         has = [k for k in ("file", "text") if k in d]
         if len(has) != 1:
-            raise err("file", "give exactly one of file or text" if has else "required: file or text")
+            fail(("file",), "give exactly one of file or text" if has else "required: file or text")
         k = has[0]
         if not isinstance(d[k], str) or not d[k].strip():
-            raise err(k, f"expected a non-empty string, got {d[k]!r}")
+            fail((k,), f"expected a non-empty string, got {d[k]!r}")
         if k == "file":
             p = _item_file(task, Item(d["split"], 0, d))
             if not p.is_file():
-                raise err("file", f"{p} does not exist")
+                fail(("file",), f"{p} does not exist")
 
 
 def normalize_text(s: str, steps: list[str]) -> str:

@@ -35,7 +35,8 @@ import torch
 from gguf import GGMLQuantizationType as QT
 from safetensors.torch import load_file
 
-from workbench.atomic import atomic_path
+from workbench.atomic import atomic_path, atomic_paths
+from workbench.faults import fault_point
 from workbench.export.gguf_names import (
     PRE_TOKENIZER_PROBE,
     PRE_TOKENIZERS,
@@ -113,8 +114,11 @@ class _Source:
 
 def _write(writer: gguf.GGUFWriter, path: Path) -> None:
     writer.write_header_to_file(path=path)
+    fault_point("gguf:header")
     writer.write_kv_data_to_file()
+    fault_point("gguf:metadata")
     writer.write_tensors_to_file()
+    fault_point("gguf:tensors")
     writer.close()
 
 
@@ -418,6 +422,20 @@ def export_lora_gguf(qdir: str | Path, out_path: str | Path) -> dict[str, Any]:
     return {"path": str(out_path), "architecture": name, "tensor_count": 2 * len(lora), "layers": len(lora),
             "ranks": ranks, "alpha": alpha, "scaling": {r: alpha / r for r in ranks}, "params": params,
             "file_bytes": os.path.getsize(out_path)}
+
+
+def export_gguf_with_lora(qdir: str | Path, out_path: str | Path, lora_path: str | Path, **options) -> dict[str, Any]:
+    """`export_gguf` and `export_lora_gguf` of a model with adapters, committed together: both files are
+    written under temporary names, then the adapter file is renamed into place and the model file
+    last, so a kill at any point never leaves a model .gguf without its adapter file (which would
+    look finished, and block a rerun without --overwrite). `options` go to `export_gguf`."""
+    out_path, lora_path = Path(out_path), Path(lora_path)
+    with atomic_paths(lora_path, out_path) as (lora_tmp, model_tmp):   # the model file renamed last
+        report = export_gguf(qdir, model_tmp, **options)
+        report["lora"] = export_lora_gguf(qdir, lora_tmp)
+    report["path"] = str(out_path)
+    report["lora"]["path"] = str(lora_path)
+    return report
 
 
 # -- reading back ------------------------------------------------------------------------------------------

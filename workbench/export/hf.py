@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from workbench.atomic import atomic_dir
+from workbench.faults import fault_point
 from workbench.quant.model import COPY_FILES, empty_model, quant_layers
 
 
@@ -41,6 +42,7 @@ def save_plain(model: nn.Module, qdir: str | Path, out: str | Path, overwrite: b
     """save_pretrained (safetensors) atomically, with the tokenizer files of the quantized directory."""
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        fault_point("export:hf-weights")
         for f in COPY_FILES:
             src = Path(qdir) / f
             if src.is_file() and not (tmp / f).exists():

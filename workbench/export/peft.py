@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from workbench.atomic import atomic_dir
+from workbench.faults import fault_point
 from workbench.errors import WorkbenchError
 from workbench.export.hf import _dir_bytes, dequantized_model, save_plain
 from workbench.quant.model import quant_layers
@@ -48,5 +49,6 @@ def export_peft(qmodel: nn.Module, qdir: str | Path, out: str | Path, overwrite:
                   "base_model_name_or_path": str(out.absolute() / "base"),
                   "layers_to_transform": None, "modules_to_save": None}
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        fault_point("export:peft-config")
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     return {"format": "peft", "path": str(out), "adapters": len(layers), "bytes": _dir_bytes(out)}

@@ -251,36 +251,3 @@ def write_output_files(plan: MergePlan, out: Path, dtype: torch.dtype, seed: int
     recipe_yaml = dump_recipe(plan.resolved_recipe())  # by absolute paths: mergekit-yaml reads no short names
     (out / "mergekit_config.yml").write_text(recipe_yaml)
     write_model_card(plan, out, recipe_yaml, seed, title)
-
-
-def run_merge_cli(args) -> int:
-    """`workbench merge RECIPE OUT`: validate, plan, merge with a progress bar, summarize."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    console = Console(stderr=True)
-    if Path(args.out).exists() and not args.overwrite:
-        raise WorkbenchError(f"{args.out} already exists; choose another output or pass --overwrite")
-    parse_size(args.shard_size)
-    check_device(args.device)
-    keep_freed_memory()   # a one-shot process; a long-lived one (the UI) should give memory back
-    plan = plan_merge(load_recipe(args.recipe))
-    try:
-        with Progress(TextColumn("[bold]merging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TextColumn("{task.description}"), console=console, disable=args.no_progress) as progress:
-            task = progress.add_task("", total=len(plan.jobs))
-
-            def on_tensor(done: int, total: int, name: str) -> None:
-                progress.update(task, completed=done, description=name)
-
-            result = execute_merge(plan, args.out, device=args.device, out_dtype=args.dtype,
-                                   shard_size=args.shard_size, seed=args.seed, overwrite=args.overwrite,
-                                   on_tensor=on_tensor, allow_nonfinite=getattr(args, "allow_nonfinite", False))
-    finally:
-        plan.close()
-    console.print(f"[green]merged[/green] {result.num_tensors} tensors into {result.out_dir} "
-                  f"({result.num_shards} shard{'s' if result.num_shards > 1 else ''}, "
-                  f"{result.bytes_written / 1e6:.1f} MB) in {result.seconds:.1f} s, "
-                  f"peak memory {result.peak_rss_bytes / 1e6:.0f} MB")
-    print(result.out_dir)
-    return 0

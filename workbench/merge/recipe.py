@@ -31,11 +31,9 @@ import yaml
 
 from workbench.errors import RecipeError
 from workbench.merge.methods import METHODS, MergeMethod, ParamSpec
-from workbench.yaml_lines import field_location, parse_with_lines
+from workbench.schema import Field, Reader, field_location, parse_with_lines
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
-TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-            "tokenizer_source", "chat_template", "name", "modules", "tokenizer"}
 DEMO_VARIANTS = ("variant-a", "variant-b")  # what `workbench demo` makes beside the default model
 UNSUPPORTED_TOP = {"modules": "multi-module recipes (`modules:`) are not supported; use `models:` or `slices:`",
                    "tokenizer": "the `tokenizer:` block is not supported; use `tokenizer_source:`"}
@@ -343,79 +341,7 @@ def missing_model_hint(missing: list[str]) -> str:
 
 # --- validation ----------------------------------------------------------------------------
 
-def recipe_from_dict(data: Any, source: str = "<recipe>", lines: dict | None = None) -> Recipe:
-    """Build a :class:`Recipe` from parsed YAML, checking every field."""
-    r = Recipe(merge_method="", source=source, lines=lines or {})
-
-    def fail(path: tuple, msg: str):
-        raise RecipeError(f"{r.where(path)}: {'.'.join(map(str, path)) or 'recipe'}: {msg}")
-
-    if not isinstance(data, dict):
-        fail((), "expected a mapping with at least `merge_method` and `models` or `slices`")
-    for key in data:
-        if key in UNSUPPORTED_TOP:
-            fail((key,), UNSUPPORTED_TOP[key])
-        if key not in TOP_KEYS:
-            fail((key,), f"unknown key; expected one of {', '.join(sorted(TOP_KEYS - set(UNSUPPORTED_TOP)))}")
-
-    method_name = data.get("merge_method")
-    if not isinstance(method_name, str):
-        fail(("merge_method",), f"required; one of {', '.join(sorted(METHODS))}")
-    if method_name not in METHODS:
-        fail(("merge_method",), f"unknown method {method_name!r}; known: {', '.join(sorted(METHODS))}")
-    r.merge_method = method_name
-    method = METHODS[method_name]
-
-    r.base_model = _model_ref(data.get("base_model"), ("base_model",), fail, optional=True)
-    for key in ("dtype", "out_dtype"):
-        value = data.get(key)
-        if value is not None and value not in DTYPES:
-            fail((key,), f"{value!r} is not a dtype; expected one of {', '.join(DTYPES)}")
-        setattr(r, key, value)
-    for key in ("tokenizer_source", "chat_template", "name"):
-        value = data.get(key)
-        if value is not None and not isinstance(value, str):
-            fail((key,), f"expected a string, got {type(value).__name__}")
-        setattr(r, key, value)
-
-    r.parameters = _check_params(data.get("parameters"), method, ("parameters",), fail, scope="any")
-    has_models, has_slices = "models" in data, "slices" in data
-    if has_models == has_slices:
-        fail((), "exactly one of `models` or `slices` is required")
-    if has_models:
-        if not isinstance(data["models"], list) or not data["models"]:
-            fail(("models",), "expected a non-empty list of {model, parameters}")
-        r.models = [_entry(e, ("models", i), method, fail, with_range=False) for i, e in enumerate(data["models"])]
-    else:
-        if not isinstance(data["slices"], list) or not data["slices"]:
-            fail(("slices",), "expected a non-empty list of {sources: [...]}")
-        r.slices = []
-        for i, s in enumerate(data["slices"]):
-            path = ("slices", i)
-            if not isinstance(s, dict) or "sources" not in s:
-                fail(path, "expected a mapping with `sources`")
-            extra = set(s) - {"sources", "base_model", "parameters", "residual_weight"}
-            if extra:
-                fail((*path, sorted(extra)[0]), "unknown key; expected sources, base_model, parameters")
-            if not isinstance(s["sources"], list) or not s["sources"]:
-                fail((*path, "sources"), "expected a non-empty list of {model, layer_range}")
-            sources = [_entry(e, (*path, "sources", j), method, fail, with_range=True)
-                       for j, e in enumerate(s["sources"])]
-            lengths = {src.layer_range[1] - src.layer_range[0] for src in sources}
-            if len(lengths) > 1:
-                fail((*path, "sources"), f"all sources of a slice need the same number of layers, got {sorted(lengths)}")
-            r.slices.append(OutputSlice(
-                sources=sources,
-                base_model=_model_ref(s.get("base_model"), (*path, "base_model"), fail, optional=True),
-                parameters=_check_params(s.get("parameters"), method, (*path, "parameters"), fail, scope="any"),
-            ))
-    _check_structure(r, method, fail)
-    return r
-
-
-def _model_ref(value: Any, path: tuple, fail, optional: bool = False) -> str | None:
-    if value is None and optional:
-        return None
+def _model_ref(value: Any, path: tuple, fail) -> str:
     if isinstance(value, dict) and "model" in value:  # mergekit also accepts {model: {path: ...}}
         value = value["model"].get("path") if isinstance(value["model"], dict) else value["model"]
     if not isinstance(value, str) or not value:
@@ -423,30 +349,74 @@ def _model_ref(value: Any, path: tuple, fail, optional: bool = False) -> str | N
     return value
 
 
-def _entry(e: Any, path: tuple, method: MergeMethod, fail, with_range: bool) -> ModelEntry:
-    allowed = {"model", "parameters"} | ({"layer_range"} if with_range else set())
-    if not isinstance(e, dict):
-        fail(path, f"expected a mapping with {', '.join(sorted(allowed))}")
-    for key in e:
-        if key not in allowed:
-            fail((*path, key), f"unknown key; expected {', '.join(sorted(allowed))}")
-    entry = ModelEntry(model=_model_ref(e.get("model"), (*path, "model"), fail))
-    if with_range:
-        lr = e.get("layer_range")
-        if (not isinstance(lr, list) or len(lr) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
-                or not 0 <= lr[0] < lr[1]):
-            fail((*path, "layer_range"), f"expected [start, end] with 0 <= start < end, got {lr!r}")
-        entry.layer_range = (lr[0], lr[1])
-    entry.parameters = _check_params(e.get("parameters"), method, (*path, "parameters"), fail, scope="model")
-    return entry
+def _layer_range(lr: list, path: tuple, fail) -> tuple[int, int]:
+    if len(lr) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr) or not 0 <= lr[0] < lr[1]:
+        fail(path, f"expected [start, end] with 0 <= start < end, got {lr!r}")
+    return (lr[0], lr[1])
+
+
+MODEL = Field(object, check=_model_ref, msg="expected a model path or name")
+PARAMETERS = Field(dict, {}, msg="expected a mapping of parameter names to values")  # names: per method, below
+ENTRY = {"model": MODEL, "parameters": PARAMETERS}
+SOURCE = {**ENTRY, "layer_range": Field(list, check=_layer_range,
+                                        msg=lambda lr: f"expected [start, end] with 0 <= start < end, got {lr!r}")}
+DTYPE = Field(str, None, choices=DTYPES, msg=lambda v: f"{v!r} is not a dtype; expected one of {', '.join(DTYPES)}")
+RECIPE = Field(dict, msg="expected a mapping with at least `merge_method` and `models` or `slices`", fields={
+    "merge_method": Field(str, choices=tuple(METHODS), msg=lambda v: (
+        f"unknown method {v!r}; known: {', '.join(sorted(METHODS))}" if isinstance(v, str)
+        else f"required; one of {', '.join(sorted(METHODS))}")),
+    "base_model": Field(object, None, check=_model_ref),
+    "models": Field(list, None, nonempty=True, msg="expected a non-empty list of {model, parameters}",
+                    item=Field(dict, fields=ENTRY, msg="expected a mapping with model, parameters")),
+    "slices": Field(list, None, nonempty=True, msg="expected a non-empty list of {sources: [...]}", item=Field(
+        dict, msg="expected a mapping with `sources`", fields={
+            "sources": Field(list, nonempty=True, msg="expected a non-empty list of {model, layer_range}",
+                             item=Field(dict, fields=SOURCE, msg="expected a mapping with layer_range, model, "
+                                                                 "parameters")),
+            "base_model": Field(object, None, check=_model_ref),
+            "parameters": PARAMETERS,
+            "residual_weight": Field(object, None, doc="mergekit's; read and ignored")})),
+    "parameters": PARAMETERS,
+    "dtype": DTYPE, "out_dtype": DTYPE,
+    "tokenizer_source": Field(str, None), "chat_template": Field(str, None), "name": Field(str, None),
+})
+
+
+def recipe_from_dict(data: Any, source: str = "<recipe>", lines: dict | None = None) -> Recipe:
+    """Build a :class:`Recipe` from parsed YAML, checking every field."""
+    r = Reader(source, lines, RecipeError, root="recipe")
+    for key in data if isinstance(data, dict) else ():
+        if key in UNSUPPORTED_TOP:
+            r.fail((key,), UNSUPPORTED_TOP[key])
+    if isinstance(data, dict) and (data.get("models") is None) == (data.get("slices") is None):
+        r.fail((), "exactly one of `models` or `slices` is required")
+    v = r.check(data, RECIPE)
+    method = METHODS[v["merge_method"]]
+
+    def entry(e: dict, path: tuple) -> ModelEntry:
+        return ModelEntry(e["model"], _check_params(e["parameters"], method, (*path, "parameters"), r.fail, "model"),
+                          e.get("layer_range"))
+
+    recipe = Recipe(**{**v, "models": None, "slices": None}, source=source, lines=r.lines)
+    recipe.parameters = _check_params(v["parameters"], method, ("parameters",), r.fail, scope="any")
+    if v["models"] is not None:
+        recipe.models = [entry(e, ("models", i)) for i, e in enumerate(v["models"])]
+    else:
+        recipe.slices = []
+        for i, s in enumerate(v["slices"]):
+            path = ("slices", i)
+            sources = [entry(e, (*path, "sources", j)) for j, e in enumerate(s["sources"])]
+            lengths = {src.layer_range[1] - src.layer_range[0] for src in sources}
+            if len(lengths) > 1:
+                r.fail((*path, "sources"), f"all sources of a slice need the same number of layers, got {sorted(lengths)}")
+            recipe.slices.append(OutputSlice(sources=sources, base_model=s["base_model"], parameters=_check_params(
+                s["parameters"], method, (*path, "parameters"), r.fail, scope="any")))
+    _check_structure(recipe, method, r.fail)
+    return recipe
 
 
 def _check_params(params: Any, method: MergeMethod, path: tuple, fail, scope: str) -> dict:
-    """Check names, types and ranges of a parameters mapping (values may be gradients/filters)."""
-    if params is None:
-        return {}
-    if not isinstance(params, dict):
-        fail(path, "expected a mapping of parameter names to values")
+    """Check the names, types and ranges of a parameters mapping (values may be gradients/filters)."""
     for name, value in params.items():
         spec = method.params.get(name)
         if spec is None:

@@ -17,7 +17,6 @@ _EXPORTS = {
     "prepare_default": "workbench.models.default_model",
     "model_info": "workbench.models.info",
     "list_models": "workbench.models.info",
-    "print_models": "workbench.models.info",
 }
 
 __all__ = list(_EXPORTS)

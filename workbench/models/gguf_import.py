@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from workbench.errors import WorkbenchError
+from workbench.progress import ProgressFn, emit
 
 GGUF_MAGIC = b"GGUF"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -129,65 +130,33 @@ def load_gguf_with_transformers(gguf_path: str | Path, dtype: str = "float32", t
 
 
 class _Stages:
-    """A rich progress display over named stages on a terminal; one plain line per stage otherwise."""
+    """Named stages of an import as Progress events: stage = the title, done/total = stages; the
+    tensors within a stage as a stage of their own."""
 
-    def __init__(self, title: str, total: int, enabled: bool = True):
-        from rich.console import Console
-
-        self.console = Console(stderr=True)
-        self.title, self.total, self.enabled = title, total, enabled
-        self.live = enabled and self.console.is_terminal
-        self.progress = None
-        self.task = None
-        self.sub = None
-        self.step = 0
-        self.t0 = time.monotonic()
+    def __init__(self, title: str, total: int, progress: ProgressFn | None):
+        self.title, self.total, self.progress, self.step = title, total, progress, 0
+        self.what, self.items_total, self.items_done = "", 0, 0
 
     def __enter__(self) -> "_Stages":
-        if self.live:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
-            from rich.progress import TimeElapsedColumn
-
-            self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                                     MofNCompleteColumn(), TimeElapsedColumn(),
-                                     console=self.console, transient=True)
-            self.progress.start()
-            self.task = self.progress.add_task(self.title, total=self.total)
         return self
 
     def next(self, what: str) -> None:
         """Start the next stage."""
-        self._end_sub()
-        if self.progress is not None:
-            if self.step:
-                self.progress.advance(self.task)
-            self.progress.update(self.task, description=f"{self.title}: {what}")
-        elif self.enabled:
-            self.console.print(f"[{self.step + 1}/{self.total}] {self.title}: {what}",
-                               highlight=False, soft_wrap=True)
+        emit(self.progress, self.title, self.step, self.total, what)
         self.step += 1
 
     def items(self, total: int, what: str) -> None:
         """Count ``total`` items within the current stage (see ``item``)."""
-        self._end_sub()
-        if self.progress is not None:
-            self.sub = self.progress.add_task(f"  {what}", total=total)
+        self.what, self.items_total, self.items_done = what, total, 0
+        emit(self.progress, what, 0, total)
 
     def item(self) -> None:
-        if self.progress is not None and self.sub is not None:
-            self.progress.advance(self.sub)
-
-    def _end_sub(self) -> None:
-        if self.progress is not None and self.sub is not None:
-            self.progress.remove_task(self.sub)
-            self.sub = None
+        self.items_done += 1
+        emit(self.progress, self.what, self.items_done, self.items_total)
 
     def __exit__(self, exc_type, *exc) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-        if exc_type is None and self.enabled:
-            self.console.print(f"[green]done[/green] {self.title} in {time.monotonic() - self.t0:.1f}s",
-                               highlight=False, soft_wrap=True)
+        if exc_type is None:
+            emit(self.progress, self.title, self.total, self.total, "done")
 
 
 @contextlib.contextmanager
@@ -294,7 +263,7 @@ def _write_tokenizer(tokenizer, out: Path) -> None:
 
 
 def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32",
-                overwrite: bool = False, progress: bool = True) -> Path:
+                overwrite: bool = False, progress: ProgressFn | None = None) -> Path:
     """Dequantize ``gguf_path`` into a safetensors model directory ``out_dir``; return its path.
 
     The directory is written to a temporary sibling and renamed into place when complete.
@@ -307,7 +276,7 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float3
         raise GGUFImportError(f"dtype {dtype!r} is not supported; expected one of {', '.join(DTYPES)}")
     check_output(out_dir, overwrite)
 
-    with _Stages(f"import {gguf_path.name}", total=5, enabled=progress) as stages:
+    with _Stages(f"import {gguf_path.name}", total=5, progress=progress) as stages:
         stages.next("reading GGUF metadata")
         arch = gguf_architecture(gguf_path)
         supported = supported_architectures()

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from workbench.faults import fault_point
+
 DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
@@ -213,6 +215,7 @@ class StreamingShardWriter:
         if t.numel():
             self._f.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
         self._next += 1
+        fault_point("shard:tensor")
 
     def close(self) -> None:
         if self._next != len(self._order):
@@ -220,4 +223,9 @@ class StreamingShardWriter:
         self._f.close()
 
     def abort(self) -> None:
-        self._f.close()
+        """Close after a failure; a second failure (a full disk refusing the buffered bytes) is not
+        raised over the first."""
+        try:
+            self._f.close()
+        except OSError:
+            pass

@@ -26,12 +26,9 @@ from typing import Any
 
 from workbench.errors import WorkbenchError
 from workbench.quant.quantizers import ASYM_METHODS, TERNARY_METHODS
-from workbench.yaml_lines import field_location, parse_with_lines
+from workbench.schema import Field, Reader, parse_with_lines
 
 BITS = (1, 1.58, 2, 3, 4)
-TOP_KEYS = {"bits", "group_size", "method", "skip", "layers", "lora", "storage", "seed", "embeddings"}
-LAYER_KEYS = {"pattern", "bits", "group_size", "method", "skip", "rank"}
-LORA_KEYS = {"rank", "alpha", "init"}
 
 
 class QuantConfigError(WorkbenchError, ValueError):
@@ -110,96 +107,12 @@ def load_quant_config(path: str | Path) -> QuantConfig:
     return quant_config_from_dict(data, str(path), lines)
 
 
-def quant_config_from_dict(data: Any, source: str = "<config>", lines: dict | None = None) -> QuantConfig:
-    lines = lines or {}
-
-    def fail(path: tuple, msg: str):
-        field_name = ".".join(str(p) for p in path) or "config"
-        raise QuantConfigError(f"{field_location(source, lines, path)}: {field_name}: {msg}")
-
-    if not isinstance(data, dict):
-        fail((), "expected a mapping with at least `bits`")
-    for key in data:
-        if key not in TOP_KEYS:
-            fail((key,), f"unknown key; expected one of {sorted(TOP_KEYS)}")
-    cfg = QuantConfig(source=source)
-    cfg.bits = _bits(data.get("bits", 2), ("bits",), fail)
-    cfg.group_size = _group(data.get("group_size", 64), ("group_size",), fail)
-    cfg.method = _method(data.get("method"), cfg.bits, ("method",), fail)
-    skip = data.get("skip", ["lm_head"])
-    if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
-        fail(("skip",), "expected a list of module-name patterns")
-    cfg.skip = [_pattern(s, ("skip", i), fail) for i, s in enumerate(skip)]
-    layers = data.get("layers", [])
-    if not isinstance(layers, list):
-        fail(("layers",), "expected a list of {pattern, bits, group_size, method, skip}")
-    for i, rule in enumerate(layers):
-        if not isinstance(rule, dict) or "pattern" not in rule:
-            fail(("layers", i), "expected a mapping with a `pattern`")
-        for key in rule:
-            if key not in LAYER_KEYS:
-                fail(("layers", i, key), f"unknown key; expected one of {sorted(LAYER_KEYS)}")
-        r = {"pattern": _pattern(rule["pattern"], ("layers", i, "pattern"), fail)}
-        if "bits" in rule:
-            r["bits"] = _bits(rule["bits"], ("layers", i, "bits"), fail)
-        if "group_size" in rule:
-            r["group_size"] = _group(rule["group_size"], ("layers", i, "group_size"), fail)
-        if "method" in rule:
-            r["method"] = _method(rule["method"], r.get("bits", cfg.bits), ("layers", i, "method"), fail)
-        elif "bits" in rule and (rule["bits"] == 1.58) != (cfg.bits == 1.58):
-            r["method"] = None  # the global method belongs to the other kind
-        if "skip" in rule:
-            if not isinstance(rule["skip"], bool):
-                fail(("layers", i, "skip"), "expected true or false")
-            r["skip"] = rule["skip"]
-        if "rank" in rule:
-            if not isinstance(rule["rank"], int) or isinstance(rule["rank"], bool) or rule["rank"] < 0:
-                fail(("layers", i, "rank"), f"expected a non-negative integer, got {rule['rank']!r}")
-            r["rank"] = rule["rank"]
-        cfg.layers.append(r)
-    lora = data.get("lora", {}) or {}
-    if not isinstance(lora, dict):
-        fail(("lora",), "expected a mapping {rank, alpha, init}")
-    for key in lora:
-        if key not in LORA_KEYS:
-            fail(("lora", key), f"unknown key; expected one of {sorted(LORA_KEYS)}")
-    rank = lora.get("rank", 0)
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
-        fail(("lora", "rank"), f"expected a non-negative integer, got {rank!r}")
-    alpha = lora.get("alpha")
-    if alpha is not None and (not isinstance(alpha, (int, float)) or alpha <= 0):
-        fail(("lora", "alpha"), f"expected a positive number, got {alpha!r}")
-    init = lora.get("init", "svd")
-    if init not in ("svd", "zeros"):
-        fail(("lora", "init"), f"expected 'svd' or 'zeros', got {init!r}")
-    cfg.lora = LoraConfig(rank, alpha, init)
-    storage = data.get("storage", "packed")
-    if storage not in ("packed", "trits"):
-        fail(("storage",), f"expected 'packed' or 'trits', got {storage!r}")
-    cfg.storage = storage
-    embeddings = data.get("embeddings", "float32")
-    if embeddings not in ("float32", "bfloat16"):
-        fail(("embeddings",), f"expected 'float32' or 'bfloat16', got {embeddings!r}")
-    cfg.embeddings = embeddings
-    seed = data.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        fail(("seed",), f"expected an integer, got {seed!r}")
-    cfg.seed = seed
-    return cfg
-
-
 def _bits(v: Any, path: tuple, fail) -> float:
     if v == "ternary" or v == "1.58":
         return 1.58
     if isinstance(v, bool) or not isinstance(v, (int, float)) or v not in BITS:
         fail(path, f"unknown bits {v!r}; expected one of 1.58 (ternary), 1, 2, 3, 4")
     return 1.58 if v == 1.58 else int(v)
-
-
-def _group(v: Any, path: tuple, fail) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 2:
-        fail(path, f"expected an integer >= 2, got {v!r}")
-    return v
 
 
 def _method(v: Any, bits: float, path: tuple, fail) -> str | None:
@@ -212,14 +125,54 @@ def _method(v: Any, bits: float, path: tuple, fail) -> str | None:
     return v
 
 
-def _pattern(v: Any, path: tuple, fail) -> str:
-    if not isinstance(v, str):
-        fail(path, f"expected a regular expression string, got {v!r}")
+def _pattern(v: str, path: tuple, fail) -> str:
     try:
         re.compile(v)
     except re.error as e:
         fail(path, f"not a valid regular expression: {e}")
     return v
+
+
+def _patterns(v: list[str], path: tuple, fail) -> list[str]:
+    return [_pattern(p, (*path, i), fail) for i, p in enumerate(v)]
+
+
+# The fields shared with the quantization search spec (workbench/quant/search/spec.py).
+BITS_FIELD = Field(object, 2, check=_bits, doc="1.58 (or 'ternary'), 1, 2, 3 or 4")
+GROUP_SIZE = Field(int, 64, low=2, doc="inputs per scale (and zero)")
+LORA_INIT = Field(str, "svd", choices=("svd", "zeros"), want="'svd' or 'zeros'")
+SKIP = Field(list, ["lm_head"], item=str, check=_patterns, msg="expected a list of module-name patterns")
+
+LAYER = {  # a per-layer rule; only the keys it sets override the global ones
+    "pattern": Field(str, want="a regular expression string", check=_pattern),
+    "bits": BITS_FIELD, "group_size": GROUP_SIZE, "method": Field(object, None),
+    "skip": Field(bool, False, msg="expected true or false"), "rank": Field(int, 0, low=0),
+}
+CONFIG = Field(dict, msg="expected a mapping with at least `bits`", fields={
+    "bits": BITS_FIELD, "group_size": GROUP_SIZE, "method": Field(object, None), "skip": SKIP,
+    "layers": Field(list, [], msg="expected a list of {pattern, bits, group_size, method, skip}",
+                    item=Field(dict, fields=LAYER, msg="expected a mapping with a `pattern`")),
+    "lora": Field(dict, {}, msg="expected a mapping {rank, alpha, init}", make=LoraConfig, fields={
+        "rank": Field(int, 0, low=0), "alpha": Field(float, None, positive=True), "init": LORA_INIT}),
+    "storage": Field(str, "packed", choices=("packed", "trits"), want="'packed' or 'trits'"),
+    "embeddings": Field(str, "float32", choices=("float32", "bfloat16"), want="'float32' or 'bfloat16'"),
+    "seed": Field(int, 0),
+})
+
+
+def quant_config_from_dict(data: Any, source: str = "<config>", lines: dict | None = None) -> QuantConfig:
+    r = Reader(source, lines, QuantConfigError, root="config")
+    c = r.check(data, CONFIG)
+    c["method"] = _method(c["method"], c["bits"], ("method",), r.fail)
+    layers = []
+    for i, (raw, rule) in enumerate(zip(data.get("layers") or [], c["layers"])):
+        rule = {k: v for k, v in rule.items() if raw.get(k) is not None}  # only what the rule sets
+        if "method" in rule:
+            rule["method"] = _method(rule["method"], rule.get("bits", c["bits"]), ("layers", i, "method"), r.fail)
+        elif "bits" in rule and (rule["bits"] == 1.58) != (c["bits"] == 1.58):
+            rule["method"] = None  # the global method belongs to the other kind
+        layers.append(rule)
+    return QuantConfig(**{**c, "layers": layers}, source=source)
 
 
 def check_model(cfg: QuantConfig, linears: dict[str, tuple[int, int]]) -> dict[str, LayerSetting]:

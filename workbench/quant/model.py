@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from workbench.atomic import atomic_dir
+from workbench.faults import fault_point
 from workbench.errors import WorkbenchError
 from workbench.quant import packing
 from workbench.quant.config import QuantConfig, check_model
@@ -144,6 +145,7 @@ def save_quantized(model: nn.Module, out: str | Path, source_dir: str | Path | N
                 if (Path(source_dir) / f).is_file():
                     shutil.copy2(Path(source_dir) / f, tmp / f)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "workbench": FORMAT})
+        fault_point("quantized:tensors")
         (tmp / "quant_config.json").write_text(json.dumps(meta, indent=2) + "\n")
     return Path(out)
 

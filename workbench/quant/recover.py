@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from workbench.atomic import atomic_file
+from workbench.faults import fault_point
 from workbench.quant.model import quant_layers
 from workbench.quant.options import RecoverOptions
 
@@ -222,6 +223,8 @@ class Recovery:
     def _resume(self) -> None:
         path = self.work_dir / "checkpoint.pt"
         if not path.is_file():
+            # rows a killed run logged before its first checkpoint belong to no state: start the log anew
+            (self.work_dir / "loss.jsonl").unlink(missing_ok=True)
             (self.work_dir / "options.json").write_text(json.dumps(asdict(self.opts), indent=2) + "\n")
             return
         ck = torch.load(path, weights_only=True)
@@ -259,6 +262,7 @@ class Recovery:
               "optimizer": self.optimizer.state_dict() if self.state["phase"] == "e2e" and self.optimizer else None}
         with atomic_file(self.work_dir / "checkpoint.pt", "wb") as f:
             torch.save(ck, f)
+        fault_point("recover:checkpoint")
 
     def snapshot(self) -> None:
         """Keep the trainable tensors as they are now (for perplexity-vs-training-time curves)."""
@@ -507,6 +511,7 @@ class Recovery:
             self.optimizer.step()
             self.state["step"] = step + 1
             self._log(phase="e2e", step=step, loss=loss.item())
+            fault_point("recover:step")
             if self.progress:
                 self.progress("e2e", step + 1, o.steps, loss.item())
             if (step + 1) % o.checkpoint_every == 0:

@@ -33,10 +33,18 @@ from typing import Callable
 
 import numpy as np
 
-from workbench.atomic import atomic_file
+from workbench.atomic import atomic_file, remove_stale_temporaries_in
 from workbench.errors import WorkbenchError
+from workbench.faults import fault_point
 from workbench.merge.recipe import Recipe, dump_recipe, recipe_from_dict
-from workbench.search.checkpoint import Checkpoint, read_checkpoint, require_checkpoint, write_checkpoint
+from workbench.search.checkpoint import (
+    OLD_CHECKPOINT,
+    Checkpoint,
+    has_checkpoint,
+    read_checkpoint,
+    require_checkpoint,
+    write_checkpoint,
+)
 from workbench.search.spec import SearchSpec, load_spec, spec_from_dict
 
 WORST = 2.0  # fitness (CMA minimizes -score, score in [0, 1]) given to a candidate that failed
@@ -81,10 +89,13 @@ def _event(row: dict) -> CandidateDone:
 
 
 def write_jsonl_rows(path: Path, rows: list[dict]) -> None:
+    """Append rows, each reaching the file whole before the next (a kill leaves whole rows, or one
+    cut short: readers drop that one and what follows)."""
     with open(path, "a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-        f.flush()
+            f.flush()
+            fault_point("history:row")
         os.fsync(f.fileno())
 
 
@@ -139,12 +150,19 @@ class Search:
         return self.backend.worker.merger
 
     # --- set-up ----------------------------------------------------------------------------
-    def start(self) -> "Search":
+    def start(self, again: bool = False) -> "Search":
+        """A new run in an empty (or new) directory; ``again``: in a run directory that was killed
+        before its first checkpoint (what it wrote is dropped: the run starts at generation 0)."""
         with warnings.catch_warnings():  # pycma warns that matplotlib (for its plots) is missing
             warnings.simplefilter("ignore")
             import cma
 
-        if self.run_dir.exists() and any(self.run_dir.iterdir()):
+        if self.run_dir.is_dir():
+            remove_stale_temporaries_in(self.run_dir)   # left by a kill -9: not the user's
+        if again:
+            for name in ("history.jsonl", "best.yml"):
+                (self.run_dir / name).unlink(missing_ok=True)
+        elif self.run_dir.exists() and any(self.run_dir.iterdir()):
             raise WorkbenchError(f"{self.run_dir} is not empty; resume it with --resume or choose another --out")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with atomic_file(self.run_dir / "spec.yml") as f:
@@ -158,10 +176,14 @@ class Search:
         self.es = ck.es
         np.random.set_state(ck.numpy_rng)
         self.state = SearchState(ck.generation, ck.evaluations, ck.elapsed, ck.incumbent, ck.stop_reason)
+        remove_stale_temporaries_in(self.run_dir)   # left by a kill -9: not the user's
         rows = [r for r in read_history(self.run_dir) if r["generation"] < self.state.generation]
         with atomic_file(self.run_dir / "history.jsonl") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         self.state.history = rows
+        if self.state.incumbent is not None:   # a kill after the checkpoint may have kept an older best.yml
+            with atomic_file(self.run_dir / "best.yml") as f:
+                f.write(dump_recipe(self.best_recipe()))
         return self
 
     @staticmethod
@@ -246,6 +268,7 @@ class Search:
         s = self.state  # its history lives in history.jsonl
         write_checkpoint(self.run_dir, Checkpoint(s.generation, s.evaluations, s.elapsed, s.incumbent, s.stop_reason,
                                                   np.random.get_state(), self.es))
+        fault_point("search:checkpoint")
         if self.state.incumbent is not None:
             with atomic_file(self.run_dir / "best.yml") as f:
                 f.write(dump_recipe(self.best_recipe()))
@@ -280,9 +303,12 @@ def open_search(spec_path: str | Path | None, run_dir: str | Path, resume: bool 
         spec_file = run_dir / "spec.yml"
         if not spec_file.is_file():
             raise WorkbenchError(f"{run_dir}: not a search run directory (no spec.yml)")
-        require_checkpoint(run_dir)  # before the models and tasks load
         source = json.loads((run_dir / "spec.yml").read_text())
         spec = spec_from_dict(source, source=str(spec_file))
+        if not has_checkpoint(run_dir) and not (run_dir / OLD_CHECKPOINT).is_file():
+            # killed before its first generation was checkpointed: resuming is starting over
+            return Search(spec, run_dir, **kwargs).start(again=True)
+        require_checkpoint(run_dir)  # before the models and tasks load
         return Search(spec, run_dir, **kwargs).resume()
     spec = load_spec(spec_path)
     return Search(spec, run_dir, **kwargs).start()

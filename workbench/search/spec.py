@@ -33,22 +33,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from workbench.errors import WorkbenchError
 from workbench.merge.methods import METHODS
 from workbench.merge.recipe import DTYPES
+from workbench.schema import Field, Reader, parse_with_lines
 
 # bfloat16 scores a candidate about 1.7x faster than float32 on a CPU with AVX-512 bf16 (and on GPUs);
 # per-item log-likelihoods move by about 1e-2, the ranking of candidates hardly at all.
 EVAL_DTYPES = ("bfloat16", "float32")
-from workbench.yaml_lines import field_location, parse_with_lines
-
 SEARCHABLE = ("ties", "dare_ties", "dare_linear", "task_arithmetic", "linear", "slerp", "breadcrumbs",
               "breadcrumbs_ties", "della", "della_linear")
-KEYS = {"kind", "name", "base_model", "models", "merge_method", "evolve", "granularity", "split_attention_mlp", "fixed",
-        "objective", "budget", "seed", "racing", "sigma0", "limit", "dtype", "eval_dtype", "batch_size", "report_tasks",
-        "quantize"}
-BUDGET_KEYS = {"generations", "population", "max_evaluations", "max_minutes"}
 
 
 class SpecError(WorkbenchError, ValueError):
@@ -112,128 +106,105 @@ def load_spec(path: str | Path) -> SearchSpec:
     return spec_from_dict(data, source=str(path), lines=lines)
 
 
+def _granularity(g: str | int, path: tuple, fail) -> str | int:
+    if g not in ("global", "per_layer") and not (isinstance(g, int) and g > 0):
+        fail(path, f"expected global, per_layer or a positive number of layers per group, got {g!r}")
+    return g
+
+
+def _objective(o: Any, path: tuple, fail) -> Objective:
+    o = {"task": o} if isinstance(o, str) else o
+    if not isinstance(o, dict) or not isinstance(o.get("task"), str) or set(o) - {"task", "weight", "split"}:
+        fail(path, "expected {task: NAME, weight: NUMBER}")
+    if o.get("split", "search") != "search":
+        fail((*path, "split"), "a search objective uses the task's `search` split; the `heldout` split "
+                               "is kept for the report, never searched on")
+    w = o.get("weight", 1.0)
+    if not isinstance(w, (int, float)) or isinstance(w, bool) or w <= 0:
+        fail((*path, "weight"), f"expected a positive number, got {w!r}")
+    return Objective(o["task"], float(w))
+
+
+BUDGET = {"generations": Field(int, 10, low=1), "population": Field(int, 8, low=2, want="a positive integer >= 2"),
+          "max_evaluations": Field(int, None, low=1),
+          "max_minutes": Field(float, None, positive=True, msg="expected a positive number of minutes")}
+SPEC = Field(dict, msg="expected a mapping", fields={
+    "kind": Field(object, "merge"),
+    "merge_method": Field(object, None, choices=SEARCHABLE,
+                          msg=lambda v: f"{v!r} cannot be searched; expected one of {', '.join(SEARCHABLE)}"),
+    "name": Field(str, "search"),
+    "base_model": Field(str, None),
+    "models": Field(list, nonempty=True, item=str, msg="expected a non-empty list of model names or paths"),
+    "evolve": Field(dict, nonempty=True, msg="expected a mapping of parameter -> [low, high]"),
+    "granularity": Field((str, int), "global", check=_granularity,
+                         want="global, per_layer or a positive number of layers per group"),
+    "split_attention_mlp": Field(bool, False),
+    "fixed": Field(dict, {}, msg="expected a mapping of shared parameters"),
+    "objective": Field(list, nonempty=True, item=Field(object, check=_objective),
+                       msg="expected a list of {task, weight}"),
+    "budget": Field(dict, {}, make=Budget, fields=BUDGET,
+                    msg=f"expected a mapping with {', '.join(sorted(BUDGET))}"),
+    "seed": Field(int, 0),
+    "racing": Field(bool, False),
+    "sigma0": Field(float, 0.25, positive=True, high=1),
+    "limit": Field(int, None, low=1),
+    "dtype": Field(str, "float32", choices=DTYPES, want=f"one of {DTYPES}"),
+    "eval_dtype": Field(str, "bfloat16", choices=EVAL_DTYPES, want=f"one of {EVAL_DTYPES}"),
+    "batch_size": Field(int, 32, low=1),
+    "report_tasks": Field(list, [], item=str, msg="expected a list of task names or paths"),
+    "quantize": Field(str, None, msg="expected the path of a quantization config (e.g. recipes/ternary.yml)"),
+})
+
+
 def spec_from_dict(data: Any, source: str = "<spec>", lines: dict | None = None) -> SearchSpec:
-    lines = lines or {}
-
-    def fail(path: tuple, msg: str):
-        raise SpecError(f"{field_location(source, lines, path)}: {'.'.join(map(str, path)) or 'spec'}: {msg}")
-
-    if not isinstance(data, dict):
-        fail((), "expected a mapping")
-    for key in data:
-        if key not in KEYS:
-            fail((key,), f"unknown key; expected one of {', '.join(sorted(KEYS))}")
-    if data.get("kind", "merge") != "merge":
-        fail(("kind",), f"expected merge here, got {data.get('kind')!r} (a quantization spec runs with `workbench "
-                        "search`, which reads its kind)")
-    method = data.get("merge_method")
+    r = Reader(source, lines, SpecError, root="spec")
+    s = r.check(data, SPEC)
+    if s["kind"] != "merge":
+        r.fail(("kind",), f"expected merge here, got {s['kind']!r} (a quantization spec runs with `workbench "
+                          "search`, which reads its kind)")
+    method, base, models = s["merge_method"], s["base_model"], s["models"]
     if method not in SEARCHABLE:
-        fail(("merge_method",), f"{method!r} cannot be searched; expected one of {', '.join(SEARCHABLE)}")
+        r.fail(("merge_method",), f"{method!r} cannot be searched; expected one of {', '.join(SEARCHABLE)}")
     m = METHODS[method]
-    models = data.get("models")
-    if not isinstance(models, list) or not models or not all(isinstance(x, str) for x in models):
-        fail(("models",), "expected a non-empty list of model names or paths")
-    base = data.get("base_model")
-    if m.base == "required" and not isinstance(base, str):
-        fail(("base_model",), f"{method} needs a base_model")
+    if m.base == "required" and base is None:
+        r.fail(("base_model",), f"{method} needs a base_model")
     n_sources = len([x for x in models if x != base])
     if n_sources < m.min_models or (m.max_models is not None and n_sources > m.max_models):
-        fail(("models",), f"{method} takes {m.min_models}..{m.max_models or 'any'} models besides the base, got {n_sources}")
-
-    evolve = data.get("evolve")
-    if not isinstance(evolve, dict) or not evolve:
-        fail(("evolve",), "expected a mapping of parameter -> [low, high]")
+        r.fail(("models",), f"{method} takes {m.min_models}..{m.max_models or 'any'} models besides the base, "
+                            f"got {n_sources}")
     bounds = {}
-    for name, b in evolve.items():
+    for name, b in s["evolve"].items():
         spec = m.params.get(name)
         if spec is None or spec.kind is bool:
-            fail(("evolve", name), f"not a numeric parameter of {method}; it takes {', '.join(sorted(m.params))}")
+            r.fail(("evolve", name), f"not a numeric parameter of {method}; it takes {', '.join(sorted(m.params))}")
         if (not isinstance(b, list) or len(b) != 2 or not all(isinstance(v, (int, float)) for v in b)
                 or not b[0] < b[1]):
-            fail(("evolve", name), f"expected [low, high] with low < high, got {b!r}")
+            r.fail(("evolve", name), f"expected [low, high] with low < high, got {b!r}")
         if (spec.low is not None and b[0] < spec.low) or (spec.high is not None and b[1] > spec.high):
-            fail(("evolve", name), f"bounds {b} leave the parameter's range [{spec.low}, {spec.high}]")
+            r.fail(("evolve", name), f"bounds {b} leave the parameter's range [{spec.low}, {spec.high}]")
         bounds[name] = (float(b[0]), float(b[1]))
-    fixed = data.get("fixed") or {}
-    if not isinstance(fixed, dict):
-        fail(("fixed",), "expected a mapping of shared parameters")
-    for name, value in fixed.items():
+    for name in s["fixed"]:
         if name not in m.params or m.params[name].per_model:
-            fail(("fixed", name), f"not a shared parameter of {method}")
+            r.fail(("fixed", name), f"not a shared parameter of {method}")
         if name in bounds:
-            fail(("fixed", name), "is also evolved")
-    missing = [n for n, s in m.params.items() if s.required and n not in bounds and n not in fixed]
+            r.fail(("fixed", name), "is also evolved")
+    missing = [n for n, p in m.params.items() if p.required and n not in bounds and n not in s["fixed"]]
     if missing:
-        fail(("evolve",), f"{method} needs {', '.join(missing)}: evolve or fix it")
-
-    gran = data.get("granularity", "global")
-    if not (gran in ("global", "per_layer") or (isinstance(gran, int) and not isinstance(gran, bool) and gran > 0)):
-        fail(("granularity",), f"expected global, per_layer or a positive number of layers per group, got {gran!r}")
-
-    objective = data.get("objective")
-    if not isinstance(objective, list) or not objective:
-        fail(("objective",), "expected a list of {task, weight}")
-    objs = []
-    for i, o in enumerate(objective):
-        if isinstance(o, str):
-            o = {"task": o}
-        if not isinstance(o, dict) or not isinstance(o.get("task"), str) or set(o) - {"task", "weight", "split"}:
-            fail(("objective", i), "expected {task: NAME, weight: NUMBER}")
-        if o.get("split", "search") != "search":
-            fail(("objective", i, "split"), "a search objective uses the task's `search` split; the `heldout` split "
-                                            "is kept for the report, never searched on")
-        w = o.get("weight", 1.0)
-        if not isinstance(w, (int, float)) or w <= 0:
-            fail(("objective", i, "weight"), f"expected a positive number, got {w!r}")
-        objs.append(Objective(o["task"], float(w)))
-
-    budget = data.get("budget") or {}
-    if not isinstance(budget, dict) or set(budget) - BUDGET_KEYS:
-        fail(("budget",), f"expected a mapping with {', '.join(sorted(BUDGET_KEYS))}")
-    for key in ("generations", "population", "max_evaluations"):
-        v = budget.get(key)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < (2 if key == "population" else 1)):
-            fail(("budget", key), f"expected a positive integer{' >= 2' if key == 'population' else ''}, got {v!r}")
-    if budget.get("max_minutes") is not None and not (isinstance(budget["max_minutes"], (int, float))
-                                                      and budget["max_minutes"] > 0):
-        fail(("budget", "max_minutes"), "expected a positive number of minutes")
-
-    def typed(key, kind, default, check=lambda v: True, want=""):
-        v = data.get(key, default)
-        if v is not None and (not isinstance(v, kind) or isinstance(v, bool) and kind is not bool or not check(v)):
-            fail((key,), f"expected {want or kind.__name__}, got {v!r}")
-        return v
-
-    report_tasks = data.get("report_tasks") or []
-    if not isinstance(report_tasks, list) or not all(isinstance(t, str) for t in report_tasks):
-        fail(("report_tasks",), "expected a list of task names or paths")
-    quantize = data.get("quantize")
+        r.fail(("evolve",), f"{method} needs {', '.join(missing)}: evolve or fix it")
+    quantize = s["quantize"]
     if quantize is not None:
         from workbench.quant.config import QuantConfigError, load_quant_config
 
-        if not isinstance(quantize, str):
-            fail(("quantize",), "expected the path of a quantization config (e.g. recipes/ternary.yml)")
         path = Path(quantize).expanduser()
         if not path.is_absolute() and source not in ("<spec>",) and not path.is_file():
             path = Path(source).parent / path  # relative to the spec file when not to the working directory
         if not path.is_file():
-            fail(("quantize",), f"{quantize}: quantization config not found")
+            r.fail(("quantize",), f"{quantize}: quantization config not found")
         try:
             load_quant_config(path)
         except QuantConfigError as e:
-            fail(("quantize",), str(e))
+            r.fail(("quantize",), str(e))
         quantize = str(path.resolve())
-    spec = SearchSpec(
-        models=models, merge_method=method, evolve=bounds, objective=objs, base_model=base,
-        name=typed("name", str, "search"), granularity=gran,
-        split_attention_mlp=typed("split_attention_mlp", bool, False), fixed=dict(fixed),
-        budget=Budget(**{k: budget[k] for k in budget}),
-        seed=typed("seed", int, 0), racing=typed("racing", bool, False),
-        sigma0=float(typed("sigma0", (int, float), 0.25, lambda v: 0 < v <= 1, "a number in (0, 1]")),
-        limit=typed("limit", int, None, lambda v: v > 0, "a positive integer"),
-        dtype=typed("dtype", str, "float32", lambda v: v in DTYPES, f"one of {DTYPES}"),
-        eval_dtype=typed("eval_dtype", str, "bfloat16", lambda v: v in EVAL_DTYPES, f"one of {EVAL_DTYPES}"),
-        batch_size=typed("batch_size", int, 32, lambda v: v > 0, "a positive integer"),
-        report_tasks=report_tasks, quantize=quantize, source=source,
-    )
-    return spec
+    del s["kind"]
+    return SearchSpec(**{**s, "evolve": bounds, "fixed": dict(s["fixed"]),
+                         "sigma0": float(s["sigma0"]), "quantize": quantize}, source=source)

@@ -7,6 +7,7 @@ generators in ``workbench.zoo.generators``; do not edit them by hand.
 from pathlib import Path
 
 TASKS_DIR = Path(__file__).resolve().parent
+HELDOUT_PPL_TASK = "zoo-perplexity"  # its `heldout` split: license texts never used for calibration
 
 
 def builtin_task_files() -> dict[str, Path]:

@@ -1,10 +1,10 @@
-"""What the screens' workers call: thin wrappers over the library (the same calls as the CLI)."""
+"""Helpers of the screens: error lines, example files, default output paths. The work itself is an
+action of :mod:`workbench.ops`, run by ``WorkbenchScreen.run_job``."""
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
@@ -60,47 +60,6 @@ def new_run_dir(runs_root: Path, spec_path: str | Path) -> Path:
         n += 1
         path = base.with_name(f"{base.name}-{n}")
     return path
-
-
-def recipe_for_source(path: str | Path):
-    """A recipe file, or the best recipe of a search run directory (as `workbench recipe export`)."""
-    from workbench.merge.recipe import load_recipe, recipe_from_dict
-    from workbench.search.run import read_history
-    from workbench.tui.runs import best_row
-
-    path = Path(path).expanduser()
-    if path.is_dir():
-        if not (path / "history.jsonl").is_file():
-            raise WorkbenchError(f"{path}: neither a recipe file nor a search run directory (no history.jsonl)")
-        best = best_row(read_history(path))
-        if best is None:
-            raise WorkbenchError(f"{path}: no candidate has been scored yet")
-        return recipe_from_dict(best["recipe"], source=str(path / "best.yml"))
-    return load_recipe(path)
-
-
-def run_merge(recipe, out: str | Path, overwrite: bool = False,
-              on_tensor: Callable[[int, int, str], None] | None = None):
-    """Plan and execute a merge (``workbench merge``), closing the plan's files either way."""
-    from workbench.merge.executor import execute_merge
-    from workbench.merge.plan import plan_merge
-
-    plan = plan_merge(recipe)
-    try:
-        return execute_merge(plan, out, overwrite=overwrite, on_tensor=on_tensor)
-    finally:
-        plan.close()
-
-
-def validate_recipe(recipe) -> str:
-    """Plan the recipe against its models (``workbench recipe validate``); a one-line summary."""
-    from workbench.merge.plan import plan_merge
-
-    plan = plan_merge(recipe)
-    try:
-        return f"{recipe.merge_method}, {len(plan.tensors)} output tensors, {plan.num_layers} layers"
-    finally:
-        plan.close()
 
 
 def default_merge_out(name: str) -> Path:

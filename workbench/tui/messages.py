@@ -6,6 +6,7 @@ one of these to their screen, whose ``on_<name>`` handler updates the display.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,34 +70,35 @@ class ReportReady(Message):
         self.report = report
 
 
-# --- generic background jobs (merges, model preparation, listings) ----------------------------
+# --- generic background jobs (WorkbenchScreen.run_job: merges, quantization, exports, the zoo) ----
 
+@dataclass(eq=False)  # Message.__post_init__ sets up the message; identity hash
 class JobProgress(Message):
-    """Progress of a job: ``done`` of ``total`` (``total`` None: unknown), with a line of text."""
+    """Progress of a job: ``done`` of ``total`` (``total`` None: unknown), with a line of text. A
+    newer one replaces one of the same job still queued: a fast job does not flood the screen."""
 
-    def __init__(self, job: str, done: int | None, total: int | None, text: str = "") -> None:
-        super().__init__()
-        self.job = job
-        self.done = done
-        self.total = total
-        self.text = text
+    job: str
+    done: int | None
+    total: int | None
+    text: str = ""
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, JobProgress) and message.job == self.job
 
 
+@dataclass(eq=False)  # Message.__post_init__ sets up the message; identity hash
 class JobFinished(Message):
-    def __init__(self, job: str, result: Any = None, text: str = "") -> None:
-        super().__init__()
-        self.job = job
-        self.result = result
-        self.text = text
+    job: str
+    result: Any = None
+    text: str = ""
 
 
+@dataclass(eq=False)  # Message.__post_init__ sets up the message; identity hash
 class JobFailed(Message):
     """A job failed; ``error`` is the one-line message (file:line: field: message for recipes)."""
 
-    def __init__(self, job: str, error: str) -> None:
-        super().__init__()
-        self.job = job
-        self.error = error
+    job: str
+    error: str
 
 
 class RunsLoaded(Message):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from workbench.errors import WorkbenchError
 from workbench.search.checkpoint import OLD_CHECKPOINT, has_checkpoint
+from workbench.ops.merge import best_row
 from workbench.search.run import read_history
 
 
@@ -35,11 +36,6 @@ def read_spec_dict(run_dir: Path) -> dict:
     except (OSError, json.JSONDecodeError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def best_row(rows: list[dict]) -> dict | None:
-    scored = [r for r in rows if r.get("score") is not None]
-    return max(scored, key=lambda r: r["score"]) if scored else None
 
 
 def summarize_run(run_dir: Path) -> RunSummary:

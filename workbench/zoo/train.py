@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import torch
 
 from workbench.atomic import atomic_file
+from workbench.faults import fault_point
 from workbench.models.checkpoint import layer_index
 
 
@@ -199,6 +200,7 @@ def train(model, tok, examples: Sequence[tuple[str, str]], cfg: TrainConfig, che
                  "trainable": {n: params[n].detach().clone() for n in names}, "optimizer": opt.state_dict()}
         with atomic_file(checkpoint, "wb") as f:
             torch.save(state, f)
+        fault_point("train:checkpoint")
 
     was_training = model.training
     model.train()

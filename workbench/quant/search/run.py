@@ -34,8 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from workbench.atomic import atomic_file
+from workbench.atomic import atomic_file, remove_stale_temporaries_in
 from workbench.errors import WorkbenchError
+from workbench.faults import fault_point
 from workbench.quant.search import evolve
 from workbench.quant.search.database import LayerDatabase, layer_units, option_config
 from workbench.quant.search.spec import QuantSearchSpec, load_quant_search_spec, quant_search_spec_from_dict
@@ -219,8 +220,14 @@ class QuantSearch:
         self._rows_since = []
 
     # -- run directory ----------------------------------------------------------------------------
-    def start(self) -> QuantSearch:
-        if self.run_dir.exists() and any(self.run_dir.iterdir()):
+    def start(self, again: bool = False) -> QuantSearch:
+        """A new run in an empty (or new) directory; ``again``: in a run directory killed before its
+        first checkpoint (its rows are dropped: the run starts at generation 0)."""
+        if self.run_dir.is_dir():
+            remove_stale_temporaries_in(self.run_dir)   # left by a kill -9: not the user's
+        if again:
+            (self.run_dir / "history.jsonl").unlink(missing_ok=True)
+        elif self.run_dir.exists() and any(self.run_dir.iterdir()):
             raise WorkbenchError(f"{self.run_dir} is not empty; resume it with --resume or choose another --out")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with atomic_file(self.run_dir / "spec.yml") as f:
@@ -233,8 +240,11 @@ class QuantSearch:
     def resume(self) -> QuantSearch:
         path = self.run_dir / "checkpoint.json"
         if not path.is_file():
-            raise WorkbenchError(f"{self.run_dir}: no checkpoint.json (nothing to resume; start it anew)")
+            if not (self.run_dir / "spec.yml").is_file():
+                raise WorkbenchError(f"{self.run_dir}: no checkpoint.json (nothing to resume; start it anew)")
+            return self.start(again=True)  # killed before generation 0 was checkpointed: start over
         self.state = json.loads(path.read_text())
+        remove_stale_temporaries_in(self.run_dir)   # left by a kill -9: not the user's
         rows = [r for r in read_rows(self.run_dir) if r["generation"] < self.state["generation"]]
         with atomic_file(self.run_dir / "history.jsonl") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -243,6 +253,7 @@ class QuantSearch:
     def checkpoint(self) -> None:
         with atomic_file(self.run_dir / "checkpoint.json") as f:
             f.write(json.dumps(self.state) + "\n")
+        fault_point("quant-search:checkpoint")
 
     # -- the loop ---------------------------------------------------------------------------------
     def _stages(self) -> list[tuple[int, int]]:
@@ -345,7 +356,7 @@ class QuantSearch:
 
     # -- the front ----------------------------------------------------------------------------------
     def heldout(self, config: evolve.Config) -> dict:
-        from workbench.quant.pipeline import heldout_perplexity
+        from workbench.eval.evaluator import heldout_perplexity
 
         model = self.assemble(config)
         kl = float(np.mean(window_kls(model, self.heldout_windows, self.heldout_cache)))
@@ -438,6 +449,8 @@ def open_quant_search(spec_path: str | Path | None, run_dir: str | Path, resume:
         spec = quant_search_spec_from_dict(json.loads(path.read_text()), str(path))
         return QuantSearch(spec, run_dir, db_root, progress).resume()
     spec = load_quant_search_spec(spec_path)
+    if run_dir.is_dir():
+        remove_stale_temporaries_in(run_dir)   # left by a kill -9: not the user's
     if run_dir.exists() and any(run_dir.iterdir()):
         raise WorkbenchError(f"{run_dir} is not empty; resume it with --resume or choose another --out")
     return QuantSearch(spec, run_dir, db_root, progress).start()

@@ -37,14 +37,11 @@ from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
-from workbench.quant.config import _bits, _group, _method
-from workbench.yaml_lines import field_location, parse_with_lines
+from workbench.quant.config import GROUP_SIZE, LORA_INIT, SKIP, _bits, _method
+from workbench.schema import REQUIRED, Field, Reader, parse_with_lines
 
-KEYS = {"kind", "name", "model", "options", "lora", "skip", "granularity", "targets", "fitness", "seq_len",
-        "stages", "budget", "optimizer", "seed", "heldout_windows", "heldout_task"}
 GRANULARITIES = ("per_layer", "per_block", "per_type")
 OPTIMIZERS = ("levelswitch", "cma")
-BUDGET_KEYS = {"generations", "offspring", "max_minutes"}
 
 
 class QuantSpecError(WorkbenchError, ValueError):
@@ -138,8 +135,7 @@ def spec_kind(path: str | Path) -> str:
     data, lines = parse_with_lines(path.read_text(), str(path), SpecError)
     kind = data.get("kind", "merge") if isinstance(data, dict) else "merge"
     if kind not in ("merge", "quantization"):
-        raise SpecError(f"{field_location(str(path), lines, ('kind',))}: kind: expected merge or quantization, "
-                        f"got {kind!r}")
+        Reader(str(path), lines, SpecError).fail(("kind",), f"expected merge or quantization, got {kind!r}")
     return kind
 
 
@@ -151,113 +147,83 @@ def load_quant_search_spec(path: str | Path) -> QuantSearchSpec:
     return quant_search_spec_from_dict(data, str(path), lines)
 
 
-def _positive_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+def _ranks(ranks: list[int], path: tuple, fail) -> list[int]:
+    if len(set(ranks)) != len(ranks) or not all(r >= 0 for r in ranks):
+        fail(path, f"expected a list of distinct non-negative integers, got {ranks!r}")
+    return list(ranks)
+
+
+def _targets(targets: list[float], path: tuple, fail) -> list[float]:
+    if not all(0 < t <= 32 for t in targets):
+        fail(path, f"expected a list of total bits per weight (adapters counted), got {targets!r}")
+    return [float(t) for t in targets]
+
+
+def _fitness(fitness: Any, path: tuple, fail) -> str:
+    if isinstance(fitness, dict):
+        if set(fitness) != {"task"} or not isinstance(fitness["task"], str):
+            fail(path, "expected `kl` or {task: NAME} (the task's search split)")
+        return fitness["task"]
+    if fitness != "kl":
+        fail(path, f"expected `kl` or {{task: NAME}}, got {fitness!r}")
+    return fitness
+
+
+FORMAT = {"bits": Field(object, REQUIRED, check=_bits), "group_size": GROUP_SIZE,
+          "method": Field(object, None)}
+STAGE = Field(dict, msg="expected {windows: N, keep: K} with positive integers", make=Stage,
+              fields={"windows": Field(int, low=1), "keep": Field(int, low=1)})
+SPEC = Field(dict, msg="expected a mapping", fields={
+    "kind": Field(str, choices=("quantization",), msg="expected `kind: quantization`"),
+    "name": Field(str, "quant-search"),
+    "model": Field(str, msg="expected a float model directory or home model name"),
+    "options": Field(dict, msg="expected {formats: [{bits, group_size, method}], ranks: [0, 8, ...]}", fields={
+        "formats": Field(list, nonempty=True, msg="expected a non-empty list of {bits, group_size, method}",
+                         item=Field(dict, fields=FORMAT, msg="expected {bits, group_size, method}")),
+        "ranks": Field(list, [0], nonempty=True, item=int, check=_ranks,
+                       want="a list of distinct non-negative integers")}),
+    "lora": Field(dict, {}, msg="expected {alpha, init}", fields={
+        "alpha": Field(float, 16, positive=True), "init": LORA_INIT}),
+    "skip": SKIP,
+    "granularity": Field(str, "per_layer", choices=GRANULARITIES),
+    "targets": Field(list, nonempty=True, item=float, check=_targets,
+                     want="a list of total bits per weight (adapters counted)"),
+    "fitness": Field(object, "kl", check=_fitness),
+    "seq_len": Field(int, 128, low=1),
+    "stages": Field(list, [Stage(2, 4), Stage(8, 1)], nonempty=True, item=STAGE,
+                    msg="expected a list of {windows, keep}"),
+    "budget": Field(dict, {}, msg="expected a mapping with generations, max_minutes, offspring", fields={
+        "generations": Field(int, 30, low=1), "offspring": Field(int, 16, low=1),
+        "max_minutes": Field(float, None, positive=True, msg="expected a positive number of minutes")}),
+    "optimizer": Field(str, "levelswitch", choices=OPTIMIZERS),
+    "seed": Field(int, 0),
+    "heldout_windows": Field(int, 16, low=1),
+    "heldout_task": Field(str, "zoo-perplexity", msg="expected a perplexity task name or path"),
+})
 
 
 def quant_search_spec_from_dict(data: Any, source: str = "<spec>", lines: dict | None = None) -> QuantSearchSpec:
-    lines = lines or {}
-
-    def fail(path: tuple, msg: str):
-        raise QuantSpecError(f"{field_location(source, lines, path)}: {'.'.join(map(str, path)) or 'spec'}: {msg}")
-
-    if not isinstance(data, dict):
-        fail((), "expected a mapping")
-    for key in data:
-        if key not in KEYS:
-            fail((key,), f"unknown key; expected one of {', '.join(sorted(KEYS))}")
-    if data.get("kind") != "quantization":
-        fail(("kind",), "expected `kind: quantization`")
-    if not isinstance(data.get("model"), str):
-        fail(("model",), "expected a float model directory or home model name")
-    options = data.get("options")
-    if not isinstance(options, dict) or set(options) - {"formats", "ranks"} or "formats" not in options:
-        fail(("options",), "expected {formats: [{bits, group_size, method}], ranks: [0, 8, ...]}")
+    r = Reader(source, lines, QuantSpecError, root="spec")
+    s = r.check(data, SPEC)
     formats = []
-    if not isinstance(options["formats"], list) or not options["formats"]:
-        fail(("options", "formats"), "expected a non-empty list of {bits, group_size, method}")
-    for i, f in enumerate(options["formats"]):
-        if not isinstance(f, dict) or "bits" not in f or set(f) - {"bits", "group_size", "method"}:
-            fail(("options", "formats", i), "expected {bits, group_size, method}")
-        bits = _bits(f["bits"], ("options", "formats", i, "bits"), fail)
-        group = _group(f.get("group_size", 64), ("options", "formats", i, "group_size"), fail)
-        method = _method(f.get("method"), bits, ("options", "formats", i, "method"), fail)
-        fmt = Format(bits, group, method)
+    for i, f in enumerate(s["options"]["formats"]):
+        path = ("options", "formats", i)
+        fmt = Format(f["bits"], f["group_size"], _method(f["method"], f["bits"], (*path, "method"), r.fail))
         if fmt in formats:
-            fail(("options", "formats", i), f"{fmt.label} is listed twice")
+            r.fail(path, f"{fmt.label} is listed twice")
         formats.append(fmt)
-    ranks = options.get("ranks", [0])
-    if (not isinstance(ranks, list) or not ranks or len(set(ranks)) != len(ranks)
-            or not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in ranks)):
-        fail(("options", "ranks"), f"expected a list of distinct non-negative integers, got {ranks!r}")
-    lora = data.get("lora") or {}
-    if not isinstance(lora, dict) or set(lora) - {"alpha", "init"}:
-        fail(("lora",), "expected {alpha, init}")
-    alpha = lora.get("alpha", 16)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
-        fail(("lora", "alpha"), f"expected a positive number, got {alpha!r}")
-    init = lora.get("init", "svd")
-    if init not in ("svd", "zeros"):
-        fail(("lora", "init"), f"expected 'svd' or 'zeros', got {init!r}")
-    skip = data.get("skip", ["lm_head"])
-    if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
-        fail(("skip",), "expected a list of module-name patterns")
-    gran = data.get("granularity", "per_layer")
-    if gran not in GRANULARITIES:
-        fail(("granularity",), f"expected one of {', '.join(GRANULARITIES)}, got {gran!r}")
-    targets = data.get("targets")
-    if (not isinstance(targets, list) or not targets
-            or not all(isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t <= 32 for t in targets)):
-        fail(("targets",), f"expected a list of total bits per weight (adapters counted), got {targets!r}")
-    fitness = data.get("fitness", "kl")
-    if isinstance(fitness, dict):
-        if set(fitness) != {"task"} or not isinstance(fitness["task"], str):
-            fail(("fitness",), "expected `kl` or {task: NAME} (the task's search split)")
-        fitness = fitness["task"]
-    elif fitness != "kl":
-        fail(("fitness",), f"expected `kl` or {{task: NAME}}, got {fitness!r}")
-    stages = data.get("stages", [{"windows": 2, "keep": 4}, {"windows": 8, "keep": 1}])
-    if not isinstance(stages, list) or not stages:
-        fail(("stages",), "expected a list of {windows, keep}")
-    parsed = []
-    for i, s in enumerate(stages):
-        if not isinstance(s, dict) or set(s) != {"windows", "keep"} or not all(map(_positive_int, s.values())):
-            fail(("stages", i), "expected {windows: N, keep: K} with positive integers")
-        if parsed and (s["windows"] <= parsed[-1].windows or s["keep"] > parsed[-1].keep):
-            fail(("stages", i), "each stage scores more windows than the one before, and keeps no more candidates")
-        parsed.append(Stage(s["windows"], s["keep"]))
-    if parsed[-1].keep != 1:
-        fail(("stages", len(parsed) - 1, "keep"), "the last stage keeps 1 (the candidate compared with the parent)")
-    budget = data.get("budget") or {}
-    if not isinstance(budget, dict) or set(budget) - BUDGET_KEYS:
-        fail(("budget",), f"expected a mapping with {', '.join(sorted(BUDGET_KEYS))}")
-    for key in ("generations", "offspring"):
-        if key in budget and not _positive_int(budget[key]):
-            fail(("budget", key), f"expected a positive integer, got {budget[key]!r}")
-    offspring = budget.get("offspring", 16)
-    if parsed[0].keep > offspring:
-        fail(("stages", 0, "keep"), f"keeps {parsed[0].keep} of {offspring} offspring")
-    minutes = budget.get("max_minutes")
-    if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or minutes <= 0):
-        fail(("budget", "max_minutes"), "expected a positive number of minutes")
-    optimizer = data.get("optimizer", "levelswitch")
-    if optimizer not in OPTIMIZERS:
-        fail(("optimizer",), f"expected one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
-    for key in ("seq_len", "heldout_windows"):
-        if key in data and not _positive_int(data[key]):
-            fail((key,), f"expected a positive integer, got {data[key]!r}")
-    seed = data.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        fail(("seed",), f"expected an integer, got {seed!r}")
-    if not isinstance(data.get("heldout_task", ""), str):
-        fail(("heldout_task",), "expected a perplexity task name or path")
-    name = data.get("name", "quant-search")
-    if not isinstance(name, str):
-        fail(("name",), f"expected a string, got {name!r}")
+    stages, budget = s["stages"], s["budget"]
+    for i in range(1, len(stages)):
+        if stages[i].windows <= stages[i - 1].windows or stages[i].keep > stages[i - 1].keep:
+            r.fail(("stages", i), "each stage scores more windows than the one before, and keeps no more candidates")
+    if stages[-1].keep != 1:
+        r.fail(("stages", len(stages) - 1, "keep"), "the last stage keeps 1 (the candidate compared with the parent)")
+    if stages[0].keep > budget["offspring"]:
+        r.fail(("stages", 0, "keep"), f"keeps {stages[0].keep} of {budget['offspring']} offspring")
     return QuantSearchSpec(
-        model=data["model"], formats=formats, ranks=list(ranks), targets=[float(t) for t in targets], name=name,
-        lora_alpha=float(alpha), lora_init=init, skip=list(skip), granularity=gran, fitness=fitness,
-        seq_len=data.get("seq_len", 128), stages=parsed, generations=budget.get("generations", 30),
-        offspring=offspring, max_minutes=minutes, optimizer=optimizer, seed=seed,
-        heldout_windows=data.get("heldout_windows", 16), heldout_task=data.get("heldout_task", "zoo-perplexity"),
-        source=source)
+        model=s["model"], formats=formats, ranks=s["options"]["ranks"], targets=s["targets"], name=s["name"],
+        lora_alpha=float(s["lora"]["alpha"]), lora_init=s["lora"]["init"], skip=s["skip"],
+        granularity=s["granularity"], fitness=s["fitness"], seq_len=s["seq_len"], stages=stages,
+        generations=budget["generations"], offspring=budget["offspring"], max_minutes=budget["max_minutes"],
+        optimizer=s["optimizer"], seed=s["seed"], heldout_windows=s["heldout_windows"],
+        heldout_task=s["heldout_task"], source=source)

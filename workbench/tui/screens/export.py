@@ -9,21 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.text import Text
-from textual import on, work
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, Checkbox, Footer, Input, Label, Select, Static
 
-from workbench.tui.config import apply_threads
-from workbench.tui.jobs import (
-    default_merge_out,
-    error_text,
-    example_recipes,
-    recipe_for_source,
-    run_merge,
-)
-from workbench.tui.messages import JobFailed, JobFinished, JobProgress
+from workbench.tui.jobs import default_merge_out, example_recipes
+from workbench.tui.messages import JobFinished
 from workbench.tui.runs import is_run_dir
 from workbench.tui.screens.base import WorkbenchScreen, guarded
 from workbench.tui.widgets import JobStatus, NavBar
@@ -41,7 +34,6 @@ class ExportScreen(WorkbenchScreen):
 
     def __init__(self) -> None:
         super().__init__()
-        self.exporting = False
         self.result: Path | None = None
 
     def compose(self) -> ComposeResult:
@@ -89,7 +81,7 @@ class ExportScreen(WorkbenchScreen):
     @on(Button.Pressed, "#export")
     @guarded
     def action_export(self) -> None:
-        if self.exporting:
+        if self.job_running("export"):
             self.warn("an export is running")
             return
         raw = self.query_one("#export-source", Input).value.strip()
@@ -106,45 +98,17 @@ class ExportScreen(WorkbenchScreen):
         overwrite = self.query_one("#export-overwrite", Checkbox).value
 
         def start() -> None:
-            self.exporting = True
-            self.query_one("#export", Button).disabled = True
+            from workbench.ops.merge import merge
+
             self.query_one("#export-result", Label).update(Text(""))
-            self.query_one("#export-job", JobStatus).start(f"exporting {source.name} into {out}...")
-            self.export(source, out, overwrite)
+            self.run_job("export", lambda progress: merge(source, out, overwrite=overwrite, progress=progress),
+                         status="#export-job", buttons=("#export",), start_text=f"exporting {source.name} into {out}...",
+                         done_text=lambda r: f"exported {r.num_tensors} tensors to {r.out_dir} "
+                                             f"({r.bytes_written / 1e6:.1f} MB) in {r.seconds:.1f} s")
 
         self.start_if_outputs_free([out], overwrite, start)
 
-    @work(thread=True, exclusive=True, group="export", exit_on_error=False, description="export merged model")
-    def export(self, source: Path, out: Path, overwrite: bool) -> None:
-        def on_tensor(done: int, total: int, name: str) -> None:
-            self.post_message(JobProgress("export", done, total, f"{done}/{total} {name}"))
-
-        try:
-            apply_threads(self.config.threads)
-            recipe = recipe_for_source(source)
-            result = run_merge(recipe, out, overwrite=overwrite, on_tensor=on_tensor)
-        except Exception as e:  # noqa: BLE001
-            self.post_message(JobFailed("export", error_text(e)))
-            return
-        self.post_message(JobFinished("export", result, f"exported {result.num_tensors} tensors to {result.out_dir} "
-                                                        f"({result.bytes_written / 1e6:.1f} MB) in {result.seconds:.1f} s"))
-
-    @guarded
-    def on_job_progress(self, message: JobProgress) -> None:
-        self.query_one("#export-job", JobStatus).progress(message.done, message.total, message.text)
-
-    @guarded
-    def on_job_finished(self, message: JobFinished) -> None:
-        self.exporting = False
-        self.query_one("#export", Button).disabled = False
+    def job_finished(self, message: JobFinished) -> None:
         self.result = message.result.out_dir
-        self.query_one("#export-job", JobStatus).finish(message.text)
         self.query_one("#export-result", Label).update(Text(f"result: {self.result}", style="bold green"))
         self.info(message.text, title="export done")
-
-    @guarded
-    def on_job_failed(self, message: JobFailed) -> None:
-        self.exporting = False
-        self.query_one("#export", Button).disabled = False
-        self.query_one("#export-job", JobStatus).fail(message.error)
-        self.error(message.error, title="export failed")

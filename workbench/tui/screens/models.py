@@ -1,5 +1,5 @@
 """Models: what is in the workbench home (and any added by path), the zoo, and the background jobs
-that prepare the default model and build the zoo."""
+that prepare the default model and build the zoo (``workbench.ops.models`` / ``workbench.ops.zoo``)."""
 
 from __future__ import annotations
 
@@ -11,21 +11,15 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import Button, DataTable, Footer, Input, Label
-from textual.worker import get_current_worker
 
-from workbench.tui.config import apply_threads
 from workbench.tui.jobs import error_text
-from workbench.tui.messages import JobFailed, JobFinished, JobProgress, ModelsLoaded
+from workbench.tui.messages import JobFailed, JobFinished, ModelsLoaded
 from workbench.tui.screens.base import WorkbenchScreen, guarded
 from workbench.tui.widgets import JobStatus, NavBar
 
 MODEL_COLUMNS = (("name", "name"), ("format", "format"), ("architecture", "architecture"),
                  ("parameters", "params"), ("dtype", "dtype"), ("layers", "layers"), ("hidden_size", "hidden"),
                  ("bytes", "size"), ("path", "path"))
-
-
-class Cancelled(Exception):
-    pass
 
 
 class ModelsScreen(WorkbenchScreen):
@@ -42,7 +36,6 @@ class ModelsScreen(WorkbenchScreen):
         super().__init__()
         self.extra: list[Path] = []
         self.models: list[dict] = []
-        self.job: str | None = None
 
     def compose(self) -> ComposeResult:
         yield NavBar("models")
@@ -140,94 +133,37 @@ class ModelsScreen(WorkbenchScreen):
         self.query_one("#model-path", Input).value = ""
         self.action_refresh_models()
 
-    # --- jobs -------------------------------------------------------------------------------
-    def _begin(self, job: str, text: str) -> bool:
-        if self.job is not None:
-            self.warn(f"{self.job} is running; wait for it to finish")
-            return False
-        self.job = job
-        self.query_one("#prepare", Button).disabled = True
-        self.query_one("#build-zoo", Button).disabled = True
-        self.query_one(JobStatus).start(text)
-        return True
-
-    def _end(self) -> None:
-        self.job = None
-        self.query_one("#prepare", Button).disabled = False
-        self.query_one("#build-zoo", Button).disabled = False
+    # --- jobs (one at a time: they share the status line) ------------------------------------
+    def _start(self, job: str, action, text: str, done_text) -> None:
+        if self.jobs:
+            self.warn(f"{next(iter(self.jobs))} is running; wait for it to finish")
+            return
+        self.run_job(job, action, status="#models-job", buttons=("#prepare", "#build-zoo"), start_text=text,
+                     done_text=done_text)
 
     @on(Button.Pressed, "#prepare")
     @guarded
     def action_prepare_default(self) -> None:
-        if self._begin("prepare default", "preparing SmolLM2-135M-Instruct (GGUF -> safetensors)..."):
-            self.prepare_default()
+        from workbench.ops.models import prepare_default
+
+        self._start("prepare default", lambda progress: prepare_default(progress=progress),
+                    "preparing SmolLM2-135M-Instruct (GGUF -> safetensors)...",
+                    lambda path: f"default model ready: {path}")
 
     @on(Button.Pressed, "#build-zoo")
     @guarded
     def action_build_zoo(self) -> None:
-        if self._begin("build zoo", "building the zoo: preparing the base model..."):
-            self.build_zoo()
+        from workbench.ops.zoo import build
 
-    @work(thread=True, exclusive=True, group="models-job", exit_on_error=False, description="prepare default model")
-    def prepare_default(self) -> None:
-        from workbench.models.default_model import prepare_default
+        self._start("build zoo", lambda progress: build(progress=progress),
+                    "building the zoo: preparing the base model...",
+                    lambda paths: f"zoo built: {', '.join(p.name for p in paths)}")
 
-        try:
-            path = prepare_default(progress=False)
-        except Exception as e:  # noqa: BLE001
-            self.post_message(JobFailed("prepare default", error_text(e)))
-            return
-        self.post_message(JobFinished("prepare default", path, f"default model ready: {path}"))
-
-    @work(thread=True, exclusive=True, group="models-job", exit_on_error=False, description="build zoo")
-    def build_zoo(self) -> None:
-        from workbench.models.default_model import prepare_default
-
-        worker = get_current_worker()
-        job = "build zoo"
-        try:
-            from workbench.zoo.build import EXPERTS, expert_dir, is_built, train_expert
-        except ImportError:
-            self.post_message(JobFailed(job, "this version of the workbench has no zoo (workbench.zoo)"))
-            return
-        try:
-            apply_threads(self.config.threads)
-            base = prepare_default(progress=False)
-            todo = [s for s in EXPERTS.values() if not is_built(s.name)]
-            total = sum(s.config.steps for s in todo)
-            offset = 0
-            for spec in todo:
-                def on_step(step: int, steps: int, loss: float, spec=spec, offset=offset) -> None:
-                    self.post_message(JobProgress(job, offset + step, total,
-                                                  f"training {spec.name}: step {step}/{steps}, loss {loss:.3f}"))
-                    if worker.is_cancelled:
-                        raise Cancelled
-
-                self.post_message(JobProgress(job, offset, total, f"training {spec.name}..."))
-                train_expert(spec, base, on_step=on_step)
-                offset += spec.config.steps
-        except Cancelled:
-            return
-        except Exception as e:  # noqa: BLE001
-            self.post_message(JobFailed(job, error_text(e)))
-            return
-        built = ", ".join(expert_dir(n).name for n in EXPERTS)
-        self.post_message(JobFinished(job, None, f"zoo built: {built}" if todo else "zoo already built"))
-
-    @guarded
-    def on_job_progress(self, message: JobProgress) -> None:
-        self.query_one(JobStatus).progress(message.done, message.total, message.text)
-
-    @guarded
-    def on_job_finished(self, message: JobFinished) -> None:
-        self._end()
-        self.query_one(JobStatus).finish(message.text)
+    def job_finished(self, message: JobFinished) -> None:
         self.info(message.text, title=message.job)
         self.action_refresh_models()
 
     @guarded
     def on_job_failed(self, message: JobFailed) -> None:
-        if message.job != "list models":
-            self._end()
-            self.query_one(JobStatus).fail(message.error)
-        self.error(message.error, title=f"{message.job} failed")
+        if message.job == "list models":   # the listing's own worker; run_job's jobs end in the base handler
+            self.error(message.error, title="list models failed")

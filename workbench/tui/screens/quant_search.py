@@ -23,7 +23,7 @@ from workbench.tui.config import apply_threads
 from workbench.tui.jobs import error_text, recipe_dirs
 from workbench.tui.messages import JobFailed, JobFinished, JobProgress
 from workbench.tui.screens.base import WorkbenchScreen, guarded
-from workbench.tui.screens.quantize import EXPORT_CHOICES, PHASES
+from workbench.tui.screens.quantize import EXPORT_CHOICES
 from workbench.tui.widgets import JobStatus, NavBar
 from workbench.tui.widgets.front_plot import FrontPlot
 
@@ -85,7 +85,6 @@ class QuantSearchScreen(WorkbenchScreen):
     def __init__(self) -> None:
         super().__init__()
         self.running = False
-        self.building = False
         self.request: str | None = None  # "paused" or "stopped", read by the worker between generations
         self.front: dict | None = None
         self.run_dir: Path | None = None
@@ -197,13 +196,14 @@ class QuantSearchScreen(WorkbenchScreen):
     # --- the search worker ------------------------------------------------------------------
     @work(thread=True, exclusive=True, group="qsearch", exit_on_error=False, description="quantization search")
     def search_job(self, spec: Path | None, run_dir: Path, resume: bool) -> None:
-        from workbench.quant.search.run import open_quant_search, read_rows
+        from workbench.ops.search import open_search
+        from workbench.quant.search.run import read_rows
 
         worker = get_current_worker()
         try:
             apply_threads(self.config.threads)
-            search = open_quant_search(spec, run_dir, resume=resume, progress=lambda label, done, total:
-                                       self.post_message(JobProgress("qsearch", done, total, f"database: {label}")))
+            search = open_search(spec, None if resume else run_dir, run_dir if resume else None, progress=lambda ev:
+                                 self.post_message(JobProgress("qsearch", ev.done, ev.total, f"database: {ev.text}")))
             windows, total = search.spec.windows, search.spec.generations + 1
 
             def on_generation(event) -> None:
@@ -229,8 +229,8 @@ class QuantSearchScreen(WorkbenchScreen):
 
     @guarded
     def on_job_progress(self, message: JobProgress) -> None:
-        target = "#qs-job" if message.job == "qsearch" else "#qs-point-job"
-        self.query_one(target, JobStatus).progress(message.done, message.total, message.text)
+        if message.job == "qsearch":   # the search's own worker; a point's build is a run_job job
+            self.query_one("#qs-job", JobStatus).progress(message.done, message.total, message.text)
 
     @guarded
     def on_quant_generation(self, message: QuantGeneration) -> None:
@@ -274,7 +274,7 @@ class QuantSearchScreen(WorkbenchScreen):
     @on(Button.Pressed, "#qs-build")
     @guarded
     def action_build_point(self) -> None:
-        if self.building:
+        if self.job_running("build point"):
             self.warn("a point is being built")
             return
         picked = self.selected_point()
@@ -299,56 +299,39 @@ class QuantSearchScreen(WorkbenchScreen):
         overwrite = self.query_one("#qs-overwrite", Checkbox).value
 
         def start() -> None:
-            self.building = True
-            self.query_one("#qs-point-job", JobStatus).start(f"building {point['yml']} ({point['bpw']:.3f} bpw)...")
-            self.build_job(self.run_dir / point["yml"], out, minutes, recovered, fmt, export, overwrite)
+            from workbench.ops.quant import quantize_recover_export
+
+            model, task = Path(self.front["model"]), self.front["heldout_task"]
+            self.run_job("build point", lambda progress: quantize_recover_export(
+                model, self.run_dir / point["yml"], out, minutes, recovered, fmt, export, eval_task=task,
+                overwrite=overwrite, progress=progress), status="#qs-point-job", buttons=("#qs-build",),
+                start_text=f"building {point['yml']} ({point['bpw']:.3f} bpw)...",
+                done_text=lambda result: f"built {recovered or out}")
 
         self.start_if_outputs_free(outputs, overwrite, start)
 
-    @work(thread=True, exclusive=True, group="qpoint", exit_on_error=False, description="build point")
-    def build_job(self, config: Path, out: Path, minutes: float, recovered: Path | None, fmt: str,
-                  export: Path | None, overwrite: bool) -> None:
-        from workbench.quant.pipeline import quantize_recover_export
-
-        def say(done, total, text):
-            self.post_message(JobProgress("qpoint", done, total, text))
-
-        try:
-            apply_threads(self.config.threads)
-            result = quantize_recover_export(
-                Path(self.front["model"]), config, out, minutes, recovered, fmt, export,
-                eval_task=self.front["heldout_task"], overwrite=overwrite,
-                progress=lambda n, d, t: say(d, t, f"quantizing: {d}/{t} {n}"),
-                recover_progress=lambda ph, d, t, loss: say(d, t, f"recovery, {PHASES.get(ph, ph)}: {d}/{t}"),
-                say=lambda text: say(None, None, text))
-        except Exception as e:  # noqa: BLE001
-            self.post_message(JobFailed("qpoint", error_text(e)))
-            return
-        self.post_message(JobFinished("qpoint", result, f"built {recovered or out}"))
-
-    @guarded
-    def on_job_finished(self, message: JobFinished) -> None:
-        self.building = False
+    def job_finished(self, message: JobFinished) -> None:
         self.built = r = message.result
-        q = r["quantized"]
-        lines = [f"{q['out']}: {q['bits_per_weight_with_adapters']:.3f} bits per weight with adapters "
-                 f"({q['bits_per_weight']:.3f} base), held-out ppl {q['ppl']:.2f}"]
-        if r["recovery"] is not None:
-            lines.append(f"recovered: held-out ppl {r['recovery']['ppl_before']:.2f} -> {r['recovery']['ppl_after']:.2f}")
-        if r["export"] is not None:
-            lines.append(f"exported: {r['export']['path']}")
-        self.query_one("#qs-point-job", JobStatus).finish(message.text)
-        self.query_one("#qs-result", Label).update(Text("\n".join(lines), style="green"))
+        self.query_one("#qs-result", Label).update(Text("\n".join(built_lines(r)), style="green"))
 
     @guarded
     def on_job_failed(self, message: JobFailed) -> None:
-        if message.job == "qsearch":
+        if message.job == "qsearch":   # the search's own worker (a point's build ends in run_job's handler)
             self.running = False
             self.query_one("#qs-job", JobStatus).fail(message.error)
-        else:
-            self.building = False
-            self.query_one("#qs-point-job", JobStatus).fail(message.error)
-        self.error(message.error, title=f"{'quantization search' if message.job == 'qsearch' else 'build'} failed")
+            self.error(message.error, title="quantization search failed")
+
+
+def built_lines(r: dict) -> list[str]:
+    """What quantize_recover_export made, a line per step (the Quantize screen shows the same)."""
+    q = r["quantized"]
+    lines = [f"{q['out']}: {q['bits_per_weight_with_adapters']:.3f} bits per weight with adapters "
+             f"({q['bits_per_weight']:.3f} base), held-out ppl {q['ppl']:.2f}"]
+    if r["recovery"] is not None:
+        lines.append(f"recovered: held-out ppl {r['recovery']['ppl_before']:.2f} -> {r['recovery']['ppl_after']:.2f}")
+    if r["export"] is not None:
+        lines.append(f"exported: {r['export']['path']}")
+    return lines
 
 
 def _last_windows(run_dir: Path) -> int:

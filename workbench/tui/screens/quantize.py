@@ -1,6 +1,6 @@
 """Quantize: compress a model (ternary / 1-4 bit with LoRA adapters), optionally recover it by
 distillation, and export it: `workbench quantize`, `workbench recover` and `workbench export` in one
-run, calling the same library functions (``workbench.quant.pipeline``)."""
+run, calling the same library functions (``workbench.ops.quant``)."""
 
 from __future__ import annotations
 
@@ -8,28 +8,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.text import Text
-from textual import on, work
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, Checkbox, Footer, Input, Label, Select
 
 from workbench.errors import WorkbenchError
-from workbench.tui.config import apply_threads
-from workbench.tui.jobs import (
-    default_quant_export_out,
-    default_quant_out,
-    default_source_model,
-    error_text,
-    quant_configs,
-)
-from workbench.tui.messages import JobFailed, JobFinished, JobProgress
+from workbench.progress import ProgressFn, emit
+from workbench.tui.jobs import default_quant_export_out, default_quant_out, default_source_model, quant_configs
+from workbench.tui.messages import JobFinished
 from workbench.tui.screens.base import WorkbenchScreen, guarded
 from workbench.tui.widgets import JobStatus, NavBar
 
 EXPORT_CHOICES = (("no export", "none"), ("safetensors (compressed)", "safetensors"),
                   ("peft adapter + base", "peft"), ("hf (dequantized)", "hf"), ("gguf", "gguf"))
-PHASES = {"blocks": "block reconstruction", "teacher": "teacher top-k", "e2e": "end-to-end KL"}
 
 
 @dataclass
@@ -40,7 +33,7 @@ class QuantPlan:
     out: Path  # the compressed directory
     minutes: float  # recovery time budget; 0: no recovery
     recovered: Path | None  # the recovered compressed directory (with minutes > 0)
-    fmt: str  # "none" or one of workbench.quant.pipeline.EXPORT_FORMATS
+    fmt: str  # "none" or one of workbench.ops.quant.EXPORT_FORMATS
     export_out: Path | None
     overwrite: bool = False  # replace occupied outputs (the user confirmed it)
 
@@ -60,7 +53,7 @@ class QuantPlan:
 @dataclass
 class QuantResult:
     plan: QuantPlan
-    quantized: dict  # quantize_to_dir's report
+    quantized: dict  # ops.quant.quantize's report
     recovery: dict | None = None
     export: dict | None = None
 
@@ -100,7 +93,6 @@ class QuantizeScreen(WorkbenchScreen):
 
     def __init__(self) -> None:
         super().__init__()
-        self.running = False
         self.result: QuantResult | None = None
         self.picked: object = Select.BLANK  # the config list's value, to tell a new pick
 
@@ -195,61 +187,34 @@ class QuantizeScreen(WorkbenchScreen):
             return
 
         def start() -> None:
-            self.running = True
-            self.query_one("#quant-run", Button).disabled = True
             self.query_one("#quant-result", Label).update(Text(""))
-            self.query_one("#quant-job", JobStatus).start(f"quantizing {plan.source.name} with {plan.config.name}...")
-            self.quantize_job(plan)
+            self.run_job("quantize", lambda progress: quantize_plan(plan, progress), status="#quant-job",
+                         buttons=("#quant-run",), start_text=f"quantizing {plan.source.name} with {plan.config.name}...",
+                         done_text=done_line)
 
         self.start_if_outputs_free(plan.outputs, plan.overwrite, start)
 
-    @work(thread=True, exclusive=True, group="quantize", exit_on_error=False, description="quantize")
-    def quantize_job(self, plan: QuantPlan) -> None:
-        from workbench.quant.pipeline import quantize_recover_export
+    @property
+    def running(self) -> bool:
+        return self.job_running("quantize")
 
-        job = "quantize"
-
-        def say(done: int | None, total: int | None, text: str) -> None:
-            self.post_message(JobProgress(job, done, total, text))
-
-        def on_layer(name: str, done: int, total: int) -> None:
-            say(done, total, f"quantizing: {done}/{total} {name}".rstrip())
-
-        def on_recover(phase: str, done: int, total: int, loss: float | None) -> None:
-            say(done, total, f"recovery, {PHASES.get(phase, phase)}: {done}/{total}"
-                + ("" if loss is None else f", loss {loss:.4f}"))
-
-        try:
-            apply_threads(self.config.threads)
-            done = quantize_recover_export(
-                plan.source, plan.config, plan.out, plan.minutes, plan.recovered, plan.fmt, plan.export_out,
-                eval_task=None, overwrite=plan.overwrite, progress=on_layer, recover_progress=on_recover,
-                say=lambda text: say(None, None, text),
-                on_resume=lambda path: say(None, None, f"recovery: resuming from {path}"))
-            result = QuantResult(plan, done["quantized"], done["recovery"], done["export"])
-        except Exception as e:  # noqa: BLE001
-            self.post_message(JobFailed(job, error_text(e)))
-            return
-        q = result.quantized
-        self.post_message(JobFinished(job, result, f"quantized to {plan.final} ({q['bits_per_weight']:.3f} bits "
-                                                   f"per weight){'' if result.export is None else ', exported'}"))
-
-    @guarded
-    def on_job_progress(self, message: JobProgress) -> None:
-        self.query_one("#quant-job", JobStatus).progress(message.done, message.total, message.text)
-
-    @guarded
-    def on_job_finished(self, message: JobFinished) -> None:
-        self.running = False
-        self.query_one("#quant-run", Button).disabled = False
+    def job_finished(self, message: JobFinished) -> None:
         self.result = message.result
-        self.query_one("#quant-job", JobStatus).finish(message.text)
         self.query_one("#quant-result", Label).update(Text("\n".join(result_lines(self.result)), style="green"))
         self.info(message.text, title="quantize done")
 
-    @guarded
-    def on_job_failed(self, message: JobFailed) -> None:
-        self.running = False
-        self.query_one("#quant-run", Button).disabled = False
-        self.query_one("#quant-job", JobStatus).fail(message.error)
-        self.error(message.error, title="quantize failed")
+
+def quantize_plan(plan: QuantPlan, progress: ProgressFn) -> QuantResult:
+    """The screen's run: :func:`workbench.ops.quant.quantize_recover_export` on the resolved plan."""
+    from workbench.ops.quant import quantize_recover_export
+
+    done = quantize_recover_export(plan.source, plan.config, plan.out, plan.minutes, plan.recovered, plan.fmt,
+                                   plan.export_out, eval_task=None, overwrite=plan.overwrite, progress=progress,
+                                   on_resume=lambda path: emit(progress, "recover", text=f"resuming from {path}"))
+    return QuantResult(plan, done["quantized"], done["recovery"], done["export"])
+
+
+def done_line(result: QuantResult) -> str:
+    q = result.quantized
+    return (f"quantized to {result.plan.final} ({q['bits_per_weight_with_adapters']:.3f} bits per weight with "
+            f"adapters, {q['bits_per_weight']:.3f} base){'' if result.export is None else ', exported'}")

@@ -6,23 +6,15 @@ import contextlib
 from pathlib import Path
 
 from rich.text import Text
-from textual import on, work
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.widgets import Button, Checkbox, Footer, Input, Label, Select, TextArea
 from textual.widgets.text_area import Selection
 
-from workbench.tui.config import apply_threads
-from workbench.tui.jobs import (
-    default_merge_out,
-    error_line,
-    error_text,
-    example_recipes,
-    run_merge,
-    validate_recipe,
-)
-from workbench.tui.messages import JobFailed, JobFinished, JobProgress
+from workbench.tui.jobs import default_merge_out, error_line, error_text, example_recipes
+from workbench.tui.messages import JobFailed, JobFinished
 from workbench.tui.screens.base import WorkbenchScreen, guarded
 from workbench.tui.widgets import JobStatus, NavBar
 
@@ -63,7 +55,6 @@ class RecipeScreen(WorkbenchScreen):
 
     def __init__(self) -> None:
         super().__init__()
-        self.merging = False
         self.result: Path | None = None
 
     def compose(self) -> ComposeResult:
@@ -167,23 +158,19 @@ class RecipeScreen(WorkbenchScreen):
     def action_validate(self) -> None:
         recipe = self.parse()
         if recipe is not None:
-            self.query_one("#recipe-error", Label).update(Text("checking the models..."))
-            self.validate_models(recipe)
+            from workbench.ops.merge import validate
 
-    @work(thread=True, exclusive=True, group="recipe-validate", exit_on_error=False, description="validate recipe")
-    def validate_models(self, recipe) -> None:
-        try:
-            summary = validate_recipe(recipe)
-        except Exception as e:  # noqa: BLE001
-            self.post_message(JobFailed("validate", error_text(e)))
-            return
-        self.post_message(JobFinished("validate", None, summary))
+            self.query_one("#recipe-error", Label).update(Text("checking the models..."))
+            self.run_job("validate", lambda progress: validate(recipe), threads=False,
+                         done_text=lambda result: result.summary())
 
     # --- merge ------------------------------------------------------------------------------
     @on(Button.Pressed, "#merge")
     @guarded
     def action_merge(self) -> None:
-        if self.merging:
+        from workbench.ops.merge import merge
+
+        if self.job_running("merge"):
             self.warn("a merge is running")
             return
         recipe = self.parse()
@@ -195,50 +182,23 @@ class RecipeScreen(WorkbenchScreen):
         overwrite = self.query_one("#overwrite", Checkbox).value
 
         def start() -> None:
-            self.merging = True
-            self.query_one("#merge", Button).disabled = True
             self.query_one("#merge-result", Label).update(Text(""))
-            self.query_one("#merge-job", JobStatus).start(f"merging into {out}...")
-            self.merge(recipe, out, overwrite)
+            self.run_job("merge", lambda progress: merge(recipe, out, overwrite=overwrite, progress=progress),
+                         status="#merge-job", buttons=("#merge",), start_text=f"merging into {out}...",
+                         done_text=lambda r: f"merged {r.num_tensors} tensors into {r.out_dir} "
+                                             f"({r.bytes_written / 1e6:.1f} MB) in {r.seconds:.1f} s")
 
         self.start_if_outputs_free([out], overwrite, start)
 
-    @work(thread=True, exclusive=True, group="recipe-merge", exit_on_error=False, description="merge")
-    def merge(self, recipe, out: Path, overwrite: bool) -> None:
-        def on_tensor(done: int, total: int, name: str) -> None:
-            self.post_message(JobProgress("merge", done, total, f"{done}/{total} {name}"))
-
-        try:
-            apply_threads(self.config.threads)
-            result = run_merge(recipe, out, overwrite=overwrite, on_tensor=on_tensor)
-        except Exception as e:  # noqa: BLE001
-            self.post_message(JobFailed("merge", error_text(e)))
-            return
-        self.post_message(JobFinished("merge", result, f"merged {result.num_tensors} tensors into {result.out_dir} "
-                                                       f"({result.bytes_written / 1e6:.1f} MB) in {result.seconds:.1f} s"))
-
-    # --- worker messages --------------------------------------------------------------------
-    @guarded
-    def on_job_progress(self, message: JobProgress) -> None:
-        self.query_one("#merge-job", JobStatus).progress(message.done, message.total, message.text)
-
-    @guarded
-    def on_job_finished(self, message: JobFinished) -> None:
+    # --- the end of a job -------------------------------------------------------------------
+    def job_finished(self, message: JobFinished) -> None:
         if message.job == "validate":
             self.query_one("#recipe-error", Label).update(Text(f"ok: {message.text}", style="green"))
             self.info(f"recipe ok: {message.text}")
             return
-        self.merging = False
-        self.query_one("#merge", Button).disabled = False
         self.result = message.result.out_dir
-        self.query_one("#merge-job", JobStatus).finish(message.text)
         self.query_one("#merge-result", Label).update(Text(f"result: {self.result}", style="bold green"))
         self.info(message.text, title="merge done")
 
-    @guarded
-    def on_job_failed(self, message: JobFailed) -> None:
-        if message.job == "merge":
-            self.merging = False
-            self.query_one("#merge", Button).disabled = False
-            self.query_one("#merge-job", JobStatus).fail(message.error)
+    def job_failed(self, message: JobFailed) -> None:
         self.show_error(message.error)

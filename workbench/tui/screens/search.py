@@ -42,7 +42,6 @@ from workbench.tui.jobs import (
     error_text,
     example_specs,
     new_run_dir,
-    recipe_for_source,
 )
 from workbench.tui.messages import (
     CandidateScored,
@@ -310,7 +309,9 @@ class SearchScreen(WorkbenchScreen):
             if self._search is not None and self._search.state.incumbent is not None:
                 recipe = self._search.best_recipe()
             elif self.run_dir is not None and (self.run_dir / "history.jsonl").is_file():
-                recipe = recipe_for_source(self.run_dir)
+                from workbench.ops.merge import recipe_source
+
+                recipe = recipe_source(self.run_dir)
             else:
                 self.warn("no candidate scored yet: nothing to save")
                 return
@@ -328,8 +329,8 @@ class SearchScreen(WorkbenchScreen):
     # --- the worker -------------------------------------------------------------------------
     @work(thread=True, exclusive=True, group="search", exit_on_error=False, description="merge search")
     def run_search(self, spec: Path | None, run_dir: Path, resume: bool, control: SearchControl) -> None:
+        from workbench.ops.search import open_search
         from workbench.search.report import heldout_report
-        from workbench.search.run import open_search
 
         worker = get_current_worker()
 
@@ -338,7 +339,8 @@ class SearchScreen(WorkbenchScreen):
 
         try:
             apply_threads(self.config.threads)
-            search = open_search(spec, run_dir, resume=resume, **self.wb.search_kwargs())
+            search = open_search(spec, None if resume else run_dir, run_dir if resume else None,
+                                 **self.wb.search_kwargs())
         except Exception as e:  # noqa: BLE001
             self.post_message(JobFailed("search", error_text(e)))
             return

@@ -1,6 +1,6 @@
-"""Quantize, recover and export as plain functions: what `workbench quantize` / `recover` /
-`export` and the terminal UI's Quantize screen both call. Progress goes to callbacks; nothing here
-prints.
+"""Quantization actions: quantize, recover, export, and the three in a row (what the UI's Quantize
+and Quant search screens run). `workbench quantize` / `recover` / `export` call the same functions.
+Progress goes to a :class:`~workbench.progress.Progress` callback; nothing here prints.
 
 Every output is checked before any long work: an existing file or non-empty directory is refused
 unless `overwrite` (then replaced atomically). Reported perplexities are measured on the saved
@@ -16,39 +16,21 @@ from workbench.atomic import atomic_dir, check_output
 from workbench.errors import WorkbenchError
 from workbench.quant.options import RecoverOptions
 
-EVAL_TASK = "zoo-perplexity"  # its `heldout` split: license texts never used for calibration
+from workbench.tasks import HELDOUT_PPL_TASK as EVAL_TASK
+from workbench.progress import ProgressFn, emit
+
 EXPORT_FORMATS = ("safetensors", "peft", "gguf", "hf")
-
-ProgressFn = Callable[[str, int, int], None]
-RecoverProgressFn = Callable[[str, int, int, float | None], None]
+RECOVER_STAGES = {"blocks": "block reconstruction", "teacher": "teacher top-k", "e2e": "end-to-end KL"}
 
 
-def heldout_perplexity(model, tokenizer, task: str = EVAL_TASK) -> float:
-    import torch
-
-    from workbench.eval.evaluator import evaluate
-
-    with torch.no_grad():
-        (result,) = evaluate(model, tokenizer, task, split="heldout").values()
-    return result.metrics["ppl"]
-
-
-def saved_perplexity(out: str | Path, task: str = EVAL_TASK) -> float:
-    """Held-out perplexity of a saved directory, loaded as `workbench eval OUT TASK --split heldout` does."""
-    from workbench.models.loader import load_model
-
-    model, tok = load_model(out)
-    return heldout_perplexity(model, tok, task)
-
-
-def quantize_to_dir(model: str | Path, config: str | Path, out: str | Path, eval_task: str | None = EVAL_TASK,
-                    progress: ProgressFn | None = None, overwrite: bool = False) -> dict:
+def quantize(model: str | Path, config: str | Path, out: str | Path, eval_task: str | None = EVAL_TASK,
+             progress: ProgressFn | None = None, overwrite: bool = False) -> dict:
     """`workbench quantize` as a function: quantize a float model (directory or home model name) by a
     config file into the compressed directory `out` (refused when it holds something, unless
     `overwrite`); return the summary (size report, seconds, disk bytes and, with `eval_task`,
     held-out perplexity of the float model and of the saved directory).
 
-    `progress(layer, done, total)` is called once with done 0 before the first layer, then after each."""
+    Progress: stage "quantize", done 0 before the first layer, then after each (text: the layer)."""
     from workbench.models.loader import load_model, model_kind, resolve_model
     from workbench.quant.config import check_model, load_quant_config
     from workbench.quant.model import (
@@ -66,11 +48,12 @@ def quantize_to_dir(model: str | Path, config: str | Path, out: str | Path, eval
         raise WorkbenchError(f"{source}: a {model_kind(source)} model; quantize a float model directory")
     net, tok = load_model(source)
     settings = check_model(cfg, {n: tuple(float_weight(m).shape) for n, m in linear_layers(net).items()})
+    from workbench.eval.evaluator import heldout_perplexity, saved_perplexity
+
     ppl_float = None if eval_task is None else heldout_perplexity(net, tok, eval_task)
-    if progress:
-        progress("", 0, len(settings))
+    emit(progress, "quantize", 0, len(settings))
     start = time.perf_counter()
-    quantize_model(net, cfg, progress)
+    quantize_model(net, cfg, lambda name, done, total: emit(progress, "quantize", done, total, name))
     seconds = time.perf_counter() - start
     save_quantized(net, out, source, cfg, overwrite=overwrite, extra={"source_model": str(source.absolute())})
     from workbench.quant.kernels import unfused_layers
@@ -82,9 +65,9 @@ def quantize_to_dir(model: str | Path, config: str | Path, out: str | Path, eval
             "out": str(out), "disk_bytes": sum(p.stat().st_size for p in Path(out).iterdir())}
 
 
-def recover_to_dir(qdir: str | Path, teacher: str | Path, out: str | Path, opts: RecoverOptions,
+def recover(qdir: str | Path, teacher: str | Path, out: str | Path, opts: RecoverOptions,
                    corpus: str = "pydoc,licenses", eval_task: str | None = EVAL_TASK, keep_work: bool = False,
-                   progress: RecoverProgressFn | None = None,
+                   progress: ProgressFn | None = None,
                    on_resume: Callable[[Path], None] | None = None, overwrite: bool = False) -> dict:
     """`workbench recover` as a function: train the adapters of the compressed directory `qdir` by
     distillation from the float model `teacher`; write the result to `out` (refused when it holds
@@ -95,7 +78,7 @@ def recover_to_dir(qdir: str | Path, teacher: str | Path, out: str | Path, opts:
 
     The budget counts from this call on (loading included) up to the end of training; the final
     save and the held-out evaluation of the saved directory ("save_eval") come on top of it.
-    `progress(phase, done, total, loss)`: phases "blocks", "teacher" and "e2e"."""
+    Progress stages: RECOVER_STAGES' values (with the loss)."""
     started = time.perf_counter()
     check_output(out, overwrite)
     if opts.time_budget is not None and not opts.time_budget > 0:
@@ -127,6 +110,8 @@ def recover_to_dir(qdir: str | Path, teacher: str | Path, out: str | Path, opts:
     tok = AutoTokenizer.from_pretrained(str(qdir))
     windows = token_windows(tok, corpus_texts(corpus), opts.seq_len, opts.max_tokens, opts.seed)
     student = load_quantized(qdir)
+    from workbench.eval.evaluator import heldout_perplexity
+
     ppl_before = None if eval_task is None else heldout_perplexity(student, tok, eval_task)
     work = Path(str(out).rstrip("/") + ".work")
     if work.exists() and (work / "checkpoint.pt").exists() and on_resume:
@@ -135,7 +120,10 @@ def recover_to_dir(qdir: str | Path, teacher: str | Path, out: str | Path, opts:
     def load_teacher():
         return load_model(teacher_dir)[0]
 
-    rec = Recovery(student, windows, opts, work, load_teacher, progress,
+    def on_step(phase: str, done: int, total: int, loss: float | None) -> None:
+        emit(progress, RECOVER_STAGES[phase], done, total, "" if loss is None else f"loss {loss:.4f}", loss)
+
+    rec = Recovery(student, windows, opts, work, load_teacher, on_step,
                    _teacher_cache_path(teacher_dir, windows, opts), started=started)
     result = rec.run()
     recovery = {"options": vars(opts), "corpus": corpus, "calibration_tokens": int(windows.numel()),
@@ -159,6 +147,8 @@ def _save_recovered(student, qdir: str | Path, meta: dict, out: str | Path, work
 
     from workbench.quant.config import quant_config_from_dict
     from workbench.quant.model import save_quantized
+
+    from workbench.eval.evaluator import saved_perplexity
 
     start = time.perf_counter()
     cfg = None
@@ -190,7 +180,7 @@ def _teacher_cache_path(teacher_dir: Path, windows, opts) -> Path:
 
 
 def export_paths(qdir: str | Path, out: str | Path, fmt: str) -> list[Path]:
-    """What `export_quantized` writes: `out`, and for GGUF of a model with adapters OUT.lora.gguf."""
+    """What `export` writes: `out`, and for GGUF of a model with adapters OUT.lora.gguf."""
     from workbench.quant.model import read_quant_meta
 
     out = Path(out)
@@ -199,8 +189,8 @@ def export_paths(qdir: str | Path, out: str | Path, fmt: str) -> list[Path]:
     return [out]
 
 
-def export_quantized(qdir: str | Path, out: str | Path, fmt: str, storage: str = "packed",
-                     ternary_type: str = "TQ2_0", fallback: str = "Q4", overwrite: bool = False) -> dict:
+def export(qdir: str | Path, out: str | Path, fmt: str, storage: str = "packed",
+           ternary_type: str = "TQ2_0", fallback: str = "Q4", overwrite: bool = False) -> dict:
     """`workbench export` as a function: write the compressed directory `qdir` as `fmt` (safetensors,
     peft, hf or gguf; GGUF adds OUT.lora.gguf when the model has adapters) to `out`; return a report.
     Outputs that hold something are refused before any work unless `overwrite`."""
@@ -238,25 +228,21 @@ def quantize_recover_export(source: str | Path, config: str | Path, out: str | P
                             recovered: str | Path | None = None, fmt: str = "none",
                             export_out: str | Path | None = None, eval_task: str | None = EVAL_TASK,
                             overwrite: bool = False, progress: ProgressFn | None = None,
-                            recover_progress: RecoverProgressFn | None = None,
-                            say: Callable[[str], None] | None = None,
                             on_resume: Callable[[Path], None] | None = None) -> dict:
     """Quantize `source` by `config` into `out`, recover it for `minutes` into `recovered` (when
     minutes > 0) and export the last of those as `fmt` to `export_out` (unless fmt is "none"): what
     the UI's Quantize and Quant search screens run. Returns {"quantized", "recovery", "export"} (the
-    reports of the three functions; None for a step not taken); `say(text)` announces each step."""
-    result: dict = {"quantized": quantize_to_dir(source, config, out, eval_task=eval_task, progress=progress,
-                                                 overwrite=overwrite), "recovery": None, "export": None}
+    reports of the three functions; None for a step not taken). Each step starts with a Progress of
+    unknown length whose text says what it does."""
+    result: dict = {"quantized": quantize(source, config, out, eval_task=eval_task, progress=progress,
+                                          overwrite=overwrite), "recovery": None, "export": None}
     final = Path(out)
     if minutes > 0 and recovered is not None:
-        if say:
-            say(f"recovery ({minutes:g} min): calibration text and teacher...")
-        result["recovery"] = recover_to_dir(out, source, recovered, RecoverOptions(time_budget=minutes * 60),
-                                            eval_task=eval_task, progress=recover_progress, overwrite=overwrite,
-                                            on_resume=on_resume)
+        emit(progress, "recover", text=f"recovery ({minutes:g} min): calibration text and teacher...")
+        result["recovery"] = recover(out, source, recovered, RecoverOptions(time_budget=minutes * 60),
+                                     eval_task=eval_task, progress=progress, overwrite=overwrite, on_resume=on_resume)
         final = Path(recovered)
     if fmt != "none" and export_out is not None:
-        if say:
-            say(f"exporting {fmt} to {export_out}...")
-        result["export"] = export_quantized(final, export_out, fmt, overwrite=overwrite)
+        emit(progress, "export", text=f"exporting {fmt} to {export_out}...")
+        result["export"] = export(final, export_out, fmt, overwrite=overwrite)
     return result

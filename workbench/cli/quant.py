@@ -1,5 +1,5 @@
 """`workbench quantize`, `workbench recover` and `workbench export`: arguments, progress bars and a
-summary around the functions of :mod:`workbench.quant.pipeline`."""
+summary around the functions of :mod:`workbench.ops.quant`."""
 
 from __future__ import annotations
 
@@ -8,35 +8,18 @@ import json
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-)
 from rich.table import Table
 
 from workbench.atomic import atomic_file, check_output
 from workbench.errors import WorkbenchError
 from workbench.quant.options import RecoverOptions
-from workbench.quant.pipeline import (
-    EVAL_TASK,
-    EXPORT_FORMATS,
-    export_quantized,
-    quantize_to_dir,
-    recover_to_dir,
-)
+from workbench.cli.progress import progress_bars
+from workbench.ops.quant import EVAL_TASK, EXPORT_FORMATS, export, quantize, recover
 
 SAVE_EVAL_MARGIN = ("the final save and held-out evaluation of OUT come on top (about as long as loading "
                     "and the opening evaluation)")
 
 console = Console(stderr=True)
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, disable=not enabled)
 
 
 def _summary(title: str, rows: list[tuple[str, str]]) -> None:
@@ -83,23 +66,9 @@ def run_quantize_cli(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     _check_json(args)
-    bar = _progress(not args.no_progress)
-    task = None
-
-    def progress(name: str, i: int, n: int) -> None:
-        nonlocal task
-        if task is None:
-            bar.start()
-            task = bar.add_task("quantizing", total=None, info="")
-        bar.update(task, completed=i, total=n, info=name)
-        if i == n:
-            bar.stop()
-
-    try:
-        report = quantize_to_dir(args.model, args.config, args.out, None if args.no_eval else args.eval_task,
-                                 progress, overwrite=args.overwrite)
-    finally:
-        bar.stop()
+    with progress_bars(console, not args.no_progress) as progress:
+        report = quantize(args.model, args.config, args.out, None if args.no_eval else args.eval_task,
+                          progress, overwrite=args.overwrite)
     ppl_float, ppl = report["ppl_float"], report["ppl"]
     _summary(f"quantized {args.model} -> {args.out}", [
         ("layers", str(report["quantized_layers"])),
@@ -133,23 +102,10 @@ def run_recover_cli(args: argparse.Namespace) -> int:
         if not args.resume:
             console.print(f"[yellow]resuming[/yellow] from {work} (delete it to start over)")
 
-    bar = _progress(not args.no_progress)
-    tasks: dict[str, int] = {}
-
-    def progress(phase: str, done: int, total: int, loss: float | None) -> None:
-        if not tasks:
-            bar.start()
-        if phase not in tasks:
-            tasks[phase] = bar.add_task({"blocks": "block reconstruction", "teacher": "teacher top-k",
-                                         "e2e": "end-to-end KL"}[phase], total=total, info="")
-        bar.update(tasks[phase], completed=done, total=total, info="" if loss is None else f"loss {loss:.4f}")
-
-    try:
-        report = recover_to_dir(args.qdir, args.teacher, args.out, opts, args.corpus,
-                                None if args.no_eval else args.eval_task, args.keep_work, progress, on_resume,
-                                overwrite=args.overwrite)
-    finally:
-        bar.stop()
+    with progress_bars(console, not args.no_progress) as progress:
+        report = recover(args.qdir, args.teacher, args.out, opts, args.corpus,
+                         None if args.no_eval else args.eval_task, args.keep_work, progress, on_resume,
+                         overwrite=args.overwrite)
     losses = [json.loads(line) for line in (Path(args.out) / "loss.jsonl").read_text().splitlines()]
     e2e = [r["loss"] for r in losses if r["phase"] == "e2e"]
     total = sum(p["seconds"] for p in report["phases"].values())
@@ -205,7 +161,7 @@ def _sparkline(values: list[float], width: int = 40) -> str:
 def run_export_cli(args: argparse.Namespace) -> int:
     """The report goes to stdout as JSON (for pipes); progress and errors to stderr."""
     console.print(f"exporting {args.qdir} as {args.format} to {args.out}...")
-    report = export_quantized(args.qdir, args.out, args.format, args.storage, args.ternary_type, args.fallback,
+    report = export(args.qdir, args.out, args.format, args.storage, args.ternary_type, args.fallback,
                               overwrite=args.overwrite)
     print(json.dumps(report, default=str))
     return 0

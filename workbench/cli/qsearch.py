@@ -1,9 +1,8 @@
 """`workbench search` for a quantization spec, and `workbench search --front RUN`: rich adapters
-over `workbench.quant.search.run`."""
+over `workbench.ops.search` and `workbench.ops.qsearch`."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rich.console import Console
@@ -13,34 +12,20 @@ from rich.table import Table
 from workbench.errors import WorkbenchError
 
 
-def is_quant_run(args) -> bool:
-    """Whether the spec (or the resumed run's spec.yml) is a quantization search."""
-    from workbench.quant.search.spec import spec_kind
-
-    if args.resume:
-        path = Path(args.resume) / "spec.yml"
-        return path.is_file() and json.loads(path.read_text()).get("kind") == "quantization"
-    return args.spec is not None and spec_kind(args.spec) == "quantization"
-
-
 def run_quant_search_cli(args) -> int:
-    from workbench.quant.search.run import open_quant_search
+    from workbench.ops.search import open_search
 
     console = Console(stderr=True)
     run_dir = Path(args.resume or args.out or "")
-    if not args.resume and args.out is None:
-        raise WorkbenchError("workbench search: give SPEC.yml --out RUN_DIR, or --resume RUN_DIR")
-    if args.backend != "local" or args.device != "cpu":
-        raise WorkbenchError(f"workbench search: a quantization search runs in this process on the CPU; "
-                             f"--backend {args.backend} --device {args.device} serve merge searches only")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=args.no_progress) as progress:
         bar = progress.add_task("layer database", total=None)
 
-        def on_build(label: str, done: int, total: int) -> None:
-            progress.update(bar, description=f"layer database: {label}"[:70], completed=done, total=total)
+        def on_build(ev) -> None:
+            progress.update(bar, description=f"layer database: {ev.text}"[:70], completed=ev.done, total=ev.total)
 
-        search = open_quant_search(args.spec, run_dir, resume=bool(args.resume), progress=on_build)
+        search = open_search(args.spec, args.out, args.resume, device=args.device, backend=args.backend,
+                             progress=on_build)
         db = search.db_report
         console.print(f"layer database {db['dir']}: {db['files']} files, {db['bytes'] / 1e6:.1f} MB, "
                       f"built {db['built']} in {db['seconds']:.1f} s; {db['levels_per_unit']:.1f} of "
@@ -75,20 +60,18 @@ def run_quant_search_cli(args) -> int:
 
 
 def show_front_cli(args) -> int:
-    from workbench.quant.search.recover_points import read_recovered
-    from workbench.quant.search.run import read_front
+    from workbench.ops.search import front as read_front
 
-    front = read_front(args.front)
+    front, recovered = read_front(args.front)
     console = wide_console()
     console.print(front_table(front))
-    recovered = read_recovered(args.front)
     if recovered:
         console.print(recovered_table(recovered))
     return 0
 
 
 def recover_points_cli(args) -> int:
-    from workbench.quant.search.recover_points import point_names, read_recovered, recover_points
+    from workbench.ops.qsearch import point_names, read_recovered, recover_points
 
     run_dir = Path(args.recover)
     if not (run_dir / "spec.yml").is_file():
@@ -101,8 +84,8 @@ def recover_points_cli(args) -> int:
                   console=console, disable=args.no_progress) as progress:
         bar = progress.add_task("", total=None)
 
-        def on_progress(config: str, phase: str, done: int, total: int) -> None:
-            progress.update(bar, description=f"{config}: {phase}", completed=done, total=total)
+        def on_progress(ev) -> None:
+            progress.update(bar, description=ev.stage, completed=ev.done, total=ev.total)
 
         recover_points(run_dir, names, args.time_budget, overwrite=args.overwrite, progress=on_progress)
     wide_console().print(recovered_table(read_recovered(run_dir)))

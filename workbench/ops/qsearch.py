@@ -1,4 +1,4 @@
-"""Recover chosen configs of a quantization search run, and the front after recovery beside the one before.
+"""Quantization search actions: recover chosen configs of a run, and the front after recovery beside the one before.
 
 `recover_points(RUN, names, minutes)` builds each named config of the run (``point-K``, ``best-T``
 or ``uniform-LABEL``: the YAML files the run wrote), recovers it with the same time budget, and
@@ -12,11 +12,11 @@ models stay in ``RUN/points/NAME`` (quantized) and ``RUN/points/NAME-recovered``
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 from workbench.atomic import atomic_file
 from workbench.errors import WorkbenchError
+from workbench.progress import Progress, ProgressFn, emit
 
 
 def point_names(run_dir: Path, names: list[str]) -> list[str]:
@@ -39,13 +39,13 @@ def point_names(run_dir: Path, names: list[str]) -> list[str]:
 
 
 def recover_points(run_dir: str | Path, names: list[str], minutes: float, overwrite: bool = False,
-                   progress: Callable[[str, str, int, int], None] | None = None) -> list[dict]:
-    """Quantize, recover (`minutes` each) and measure every named config; returns the entries
-    written to recovered.json. `progress(config, phase, done, total)`."""
+                   progress: ProgressFn | None = None) -> list[dict]:
+    """`workbench search --recover RUN`: quantize, recover (`minutes` each) and measure every named
+    config; returns the entries written to recovered.json. Progress stages are "CONFIG: step"."""
     import numpy as np
 
     from workbench.models.loader import load_model
-    from workbench.quant.pipeline import quantize_recover_export
+    from workbench.ops.quant import quantize_recover_export
     from workbench.quant.recover import teacher_topk
     from workbench.quant.search.run import TOP_K, heldout_windows, window_kls
     from workbench.quant.search.spec import quant_search_spec_from_dict
@@ -66,14 +66,11 @@ def recover_points(run_dir: str | Path, names: list[str], minutes: float, overwr
         stem = name.removesuffix(".yml")
         qdir, rdir = run_dir / "points" / stem, run_dir / "points" / f"{stem}-recovered"
 
-        def say(phase: str, d: int, t: int, _stem=stem) -> None:
-            if progress:
-                progress(_stem, phase, d, t)
+        def on_progress(p: Progress, _stem=stem) -> None:
+            emit(progress, f"{_stem}: {p.stage}", p.done, p.total, p.text, p.loss)
 
         built = quantize_recover_export(spec.model, run_dir / name, qdir, minutes, rdir,
-                                        eval_task=spec.heldout_task, overwrite=overwrite,
-                                        progress=lambda n, d, t: say("quantize", d, t),
-                                        recover_progress=lambda ph, d, t, loss: say(ph, d, t))
+                                        eval_task=spec.heldout_task, overwrite=overwrite, progress=on_progress)
         q, r = built["quantized"], built["recovery"]
         kls = {}
         for key, d in (("kl_before", qdir), ("kl_after", rdir)):

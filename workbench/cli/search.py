@@ -1,4 +1,5 @@
-"""`workbench search` and `workbench recipe export`: the search headless, with a live rich display."""
+"""`workbench search` over :mod:`workbench.ops.search`: a merge search headless, with a live rich display
+(a quantization search: :mod:`workbench.cli.qsearch`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from workbench.errors import WorkbenchError
 
 
 def _fmt(x: float | None) -> str:
@@ -16,27 +16,21 @@ def _fmt(x: float | None) -> str:
 
 
 def run_search_cli(args) -> int:
+    from workbench.cli.qsearch import recover_points_cli, run_quant_search_cli, show_front_cli
+    from workbench.ops.search import open_search, run_kind
     from workbench.search.report import heldout_report, report_markdown
-    from workbench.search.run import open_search
 
-    from workbench.quant.search.cli import is_quant_run, recover_points_cli, run_quant_search_cli, show_front_cli
-
-    if getattr(args, "front", None):
+    if args.front:
         return show_front_cli(args)
-    if getattr(args, "recover", None):
+    if args.recover:
         return recover_points_cli(args)
-    if is_quant_run(args):
+    if run_kind(args.spec, args.resume) == "quantization":
         return run_quant_search_cli(args)
     console = Console(stderr=True)
-    if args.resume:
-        run_dir = Path(args.resume)
-    else:
-        if args.spec is None or args.out is None:
-            raise WorkbenchError("workbench search: give SPEC.yml --out RUN_DIR, or --resume RUN_DIR")
-        run_dir = Path(args.out)
+    run_dir = Path(args.resume or args.out or "")
     with console.status("loading the sources and tasks..."):
-        search = open_search(args.spec, run_dir, resume=bool(args.resume), device=args.device,
-                             backend=args.backend, workers=args.workers, address=args.address)
+        search = open_search(args.spec, args.out, args.resume, device=args.device, backend=args.backend,
+                             workers=args.workers, address=args.address)
     spec, state = search.spec, search.state
     console.print(f"[bold]{spec.name}[/bold]: {spec.merge_method}, {search.layout.describe()}, seed {spec.seed}"
                   + (f", resuming after generation {state.generation}" if args.resume else ""))
@@ -77,35 +71,3 @@ def run_search_cli(args) -> int:
     search.close()
     print(run_dir)
     return 0
-
-
-def export_recipe_cli(args) -> int:
-    """Write the incumbent recipe of a run to OUT.yml, every model by its absolute path (so that
-    `mergekit-yaml` reads it too); an existing OUT.yml is refused unless --overwrite."""
-    from workbench.atomic import check_output
-    from workbench.merge.recipe import dump_recipe, recipe_from_dict, save_recipe
-
-    run_dir, overwrite = Path(args.run), getattr(args, "overwrite", False)
-    check_output(args.out, overwrite, file=True)
-    best = best_history_row(run_dir)
-    recipe = recipe_from_dict(best["recipe"], source=str(run_dir / "best.yml")).resolved()
-    summary = f"generation {best['generation']} candidate {best['index']} (search score {best['score']:.4f})"
-    save_recipe(recipe, args.out, overwrite=overwrite, header=f"# best recipe of search run {run_dir}: {summary}\n")
-    Console(stderr=True).print(f"recipe of {summary} -> {args.out}")
-    if args.print:
-        print(dump_recipe(recipe))
-    return 0
-
-
-def best_history_row(run_dir: Path) -> dict:
-    """The best-scored row of a run's history.jsonl, read as the UI reads it (`read_history`: a
-    row cut short by a kill, and anything after it, is left out)."""
-    from workbench.search.run import read_history
-
-    if not (run_dir / "history.jsonl").is_file():
-        raise WorkbenchError(f"{run_dir}: not a search run directory (no history.jsonl)")
-    rows = read_history(run_dir)
-    scored = [r for r in rows if r.get("score") is not None]
-    if not scored:
-        raise WorkbenchError(f"{run_dir}: no candidate has been scored yet")
-    return max(scored, key=lambda r: r["score"])

@@ -1,0 +1,60 @@
+"""Search actions: start or resume a search of either kind (merge recipes or quantization configs),
+read a quantization run's front. The returned search object is driven by its ``run(...)`` with
+per-candidate / per-generation callbacks, by the CLI and the UI alike; ``close()`` frees it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from workbench.errors import WorkbenchError
+from workbench.progress import ProgressFn, emit
+
+
+def run_kind(spec: str | Path | None, resume: str | Path | None) -> str:
+    """"merge" or "quantization": the spec's kind, or that of the resumed run's spec.yml."""
+    from workbench.quant.search.spec import spec_kind
+
+    if resume is not None:
+        path = Path(resume) / "spec.yml"
+        if not path.is_file():
+            raise WorkbenchError(f"{resume}: not a search run directory (no spec.yml)")
+        return json.loads(path.read_text()).get("kind", "merge")
+    if spec is None:
+        raise WorkbenchError("workbench search: give SPEC.yml --out RUN_DIR, or --resume RUN_DIR")
+    return spec_kind(spec)
+
+
+def open_search(spec: str | Path | None = None, out: str | Path | None = None, resume: str | Path | None = None,
+                *, device: str = "cpu", backend: str = "local", workers: int = 2, address: str = "local",
+                progress: ProgressFn | None = None, **options):
+    """`workbench search SPEC --out RUN` (``spec`` and ``out``) or `--resume RUN` (``resume``): the
+    spec is checked, and the run directory (a new one must be empty), before anything loads.
+    A merge search returns a :class:`workbench.search.run.Search`; a quantization search a
+    :class:`workbench.quant.search.run.QuantSearch` (its layer database built first: Progress stage
+    "layer database")."""
+    kind = run_kind(spec, resume)
+    if resume is None and out is None:
+        raise WorkbenchError("workbench search: give SPEC.yml --out RUN_DIR, or --resume RUN_DIR")
+    run_dir = Path(resume if resume is not None else out)
+    if kind == "quantization":
+        if backend != "local" or device != "cpu":
+            raise WorkbenchError(f"workbench search: a quantization search runs in this process on the CPU; "
+                                 f"--backend {backend} --device {device} serve merge searches only")
+        from workbench.quant.search.run import open_quant_search
+
+        return open_quant_search(spec, run_dir, resume=resume is not None,
+                                 progress=lambda label, done, total: emit(progress, "layer database", done, total,
+                                                                          label), **options)
+    from workbench.search.run import open_search as open_merge_search
+
+    return open_merge_search(spec, run_dir, resume=resume is not None, device=device, backend=backend,
+                             workers=workers, address=address, **options)
+
+
+def front(run_dir: str | Path) -> tuple[dict, dict]:
+    """`workbench search --front RUN`: (the run's pareto.json, its recovered.json or {})."""
+    from workbench.ops.qsearch import read_recovered
+    from workbench.quant.search.run import read_front
+
+    return read_front(run_dir), read_recovered(run_dir)
