@@ -21,7 +21,8 @@ from workbench.quant.options import RecoverOptions
 from workbench.eval.evaluator import heldout_perplexity
 from workbench.ops.quant import quantize as quantize_to_dir
 from workbench.ops.quant import recover as recover_to_dir
-from workbench.quant.recover import Recovery, decoder_layers
+from workbench.models.anatomy import decoder_blocks
+from workbench.quant.recover import Recovery
 
 TOL = 1.0  # seconds: a phase may end past its share by about one step or batch (on a busy 2-core CPU)
 
@@ -171,7 +172,7 @@ def _slow_setup(tmp_path, delay: float):
     """A teacher whose every block forward takes `delay` seconds more (a big model on a slow CPU)."""
     src = save_tiny_model(tmp_path / "src", "llama")
     teacher = AutoModelForCausalLM.from_pretrained(src).eval()
-    for block in decoder_layers(teacher):
+    for block in decoder_blocks(teacher):
         block.register_forward_pre_hook(lambda *_: time.sleep(delay))
     student = AutoModelForCausalLM.from_pretrained(src).eval()
     quantize_model(student, quant_config_from_dict({"bits": 2, "group_size": 16, "lora": {"rank": 2}}))

@@ -4,6 +4,7 @@ imports it). Every command works headless; long work shows rich progress."""
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 from rich.console import Console
 
 console = Console(stderr=True)
+DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}   # writes outside an atomic output end as one line too
 _SKIP_TEARDOWN = False   # set by a command whose process may end without the interpreter's teardown
 
 
@@ -119,6 +121,16 @@ def main(argv: list[str] | None = None) -> int:
 
         # one line however long (a log or a pipe keeps it whole), and the message is not markup
         console.print(Text.assemble(("error:", "bold red"), " ", str(e)), soft_wrap=True, highlight=False)
+        return 2
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        from rich.text import Text
+
+        where = f"{e.filename}: " if e.filename else ""
+        console.print(Text.assemble(("error:", "bold red"), f" {where}out of disk space or over the file size limit "
+                                    f"({e.strerror}); what was being written is incomplete"),
+                      soft_wrap=True, highlight=False)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.models.anatomy import body_and_head, cache_kwarg
 
 Ids = Sequence[int]
 # reducer(logprobs [u, V] float32 (one row per distinct scored position), rows [n] (each entry's
@@ -141,11 +141,6 @@ class Prefix:
         return cache
 
 
-def _cache_kwarg(body) -> str:
-    """transformers 5.24 renamed ``past_key_values`` to ``cache``; accept both."""
-    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
-
-
 def _run_prefix(body, tokens: list[int], device) -> Prefix:
     ids = torch.tensor([tokens], device=device)
     out = body(input_ids=ids, position_ids=torch.arange(len(tokens), device=device)[None], use_cache=True)
@@ -198,11 +193,11 @@ def _compute_dtype(model) -> torch.dtype:
 
 
 def _hidden_and_head(model):
-    body = getattr(model, "base_model", None)
-    head = model.get_output_embeddings()
-    if body is None or body is model or head is None:
+    """(body, head), or (None, None) for a model without them (scored by a full forward)."""
+    try:
+        return body_and_head(model)
+    except ValueError:
         return None, None
-    return body, head
 
 
 HEAD_SLICE = 2048   # scored positions per output-projection call: bounds the [n, vocab] logits
@@ -239,7 +234,7 @@ def _forward_scored(model, batch: list[Row], fast: bool, prefix: Prefix | None =
     ids, pos = ids.to(device), pos.to(device)
     if fast:
         body, head = _hidden_and_head(model)
-        cached = {_cache_kwarg(body): prefix.for_batch(len(batch)), "use_cache": True} if prefix else {"use_cache": False}
+        cached = {cache_kwarg(body): prefix.for_batch(len(batch)), "use_cache": True} if prefix else {"use_cache": False}
         hidden = body(input_ids=ids, attention_mask=mask, position_ids=pos, **cached)[0][bi, pi]
     else:
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[bi, pi]

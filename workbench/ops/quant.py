@@ -108,6 +108,7 @@ def recover(qdir: str | Path, teacher: str | Path, out: str | Path, opts: Recove
             raise WorkbenchError(f"--teacher {teacher_dir}: {key} is {getattr(t_cfg, key, None)!r}, but the quantized "
                                  f"model's is {getattr(s_cfg, key, None)!r}")
     tok = AutoTokenizer.from_pretrained(str(qdir))
+    check_same_tokenizer(AutoTokenizer.from_pretrained(str(teacher_dir)), tok, teacher_dir, qdir)
     windows = token_windows(tok, corpus_texts(corpus), opts.seq_len, opts.max_tokens, opts.seed)
     student = load_quantized(qdir)
     from workbench.eval.evaluator import heldout_perplexity
@@ -179,6 +180,19 @@ def _teacher_cache_path(teacher_dir: Path, windows, opts) -> Path:
     return workbench_home() / "recover-cache" / f"{h.hexdigest()[:32]}.safetensors"
 
 
+def check_same_tokenizer(teacher_tok, student_tok, teacher_dir: Path, student_dir: str | Path) -> None:
+    """Distillation compares the two models' distributions token by token: both must map text to
+    the same ids. A mismatch names the first token that differs."""
+    t, s = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if t == s:
+        return
+    differ = sorted(k for k in t.keys() ^ s.keys()) or sorted(k for k in t if t[k] != s[k])
+    token = differ[0]
+    raise WorkbenchError(f"--teacher {teacher_dir}: its tokenizer differs from {student_dir}'s ({len(t)} vs {len(s)} "
+                         f"tokens; first difference: {token!r} is {t.get(token)} vs {s.get(token)}); the teacher "
+                         "must be the float model the quantized one was made from")
+
+
 def export_paths(qdir: str | Path, out: str | Path, fmt: str) -> list[Path]:
     """What `export` writes: `out`, and for GGUF of a model with adapters OUT.lora.gguf."""
     from workbench.quant.model import read_quant_meta
@@ -204,12 +218,11 @@ def export(qdir: str | Path, out: str | Path, fmt: str, storage: str = "packed",
         check_output(path, overwrite, file=fmt == "gguf")
     out = Path(out)
     if fmt == "gguf":
-        from workbench.export.gguf import export_gguf, export_lora_gguf
+        from workbench.export.gguf import export_gguf, export_gguf_with_lora
 
-        report = export_gguf(qdir, out, ternary_type=ternary_type, fallback=fallback)
-        if len(paths) > 1:
-            report["lora"] = export_lora_gguf(qdir, paths[1])
-        return report
+        if len(paths) > 1:   # both files committed together: never a model .gguf without its adapters
+            return export_gguf_with_lora(qdir, out, paths[1], ternary_type=ternary_type, fallback=fallback)
+        return export_gguf(qdir, out, ternary_type=ternary_type, fallback=fallback)
     model = load_quantized(qdir)
     if fmt == "safetensors":
         save_quantized(model, out, qdir, storage=storage, overwrite=overwrite,

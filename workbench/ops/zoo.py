@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ def build(only: list[str] | None = None, stop_after: int | None = None, threads:
     expert, done/total = steps, with the loss; a finished or skipped expert reports done == total
     with its text ("built", "trained in N s", "stopped at step K")."""
     from workbench.models.default_model import prepare_default
-    from workbench.zoo.build import EXPERTS, _lock, expert_dir, is_built, train_expert
+    from workbench.zoo.build import EXPERTS, _lock, expert_dir, is_built, train_expert, work_dir
 
     unknown = [n for n in only or [] if n not in EXPERTS]
     if unknown:
@@ -31,6 +32,7 @@ def build(only: list[str] | None = None, stop_after: int | None = None, threads:
         steps = spec.config.steps
         with _lock(spec.name):
             if is_built(spec.name):
+                shutil.rmtree(work_dir(spec.name), ignore_errors=True)   # a kill right after the save leaves it
                 emit(progress, spec.name, steps, steps, "built")
                 out.append(expert_dir(spec.name))
                 continue

@@ -44,6 +44,7 @@ from torch import nn
 
 from workbench.atomic import atomic_file
 from workbench.faults import fault_point
+from workbench.models.anatomy import decoder_blocks
 from workbench.quant.model import quant_layers
 from workbench.quant.options import RecoverOptions
 
@@ -53,14 +54,6 @@ PHASES = ("load", "teacher_cache", "blocks", "e2e")  # in the order they run
 
 class _Stop(Exception):
     pass
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's list of decoder blocks (the longest ModuleList)."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    if not lists:
-        raise ValueError(f"{type(model).__name__}: no list of decoder blocks found")
-    return max(lists, key=len)
 
 
 def trainable(model: nn.Module, scale_lr: float) -> dict[str, nn.Parameter]:
@@ -100,7 +93,7 @@ def _batch(n: int, batch_size: int, seed: int, phase: int, step: int) -> torch.T
 def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, dict]:
     """Inputs of the first decoder block for every window, and the keyword arguments (positions,
     masks) the model passes to its blocks for a batch of `batch_size` windows."""
-    first = decoder_layers(model)[0]
+    first = decoder_blocks(model)[0]
     captured: dict = {}
 
     def hook(module, args, kwargs):
@@ -350,7 +343,7 @@ class Recovery:
         deadline = self._deadline("blocks")
         n = max(o.batch_size, min(len(self.windows), o.block_tokens // o.seq_len) // o.batch_size * o.batch_size)
         windows = self.windows[:n]
-        t_layers, s_layers = decoder_layers(teacher), decoder_layers(self.student)
+        t_layers, s_layers = decoder_blocks(teacher), decoder_blocks(self.student)
         total, first = len(s_layers), self.state["block"]
         if self._time_left(deadline) <= 0:
             return self._skip_blocks(first, total)

@@ -22,7 +22,7 @@ class RunSummary:
     budget_generations: int | None
     evaluations: int
     best: float | None
-    status: str  # "finished" (report written), "budget spent", "resumable", "old checkpoint", "no checkpoint"
+    status: str  # "finished" (report written), "budget spent", "resumable", "old checkpoint", "restartable"
     modified: float
 
 
@@ -53,7 +53,7 @@ def summarize_run(run_dir: Path) -> RunSummary:
     elif (run_dir / OLD_CHECKPOINT).is_file():
         status = "old checkpoint"  # a pickle of an older version: never loaded, not resumable
     else:
-        status = "no checkpoint"
+        status = "restartable"   # killed before its first checkpoint: --resume starts it over in place
     return RunSummary(run_dir, str(spec.get("name", run_dir.name)), str(spec.get("merge_method", "?")),
                       generations, budget, len(rows), best["score"] if best else None, status,
                       (run_dir / "spec.yml").stat().st_mtime)

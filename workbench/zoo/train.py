@@ -23,6 +23,7 @@ import torch
 
 from workbench.atomic import atomic_file
 from workbench.faults import fault_point
+from workbench.models.anatomy import body_and_head, cache_kwarg
 from workbench.models.checkpoint import layer_index
 
 
@@ -72,12 +73,21 @@ def trainable_names(model: torch.nn.Module, cfg: TrainConfig) -> list[str]:
     return names
 
 
+def chat_prefix_ids(tok, user: str, chat_template: bool = True) -> list[int]:
+    """The prompt as one user turn of the chat template (plain tokens without a template)."""
+    if chat_template and getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=True,
+                                      add_generation_prompt=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return tok(user, add_special_tokens=False)["input_ids"]
+
+
 def encode_example(tok, prompt: str, answer: str, chat_template: bool = True) -> tuple[list[int], list[int]]:
     """(context ids, target ids): the chat-formatted prompt, then the answer and end-of-turn."""
-    from workbench.zoo.score import chat_prefix_ids, continuation_ids
-
     ctx = chat_prefix_ids(tok, prompt, chat_template)
-    target = continuation_ids(tok, answer)
+    target = tok(answer, add_special_tokens=False)["input_ids"]
     if tok.eos_token_id is not None:
         target = target + [tok.eos_token_id]
     return ctx, target
@@ -92,25 +102,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (1.0 - (1.0 - cfg.min_lr_ratio) * frac)
 
 
-def _body_and_head(model):
-    body = getattr(model, "model", None) or getattr(model, "transformer", None)
-    head = model.get_output_embeddings()
-    if body is None or head is None:
-        raise ValueError(f"{type(model).__name__}: expected a causal LM with a body and an output head")
-    return body, head
-
-
 def common_prefix_length(ids: torch.Tensor, limit: int) -> int:
     """Length of the prefix shared by every row of ``ids``, at most ``limit``."""
     same = (ids[:, :limit] == ids[:1, :limit]).all(dim=0)
     return int(same.long().cumprod(0).sum())
-
-
-def _cache_kwarg(body) -> str:
-    """``cache`` in newer transformers, ``past_key_values`` before."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
 
 
 def shared_prefix_forward(body, ids: torch.Tensor, mask: torch.Tensor, min_context: int) -> torch.Tensor:
@@ -127,7 +122,7 @@ def shared_prefix_forward(body, ids: torch.Tensor, mask: torch.Tensor, min_conte
     if p < 8 or ids.shape[0] == 1:
         return body(input_ids=ids, attention_mask=mask).last_hidden_state
     cache = DynamicCache()
-    kw = _cache_kwarg(body)
+    kw = cache_kwarg(body)
     body(input_ids=ids[:1, :p], attention_mask=mask[:1, :p], use_cache=True, **{kw: cache})
     cache.batch_repeat_interleave(ids.shape[0])
     rest = body(input_ids=ids[:, p:], attention_mask=mask, use_cache=True, **{kw: cache}).last_hidden_state
@@ -136,7 +131,7 @@ def shared_prefix_forward(body, ids: torch.Tensor, mask: torch.Tensor, min_conte
 
 def batch_loss(model, batch: Sequence[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
     """Mean cross-entropy over the target tokens of a batch; the head runs only on them."""
-    body, head = _body_and_head(model)
+    body, head = body_and_head(model)
     width = max(len(c) + len(t) for c, t in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
