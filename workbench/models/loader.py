@@ -79,8 +79,16 @@ def load_model(ref: str | Path, dtype: str = "float32"):
 def _load_float(path: Path, torch_dtype):
     from transformers import AutoModelForCausalLM
 
-    model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True,
-                                                       output_loading_info=True)
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()   # its "Loading weights" bar: our commands show their own progress
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True,
+                                                           output_loading_info=True)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     missing = set(info.get("missing_keys", []))
     for group in _tied_groups(model):
         if group - missing:  # one stored member holds the weights of the whole tied group

@@ -34,6 +34,7 @@ def quantize(model: str | Path, config: str | Path, out: str | Path, eval_task: 
     from workbench.models.loader import load_model, model_kind, resolve_model
     from workbench.quant.config import check_model, load_quant_config
     from workbench.quant.model import (
+        empty_model,
         float_weight,
         linear_layers,
         quantize_model,
@@ -46,8 +47,13 @@ def quantize(model: str | Path, config: str | Path, out: str | Path, eval_task: 
     source = resolve_model(model)
     if model_kind(source) != "float":
         raise WorkbenchError(f"{source}: a {model_kind(source)} model; quantize a float model directory")
+    import torch
+
+    with torch.device("meta"):   # the layer shapes from the config alone: the config is checked before loading
+        skeleton = empty_model(source)
+    settings = check_model(cfg, {n: tuple(float_weight(m).shape) for n, m in linear_layers(skeleton).items()})
+    del skeleton
     net, tok = load_model(source)
-    settings = check_model(cfg, {n: tuple(float_weight(m).shape) for n, m in linear_layers(net).items()})
     from workbench.eval.evaluator import heldout_perplexity, saved_perplexity
 
     ppl_float = None if eval_task is None else heldout_perplexity(net, tok, eval_task)

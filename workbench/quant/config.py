@@ -179,18 +179,19 @@ def check_model(cfg: QuantConfig, linears: dict[str, tuple[int, int]]) -> dict[s
     """Resolve every linear layer's setting; refuse (listing all of them) layers a group cannot fit.
 
     `linears` maps module name -> (out_features, in_features)."""
-    settings, problems = {}, []
+    settings, problems = {}, {}   # (group size, row length) -> tensors
     for name, (out_f, in_f) in linears.items():
         s = cfg.setting_for(name)
         if s is None:
             continue
         if in_f % s.group_size:
-            problems.append(f"  {name}.weight [{out_f}, {in_f}]: group_size {s.group_size} does not divide "
-                            f"the row length {in_f}")
+            problems.setdefault((s.group_size, in_f), []).append(f"{name}.weight [{out_f}, {in_f}]")
         settings[name] = s
-    if problems:
-        raise QuantConfigError(f"{cfg.source}: group_size: cannot quantize {len(problems)} layer(s):\n"
-                               + "\n".join(problems))
+    if problems:   # one line, however many layers: a group of 8 names per row length, then a count
+        parts = [f"group_size {g} does not divide the row length {n} of " + ", ".join(names[:8])
+                 + (f" and {len(names) - 8} more" if len(names) > 8 else "") for (g, n), names in problems.items()]
+        count = sum(len(v) for v in problems.values())
+        raise QuantConfigError(f"{cfg.source}: group_size: cannot quantize {count} layer(s): " + "; ".join(parts))
     if not settings:
         raise QuantConfigError(f"{cfg.source}: no linear layer is left to quantize (check `skip` and `layers`)")
     return settings
