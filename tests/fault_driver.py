@@ -33,7 +33,7 @@ import workbench.faults as faults  # noqa: E402
 from workbench.cli import main  # noqa: E402
 
 for _name in ("transformers", "transformers.models.llama.modeling_llama", "safetensors.torch", "cma", "gguf", "yaml",
-              "workbench.merge.executor", "workbench.merge.plan", "workbench.quant.pipeline", "workbench.quant.model",
+              "workbench.merge.executor", "workbench.merge.plan", "workbench.ops.quant", "workbench.quant.model",
               "workbench.quant.recover", "workbench.export.gguf", "workbench.export.peft", "workbench.export.hf",
               "workbench.search.run", "workbench.search.backends", "workbench.quant.search.run", "workbench.zoo.build",
               "workbench.zoo.train", "workbench.eval.evaluator", "workbench.models.loader", "peft"):
