@@ -12,8 +12,9 @@ figure:
 
 Targets: every ratio <= 1.10 (noise here is up to 1.5x on single runs, least-of-3 brings it near
 5%), the checks' share of the merge <= 2%. The share: opening and checking every file's header
-against its size (``check_weight_files`` for the three models) plus the non-finite check during the
-merge (a merge with the check minus one with ``allow_nonfinite``, least of each), over the merge.
+against its size (``check_weight_files`` for the three models) plus the non-finite check (one sum
+per merged tensor, timed alone on the merged tensors), over the merge's wall time. A merge with the
+check minus one with ``allow_nonfinite`` is printed beside it; at 5% noise it cannot resolve 1%.
 """
 
 from __future__ import annotations
@@ -113,26 +114,37 @@ def test_actions_are_not_slower_than_before(models, baseline):
 
 
 def test_up_front_checks_cost_at_most_two_percent_of_a_merge(models, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
     from workbench.merge.recipe import load_recipe
     from workbench.models.checkpoint import check_weight_files
     from workbench.ops.merge import merge
 
     r = load_recipe(recipe(models, tmp_path / "ties.yml"))
-    headers, checked, unchecked = [], [], []
+    headers, sums, checked, unchecked = [], [], [], []
     for i in range(REPEATS):
         start = time.perf_counter()
         for m in models:
             check_weight_files(m)
         headers.append(time.perf_counter() - start)
-        for allow, times in ((False, checked), (True, unchecked)):
+        order = ((False, checked), (True, unchecked))
+        for allow, times in order if i % 2 == 0 else order[::-1]:   # alternate: no bias from running first
             out = tmp_path / f"out-{i}-{allow}"
             start = time.perf_counter()
             merge(r, out, allow_nonfinite=allow)
             times.append(time.perf_counter() - start)
+            if not allow:   # the check itself, timed alone: one sum per merged tensor (check_finite's fast path)
+                merged = load_file(str(out / "model.safetensors"))
+                start = time.perf_counter()
+                assert all(bool(torch.isfinite(t.sum())) for t in merged.values())
+                sums.append(time.perf_counter() - start)
+                del merged
             shutil.rmtree(out)
-    nonfinite = max(0.0, min(checked) - min(unchecked))
-    share = (min(headers) + nonfinite) / min(checked)
+    share = (min(headers) + min(sums)) / min(checked)
     print(json.dumps({"bench": "ops", "action": "checks", "headers_s": round(min(headers), 4),
-                      "nonfinite_s": round(nonfinite, 3), "merge_s": round(min(checked), 3),
-                      "merge_unchecked_s": round(min(unchecked), 3), "share": round(share, 4)}), flush=True)
+                      "nonfinite_s": round(min(sums), 4), "merge_s": round(min(checked), 3),
+                      "merge_unchecked_s": round(min(unchecked), 3),
+                      "merge_difference_s": round(min(checked) - min(unchecked), 3), "share": round(share, 4)}),
+          flush=True)
     assert share <= SHARE
