@@ -245,3 +245,56 @@ async def test_a_quant_config_that_fits_no_row_is_a_notification_in_the_quantize
         await app.workers.wait_for_complete()
         assert not screen.running and not (tmp_path / "q").exists()
         assert not screen.query_one("#quant-run").disabled
+
+
+# --- files read back never run code ----------------------------------------------------------------
+
+class _Plant:
+    """Unpickled, this would create the marker file (what an attacker's payload would do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_crafted_recovery_checkpoint_is_refused_unread(tmp_path, capsys):
+    model = save_tiny_model(tmp_path / "m")
+    cfg = tmp_path / "q.yml"
+    cfg.write_text("bits: 2\ngroup_size: 16\nlora: {rank: 2}\n")
+    assert cli(capsys, "quantize", model, "--config", cfg, "--out", tmp_path / "q", "--no-eval",
+               "--no-progress")[0] == 0
+    marker = tmp_path / "pwned"
+    work = tmp_path / "r.work"
+    work.mkdir()
+    torch.save({"trainable": {}, "state": _Plant(marker)}, work / "checkpoint.pt")   # a shared run's work dir
+    rc, err = cli(capsys, "recover", tmp_path / "q", "--teacher", model, "--out", tmp_path / "r",
+                  "--steps", "1", "--block-steps", "0", "--no-eval", "--no-progress")
+    assert rc == 2 and str(work / "checkpoint.pt") in err and "refused unread" in err
+    assert not marker.exists() and not (tmp_path / "r").exists()
+
+
+def test_a_crafted_zoo_checkpoint_is_refused_unread(tmp_path):
+    from workbench.errors import WorkbenchError
+    from workbench.models.checkpoint import load_training_state
+
+    marker = tmp_path / "pwned"
+    torch.save({"step": 3, "losses": [_Plant(marker)]}, tmp_path / "checkpoint.pt")
+    with pytest.raises(WorkbenchError, match="refused unread"):
+        load_training_state(tmp_path / "checkpoint.pt")
+    assert not marker.exists()
+    torch.save({"step": 3, "losses": [1.0]}, tmp_path / "ok.pt")   # and a plain one loads
+    assert load_training_state(tmp_path / "ok.pt") == {"step": 3, "losses": [1.0]}
+
+
+def test_export_names_what_it_found_instead_of_a_compressed_directory(tmp_path, capsys):
+    model = save_tiny_model(tmp_path / "m")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("x")
+    for qdir, found in ((model, "a float model directory"), (tmp_path / "empty", "an empty directory"),
+                        (tmp_path / "junk", "holding notes.txt"), (tmp_path / "nope", "nothing is there")):
+        rc, err = cli(capsys, "export", qdir, "--format", "hf", "--out", tmp_path / "out")
+        assert rc == 2 and str(qdir) in err and found in err, err
+    assert not (tmp_path / "out").exists()

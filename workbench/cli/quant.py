@@ -160,9 +160,9 @@ def _sparkline(values: list[float], width: int = 40) -> str:
 
 def run_export_cli(args: argparse.Namespace) -> int:
     """The report goes to stdout as JSON (for pipes); progress and errors to stderr."""
-    console.print(f"exporting {args.qdir} as {args.format} to {args.out}...")
-    report = export(args.qdir, args.out, args.format, args.storage, args.ternary_type, args.fallback,
-                              overwrite=args.overwrite)
+    with progress_bars(console, transient=True) as progress:
+        report = export(args.qdir, args.out, args.format, args.storage, args.ternary_type, args.fallback,
+                        overwrite=args.overwrite, progress=progress)
     print(json.dumps(report, default=str))
     return 0
 

@@ -92,6 +92,25 @@ def check_weight_files(model: str | Path) -> None:
             raise ModelLoadError(str(e)) from None
 
 
+def load_training_state(path: str | Path) -> dict:
+    """A training checkpoint (recovery's, the zoo's) through torch's weights-only unpickler: tensors,
+    numbers, strings and containers load; anything that would construct another object (and so
+    could run code) is refused, with the file named. Such a file is never ours: delete it to restart."""
+    import pickle
+
+    try:
+        state = torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as e:
+        named = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "global" in ln]
+        why = named[0][:160] if named else type(e).__name__   # e.g. "Unsupported global: GLOBAL pathlib.Path.touch"
+        raise WorkbenchError(f"{path}: not a checkpoint the workbench wrote, refused unread (it would construct "
+                             f"other objects than tensors and plain values: {why}); delete it to start over") from None
+    if not isinstance(state, dict):
+        raise WorkbenchError(f"{path}: not a checkpoint the workbench wrote (a {type(state).__name__}, "
+                             "expected a mapping); delete it to start over")
+    return state
+
+
 class ModelDir:
     """A model directory: ``config.json`` plus single or sharded safetensors.
 

@@ -96,6 +96,11 @@ def recover(qdir: str | Path, teacher: str | Path, out: str | Path, opts: Recove
     from workbench.quant.recover import Recovery
 
     meta = read_quant_meta(qdir)
+    work = Path(str(out).rstrip("/") + ".work")
+    if (work / "checkpoint.pt").is_file():
+        from workbench.models.checkpoint import load_training_state
+
+        load_training_state(work / "checkpoint.pt")   # a file we did not write is refused before any work
     if not any(e["lora_rank"] for e in meta["layers"].values()) and opts.scale_lr <= 0:
         raise WorkbenchError(f"{qdir}: nothing to train: no LoRA adapters (quantize with `lora: {{rank: N}}`) "
                              "and --scale-lr 0")
@@ -120,8 +125,7 @@ def recover(qdir: str | Path, teacher: str | Path, out: str | Path, opts: Recove
     from workbench.eval.evaluator import heldout_perplexity
 
     ppl_before = None if eval_task is None else heldout_perplexity(student, tok, eval_task)
-    work = Path(str(out).rstrip("/") + ".work")
-    if work.exists() and (work / "checkpoint.pt").exists() and on_resume:
+    if (work / "checkpoint.pt").is_file() and on_resume:
         on_resume(work)
 
     def load_teacher():
@@ -199,6 +203,26 @@ def check_same_tokenizer(teacher_tok, student_tok, teacher_dir: Path, student_di
                          "must be the float model the quantized one was made from")
 
 
+def check_compressed_dir(qdir: str | Path) -> None:
+    """Refuse what is not a compressed directory (from `workbench quantize` or `recover`), naming
+    what it is instead."""
+    path = Path(qdir)
+    if (path / "quant_config.json").is_file():
+        return
+    if not path.exists():
+        found = "nothing is there"
+    elif path.is_file():
+        found = "a GGUF file" if path.suffix == ".gguf" else "a file"
+    elif (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        found = "a float model directory (config.json and safetensors weights): quantize it first"
+    else:
+        names = sorted(p.name for p in path.iterdir())
+        found = "an empty directory" if not names else "a directory holding " + ", ".join(names[:5]) + (
+            f" and {len(names) - 5} more" if len(names) > 5 else "")
+    raise WorkbenchError(f"{qdir}: expected a compressed directory (quant_config.json, from `workbench quantize` "
+                         f"or `recover`), found {found}")
+
+
 def export_paths(qdir: str | Path, out: str | Path, fmt: str) -> list[Path]:
     """What `export` writes: `out`, and for GGUF of a model with adapters OUT.lora.gguf."""
     from workbench.quant.model import read_quant_meta
@@ -210,7 +234,8 @@ def export_paths(qdir: str | Path, out: str | Path, fmt: str) -> list[Path]:
 
 
 def export(qdir: str | Path, out: str | Path, fmt: str, storage: str = "packed",
-           ternary_type: str = "TQ2_0", fallback: str = "Q4", overwrite: bool = False) -> dict:
+           ternary_type: str = "TQ2_0", fallback: str = "Q4", overwrite: bool = False,
+           progress: ProgressFn | None = None) -> dict:
     """`workbench export` as a function: write the compressed directory `qdir` as `fmt` (safetensors,
     peft, hf or gguf; GGUF adds OUT.lora.gguf when the model has adapters) to `out`; return a report.
     Outputs that hold something are refused before any work unless `overwrite`."""
@@ -218,11 +243,13 @@ def export(qdir: str | Path, out: str | Path, fmt: str, storage: str = "packed",
 
     if fmt not in EXPORT_FORMATS:
         raise WorkbenchError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
+    check_compressed_dir(qdir)
     meta = read_quant_meta(qdir)
     paths = export_paths(qdir, out, fmt)
     for path in paths:
         check_output(path, overwrite, file=fmt == "gguf")
     out = Path(out)
+    emit(progress, "export", text=f"exporting {qdir} as {fmt} to {out}")
     if fmt == "gguf":
         from workbench.export.gguf import export_gguf, export_gguf_with_lora
 
@@ -262,6 +289,5 @@ def quantize_recover_export(source: str | Path, config: str | Path, out: str | P
                                      eval_task=eval_task, progress=progress, overwrite=overwrite, on_resume=on_resume)
         final = Path(recovered)
     if fmt != "none" and export_out is not None:
-        emit(progress, "export", text=f"exporting {fmt} to {export_out}...")
-        result["export"] = export(final, export_out, fmt, overwrite=overwrite)
+        result["export"] = export(final, export_out, fmt, overwrite=overwrite, progress=progress)
     return result

@@ -45,6 +45,7 @@ from torch import nn
 from workbench.atomic import atomic_file
 from workbench.faults import fault_point
 from workbench.models.anatomy import decoder_blocks
+from workbench.models.checkpoint import load_training_state
 from workbench.quant.model import quant_layers
 from workbench.quant.options import RecoverOptions
 
@@ -220,7 +221,7 @@ class Recovery:
             (self.work_dir / "loss.jsonl").unlink(missing_ok=True)
             (self.work_dir / "options.json").write_text(json.dumps(asdict(self.opts), indent=2) + "\n")
             return
-        ck = torch.load(path, weights_only=True)
+        ck = load_training_state(path)
         with torch.no_grad():
             for name, t in ck["trainable"].items():
                 self.params[name].copy_(t)

@@ -208,9 +208,9 @@ def zoo_status() -> list[dict]:
             row.update(state="built", wall_seconds=rec.get("wall_seconds", {}).get("training"),
                        final_loss=round(sum(rec["loss_curve"][-10:]) / max(len(rec["loss_curve"][-10:]), 1), 4))
         elif (work_dir(spec.name) / "checkpoint.pt").is_file():
-            import torch
+            from workbench.models.checkpoint import load_training_state
 
-            state = torch.load(work_dir(spec.name) / "checkpoint.pt", weights_only=True)
+            state = load_training_state(work_dir(spec.name) / "checkpoint.pt")
             row.update(state=f"partial ({state['step']}/{spec.config.steps} steps)")
         else:
             row["state"] = "missing"

@@ -24,7 +24,7 @@ import torch
 from workbench.atomic import atomic_file
 from workbench.faults import fault_point
 from workbench.models.anatomy import body_and_head, cache_kwarg
-from workbench.models.checkpoint import layer_index
+from workbench.models.checkpoint import layer_index, load_training_state
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,7 @@ def train(model, tok, examples: Sequence[tuple[str, str]], cfg: TrainConfig, che
 
     start, losses, step_seconds, elapsed, resumed = 0, [], [], 0.0, None
     if checkpoint is not None and Path(checkpoint).is_file():
-        state = torch.load(checkpoint, weights_only=True)
+        state = load_training_state(checkpoint)
         if state.get("key") == key:
             with torch.no_grad():
                 for n in names:
