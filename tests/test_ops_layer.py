@@ -298,3 +298,17 @@ def test_export_names_what_it_found_instead_of_a_compressed_directory(tmp_path, 
         rc, err = cli(capsys, "export", qdir, "--format", "hf", "--out", tmp_path / "out")
         assert rc == 2 and str(qdir) in err and found in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_nan_weight_stops_quantize_unless_allowed(tmp_path, capsys):
+    from tests.test_input_checks import put_value
+
+    model = save_tiny_model(tmp_path / "m")
+    put_value(model, "model.layers.2.self_attn.k_proj.weight", float("inf"))
+    cfg = tmp_path / "q.yml"
+    cfg.write_text("bits: 2\ngroup_size: 16\n")
+    rc, err = cli(capsys, "quantize", model, "--config", cfg, "--out", tmp_path / "q", "--no-eval", "--no-progress")
+    assert rc == 2 and "model.layers.2.self_attn.k_proj.weight" in err and "1 non-finite" in err
+    assert "--allow-nonfinite" in err and not (tmp_path / "q").exists()
+    assert cli(capsys, "quantize", model, "--config", cfg, "--out", tmp_path / "q", "--no-eval", "--no-progress",
+               "--allow-nonfinite")[0] == 0

@@ -68,7 +68,7 @@ def run_quantize_cli(args: argparse.Namespace) -> int:
     _check_json(args)
     with progress_bars(console, not args.no_progress) as progress:
         report = quantize(args.model, args.config, args.out, None if args.no_eval else args.eval_task,
-                          progress, overwrite=args.overwrite)
+                          progress, overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite)
     ppl_float, ppl = report["ppl_float"], report["ppl"]
     _summary(f"quantized {args.model} -> {args.out}", [
         ("layers", str(report["quantized_layers"])),
@@ -178,6 +178,7 @@ def add_parsers(sub) -> None:
     q.add_argument("--threads", type=int)
     q.add_argument("--json", metavar="FILE", help="write the summary as JSON to FILE (-: stdout)")
     q.add_argument("--overwrite", action="store_true", help="replace OUT (and the --json file) if they exist")
+    q.add_argument("--allow-nonfinite", action="store_true", help="quantize even if a weight is NaN or inf")
     q.set_defaults(func=run_quantize_cli)
 
     r = sub.add_parser("recover", help="train the quantized model's adapters by distillation from the float model")

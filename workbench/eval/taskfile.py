@@ -125,11 +125,12 @@ class Task:
         return out
 
     def resolve_reference(self) -> Path:
-        """The kl teacher as a path: as written, else relative to the header, else in the home."""
-        from workbench.home import models_dir
+        """The kl teacher as a path, by the one rule of `workbench.models.loader.model_candidates`
+        (as written, relative to the header, in the home)."""
+        from workbench.models.loader import model_candidates
 
         ref = str(self.reference)
-        cands = [Path(ref).expanduser(), self.path.parent / ref, models_dir() / ref]
+        cands = model_candidates(ref, self.path.parent)
         for c in cands:
             if (c / "config.json").is_file():
                 return c.absolute()

@@ -97,14 +97,11 @@ class Recipe:
         return ("models",)
 
     def model_candidates(self, ref: str) -> list[Path]:
-        """Where a model reference may be: as written, relative to the recipe, in the home."""
-        from workbench.home import models_dir
+        """Where a model reference may be: the one rule of `workbench.models.loader.model_candidates`
+        (as written, relative to the recipe, in the home)."""
+        from workbench.models.loader import model_candidates
 
-        candidates = [Path(ref).expanduser()]
-        if self.source != "<recipe>" and not Path(ref).is_absolute():
-            candidates.append(Path(self.source).parent / ref)
-        candidates.append(models_dir() / ref)
-        return candidates
+        return model_candidates(ref, None if self.source == "<recipe>" else Path(self.source).parent)
 
     def find_model(self, ref: str) -> Path | None:
         """The absolute path of a model reference (the first candidate that exists), else None."""

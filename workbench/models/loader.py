@@ -1,7 +1,7 @@
 """The one way every command turns a model reference into (model, tokenizer).
 
-A reference is a path or a name in the workbench home's ``models/`` (one rule: an existing path
-wins, then ``$WORKBENCH_HOME/models/NAME``). What it points at is loaded as what it is:
+A reference is a path or a name in the workbench home's ``models/`` (one rule, `model_candidates`:
+an existing path wins, then one relative to the file that names it, then ``$WORKBENCH_HOME/models/NAME``). What it points at is loaded as what it is:
 
 - a float model directory (``config.json`` + safetensors): transformers, and every weight the
   architecture has must be in the files; a missing one is an error naming it (transformers would
@@ -24,15 +24,24 @@ from workbench.models.checkpoint import PICKLE_SUFFIXES, ModelLoadError
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def resolve_model(ref: str | Path) -> Path:
-    """The model directory or GGUF file a reference names (a path, or a name in the home)."""
+def model_candidates(ref: str | Path, relative_to: Path | None = None) -> list[Path]:
+    """Where a model reference may be, in the order tried: the path as written, then (for a
+    reference in a file: a recipe, a spec) relative to that file's directory, then
+    ``$WORKBENCH_HOME/models/NAME``. The one rule every command follows."""
     from workbench.home import models_dir
 
     path = Path(ref).expanduser()
-    if not path.exists() and not path.is_absolute():
-        named = models_dir() / str(ref)
-        if named.exists():
-            path = named
+    if path.is_absolute():
+        return [path]
+    return [path] + ([relative_to / path] if relative_to is not None else []) + [models_dir() / str(ref)]
+
+
+def resolve_model(ref: str | Path, relative_to: Path | None = None) -> Path:
+    """The model directory or GGUF file a reference names (see :func:`model_candidates`), checked:
+    a directory with config.json and safetensors weights (pickled weights are never read), or a .gguf."""
+    from workbench.home import models_dir
+
+    path = next((c for c in model_candidates(ref, relative_to) if c.exists()), Path(ref).expanduser())
     if path.is_file() and path.suffix == ".gguf":
         return path
     if not path.exists():
@@ -107,3 +116,17 @@ def _tied_groups(model) -> list[set[str]]:
     for name, p in model.named_parameters(remove_duplicate=False):
         groups.setdefault(p.data_ptr(), set()).add(name)
     return [g for g in groups.values() if len(g) > 1]
+
+
+def check_finite(model, source: str | Path, flag: str = "--allow-nonfinite") -> None:
+    """Refuse a model holding NaN or inf in a weight, naming the first such tensor: one sum per
+    tensor (a sum is non-finite if an entry is; an overflowing sum is told apart by counting)."""
+    import torch
+
+    for name, p in model.named_parameters():
+        if bool(torch.isfinite(p.detach().float().sum())):
+            continue
+        n = int((~torch.isfinite(p.detach())).sum())
+        if n:
+            raise ModelLoadError(f"{source}: tensor {name!r} holds {n} non-finite values (NaN/inf); "
+                                 f"pass {flag} to go on anyway")

@@ -24,14 +24,14 @@ RECOVER_STAGES = {"blocks": "block reconstruction", "teacher": "teacher top-k", 
 
 
 def quantize(model: str | Path, config: str | Path, out: str | Path, eval_task: str | None = EVAL_TASK,
-             progress: ProgressFn | None = None, overwrite: bool = False) -> dict:
+             progress: ProgressFn | None = None, overwrite: bool = False, allow_nonfinite: bool = False) -> dict:
     """`workbench quantize` as a function: quantize a float model (directory or home model name) by a
     config file into the compressed directory `out` (refused when it holds something, unless
     `overwrite`); return the summary (size report, seconds, disk bytes and, with `eval_task`,
     held-out perplexity of the float model and of the saved directory).
 
     Progress: stage "quantize", done 0 before the first layer, then after each (text: the layer)."""
-    from workbench.models.loader import load_model, model_kind, resolve_model
+    from workbench.models.loader import check_finite, load_model, model_kind, resolve_model
     from workbench.quant.config import check_model, load_quant_config
     from workbench.quant.model import (
         empty_model,
@@ -54,6 +54,8 @@ def quantize(model: str | Path, config: str | Path, out: str | Path, eval_task: 
     settings = check_model(cfg, {n: tuple(float_weight(m).shape) for n, m in linear_layers(skeleton).items()})
     del skeleton
     net, tok = load_model(source)
+    if not allow_nonfinite:
+        check_finite(net, source)
     from workbench.eval.evaluator import heldout_perplexity, saved_perplexity
 
     ppl_float = None if eval_task is None else heldout_perplexity(net, tok, eval_task)
