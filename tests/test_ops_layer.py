@@ -93,12 +93,18 @@ def test_a_group_size_that_divides_no_row_is_refused_before_quantizing(tmp_path,
     assert not out.exists() and not list(tmp_path.glob(".q.*"))
 
 
-def test_recovery_refuses_a_teacher_with_another_tokenizer(tmp_path, capsys):
+def quantized_with_adapters(tmp_path: Path, capsys) -> Path:
+    """A tiny float model at tmp/m, quantized with rank-2 adapters into tmp/q; returns the float one."""
     model = save_tiny_model(tmp_path / "m")
     cfg = tmp_path / "q.yml"
     cfg.write_text("bits: 2\ngroup_size: 16\nlora: {rank: 2}\n")
     assert cli(capsys, "quantize", model, "--config", cfg, "--out", tmp_path / "q", "--no-eval",
                "--no-progress")[0] == 0
+    return model
+
+
+def test_recovery_refuses_a_teacher_with_another_tokenizer(tmp_path, capsys):
+    model = quantized_with_adapters(tmp_path, capsys)
     other = save_tiny_model(tmp_path / "other")     # same shapes, a tokenizer with one token renamed
     tok = json.loads((other / "tokenizer.json").read_text())
     vocab = tok["model"]["vocab"]
@@ -260,11 +266,7 @@ class _Plant:
 
 
 def test_a_crafted_recovery_checkpoint_is_refused_unread(tmp_path, capsys):
-    model = save_tiny_model(tmp_path / "m")
-    cfg = tmp_path / "q.yml"
-    cfg.write_text("bits: 2\ngroup_size: 16\nlora: {rank: 2}\n")
-    assert cli(capsys, "quantize", model, "--config", cfg, "--out", tmp_path / "q", "--no-eval",
-               "--no-progress")[0] == 0
+    model = quantized_with_adapters(tmp_path, capsys)
     marker = tmp_path / "pwned"
     work = tmp_path / "r.work"
     work.mkdir()
