@@ -43,8 +43,11 @@ def models(n, shape=(6, 5), seed=0, dtype=torch.float32):
 # ---- registry ---------------------------------------------------------------------------------
 
 
-def test_registry_holds_exactly_the_thirteen_methods():
-    assert sorted(METHODS) == sorted(GTA + ["linear", "slerp", "nuslerp", "model_stock", "passthrough"])
+MORE = ["sce", "multislerp", "karcher", "nearswap", "arcee_fusion", "ram", "ramplus_tl"]  # test_merge_methods_more.py
+
+
+def test_registry_holds_exactly_the_twenty_methods():
+    assert sorted(METHODS) == sorted(GTA + ["linear", "slerp", "nuslerp", "model_stock", "passthrough"] + MORE)
     with pytest.raises(KeyError, match="unknown merge method"):
         get_method("frankenmerge")
 
@@ -105,6 +108,13 @@ def _call_args(name, dtype):
         "nuslerp": (base, xs[:2], {}, weights(1.0, 2.0)),
         "model_stock": (base, xs, {}, [{}] * 3),
         "passthrough": (None, xs[:1], {}, [{"scale": 2.0}]),
+        "sce": (base, xs, {"select_topk": 0.5}, [{}] * 3),
+        "multislerp": (base, xs, {}, weights(0.5, 0.3, 0.2)),
+        "karcher": (base, xs, {}, [{}] * 3),
+        "nearswap": (base, xs[:1], {"t": 0.1}, [{}]),
+        "arcee_fusion": (base, xs[:1], {}, [{}]),
+        "ram": (base, xs, {}, [{}] * 3),
+        "ramplus_tl": (base, xs, {}, [{}] * 3),
     }[name]
 
 

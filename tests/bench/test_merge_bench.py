@@ -85,6 +85,17 @@ METHODS: dict[str, dict] = {
     "linear": {"base": False, "deterministic": True,
                "models": [("base", {"weight": 0.5}), (A, {"weight": 0.3}), (B, {"weight": 0.2})],
                "parameters": {}},
+    "sce": {"base": True, "deterministic": True, "models": [(A, {}), (B, {})],
+            "parameters": {"select_topk": 0.5}},
+    "multislerp": {"base": True, "deterministic": True,
+                   "models": [(A, {"weight": 0.6}), (B, {"weight": 0.4})], "parameters": {}},
+    "karcher": {"base": False, "deterministic": True, "models": [("base", {}), (A, {}), (B, {})],
+                "parameters": {}},
+    "nearswap": {"base": True, "deterministic": True, "models": [(A, {})], "parameters": {"t": 0.001}},
+    # mergekit takes arcee_fusion's quantiles from a random sample of tensors over 1M entries: compared by statistics
+    "arcee_fusion": {"base": True, "deterministic": False, "models": [(A, {})], "parameters": {}},
+    "ram": {"base": True, "deterministic": True, "models": [(A, {}), (B, {})], "parameters": {}},
+    "ramplus_tl": {"base": True, "deterministic": True, "models": [(A, {}), (B, {})], "parameters": {}},
 }
 
 

@@ -42,7 +42,7 @@ from workbench.schema import Field, Reader, parse_with_lines
 # per-item log-likelihoods move by about 1e-2, the ranking of candidates hardly at all.
 EVAL_DTYPES = ("bfloat16", "float32")
 SEARCHABLE = ("ties", "dare_ties", "dare_linear", "task_arithmetic", "linear", "slerp", "breadcrumbs",
-              "breadcrumbs_ties", "della", "della_linear")
+              "breadcrumbs_ties", "della", "della_linear", "sce", "multislerp", "nearswap")
 
 
 class SpecError(WorkbenchError, ValueError):
