@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="workbench", description=__doc__)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    from workbench.cli import merge, models, quant
+    from workbench.cli import lora, merge, models, moe, quant
 
     merge.add_parsers(sub)
     se = sub.add_parser("search", help="evolutionary search over merge recipes or quantization configs, in memory")
@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.set_defaults(func=cmd_search)
 
     models.add_parsers(sub)
+    moe.add_parsers(sub)
+    lora.add_parsers(sub)
 
     ev = sub.add_parser("eval", help="evaluate a model on task files (multiple choice, exact match, perplexity, kl)")
     ev.add_argument("model", type=Path, help="a model directory (float, or compressed by `workbench quantize` / "

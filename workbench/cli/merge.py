@@ -19,7 +19,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
     with progress_bars(console, not args.no_progress) as progress:
         result = merge(args.recipe, args.out, device=args.device, dtype=args.dtype, shard_size=args.shard_size,
                        seed=args.seed, overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite,
-                       progress=progress)
+                       as_lora=args.as_lora, rank=args.rank, progress=progress)
+    if args.as_lora is not None:
+        from workbench.cli.lora import print_extraction
+
+        console.print(f"[green]merged[/green] {result.merge.num_tensors} tensors in {result.merge.seconds:.1f} s; "
+                      f"as a LoRA adapter over {args.as_lora}:")
+        print_extraction(console, result.lora)
+        print(result.out)
+        return 0
     console.print(f"[green]merged[/green] {result.num_tensors} tensors into {result.out_dir} "
                   f"({result.num_shards} shard{'s' if result.num_shards > 1 else ''}, "
                   f"{result.bytes_written / 1e6:.1f} MB) in {result.seconds:.1f} s, "
@@ -59,6 +67,9 @@ def add_parsers(sub) -> None:
     m.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     m.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     m.add_argument("--allow-nonfinite", action="store_true", help="merge even if a weight is NaN or inf")
+    m.add_argument("--as-lora", metavar="BASE", default=None,
+                   help="write the merge as a peft LoRA adapter over BASE at OUT (needs --rank)")
+    m.add_argument("--rank", type=int, default=None, help="with --as-lora: the adapter's rank")
     m.set_defaults(func=cmd_merge, skip_teardown=True)
 
     r = sub.add_parser("recipe", help="recipe tools").add_subparsers(dest="recipe_command", metavar="ACTION")

@@ -15,6 +15,7 @@ from workbench.errors import RecipeError
 from workbench.merge.methods import MergeMethod, MergeParams
 from workbench.merge.recipe import ModelEntry, Recipe, resolve_param
 from workbench.models.checkpoint import LAYER_COUNT_KEYS, ModelDir, ModelLoadError, layer_index, rename_layer
+from workbench.models.lora import LoraRef, open_model_dir
 
 MAX_LISTED_MISMATCHES = 20
 DTYPE_BY_NAME = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -59,8 +60,9 @@ class MergePlan:
         return ref.dtype(ref.tensor_names()[0])
 
     def model_paths(self) -> dict[str, str]:
-        """Each model reference of the recipe -> the absolute path it was read from."""
-        return {ref: str(m.path) for ref, m in zip(self.model_refs, self.models)}
+        """Each model reference of the recipe -> the absolute path it was read from (``BASE+ADAPTER``
+        for a LoRA reference, both parts absolute)."""
+        return {ref: m.source_id for ref, m in zip(self.model_refs, self.models)}
 
     def resolved_recipe(self) -> Recipe:
         """The recipe naming every model by its absolute path: what ``mergekit_config.yml`` holds."""
@@ -82,10 +84,11 @@ def plan_merge(recipe: Recipe) -> MergePlan:
     models: list[ModelDir] = []
     for ref, path in zip(refs, recipe.resolve_models(refs)):
         try:
-            if (path / "quant_config.json").is_file():
-                raise ModelLoadError(f"{path} is a compressed (quantized) model; merges read float weights: "
-                                     f"`workbench export {path} --format hf --out DIR` makes one")
-            models.append(ModelDir(path))
+            base_path = path.base if isinstance(path, LoraRef) else path
+            if (base_path / "quant_config.json").is_file():
+                raise ModelLoadError(f"{base_path} is a compressed (quantized) model; merges read float weights: "
+                                     f"`workbench export {base_path} --format hf --out DIR` makes one")
+            models.append(open_model_dir(path))   # a BASE+ADAPTER reference: the adapter applied per tensor
         except ModelLoadError as e:
             for m in models:
                 m.close()

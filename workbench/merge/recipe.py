@@ -19,6 +19,11 @@ layers of a slice) or a list of ``{filter, value}`` conditions (the first whose 
 substring of the tensor name wins). Per-model values override slice values, which override
 the global ``parameters``. Everything is checked here, before any tensor is read; errors name
 the file, the line and the field.
+
+A model reference ``BASE+ADAPTER`` (mergekit's syntax) is a base model plus a peft LoRA adapter
+directory, applied tensor by tensor as the tensors are read (:mod:`workbench.models.lora`); a
+model path that itself holds a ``+`` is written ``{model: {path: ...}}`` (mergekit's explicit
+form, which also takes ``{model: {path: BASE}, lora: {path: ADAPTER}}``).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from workbench.errors import RecipeError
+from workbench.errors import RecipeError, WorkbenchError
 from workbench.merge.methods import METHODS, MergeMethod, ParamSpec
 from workbench.schema import Field, Reader, field_location, parse_with_lines
 
@@ -67,6 +72,8 @@ class Recipe:
     name: str | None = None
     source: str = "<recipe>"  # file the recipe came from, for messages and relative paths
     lines: dict[tuple, int] = field(default_factory=dict, repr=False)
+    # references holding a '+' that are paths, not BASE+ADAPTER (written {model: {path: ...}})
+    literal_refs: frozenset[str] = field(default_factory=frozenset, repr=False)
 
     @property
     def method(self) -> MergeMethod:
@@ -96,6 +103,10 @@ class Recipe:
                     return ("slices", i, "sources", j, "model")
         return ("models",)
 
+    def is_lora_ref(self, ref: str | None) -> bool:
+        """Whether ``ref`` is mergekit's ``BASE+ADAPTER`` (a '+' in a reference not written as a path)."""
+        return ref is not None and "+" in ref and ref not in self.literal_refs
+
     def model_candidates(self, ref: str) -> list[Path]:
         """Where a model reference may be: the one rule of `workbench.models.loader.model_candidates`
         (as written, relative to the recipe, in the home)."""
@@ -103,8 +114,18 @@ class Recipe:
 
         return model_candidates(ref, None if self.source == "<recipe>" else Path(self.source).parent)
 
-    def find_model(self, ref: str) -> Path | None:
-        """The absolute path of a model reference (the first candidate that exists), else None."""
+    def find_model(self, ref: str):
+        """The absolute path of a model reference (the first candidate that exists), else None;
+        for ``BASE+ADAPTER`` a :class:`~workbench.models.lora.LoraRef` of both parts, found so."""
+        if self.is_lora_ref(ref):
+            from workbench.models.lora import LoraRef, split_lora_ref
+
+            try:
+                parts = [self.find_model(p) for p in split_lora_ref(ref)]
+            except WorkbenchError as e:
+                path = self.model_field(ref)
+                raise RecipeError(f"{self.where(path)}: {'.'.join(map(str, path))}: {e}") from None
+            return LoraRef(*parts) if None not in parts else None
         return next((c.absolute() for c in self.model_candidates(ref) if c.exists()), None)
 
     def resolve_model(self, ref: str) -> Path:
@@ -123,8 +144,16 @@ class Recipe:
 
     def _missing_message(self, missing: list[str]) -> str:
         ref, path = missing[0], self.model_field(missing[0])
+        what = f"model {ref!r}"
+        if self.is_lora_ref(ref):
+            from workbench.models.lora import split_lora_ref
+
+            base, adapter = split_lora_ref(ref)
+            part = base if self.find_model(base) is None else adapter
+            what = f"model {ref!r}: {'base model' if part == base else 'LoRA adapter'} {part!r}"
+            ref = part
         looked = ", ".join(str(c) for c in self.model_candidates(ref))
-        msg = f"{self.where(path)}: {'.'.join(map(str, path))}: model {ref!r} not found (looked in: {looked})"
+        msg = f"{self.where(path)}: {'.'.join(map(str, path))}: {what} not found (looked in: {looked})"
         if len(missing) > 1:
             msg += "; also missing: " + ", ".join(repr(m) for m in missing[1:])
         hint = missing_model_hint(missing)
@@ -132,9 +161,13 @@ class Recipe:
 
     def with_model_paths(self, paths: dict[str, str]) -> Recipe:
         """A copy naming each model ``ref`` as ``paths[ref]`` (refs not in ``paths`` stay as written);
-        parameters, slices, order and every other field are kept."""
+        parameters, slices, order and every other field are kept. A reference keeps its kind: a
+        ``BASE+ADAPTER`` stays one, a path stays a path (though it hold a '+')."""
         def sub(ref: str | None) -> str | None:
             return paths.get(ref, ref) if ref is not None else None
+
+        literal = frozenset(sub(ref) for ref in [*self.referenced_models(), self.tokenizer_source]
+                            if ref is not None and not self.is_lora_ref(ref) and "+" in sub(ref))
 
         def entry(e: ModelEntry) -> ModelEntry:
             return replace(e, model=sub(e.model), parameters=dict(e.parameters))
@@ -147,7 +180,7 @@ class Recipe:
                     if self.slices is not None else None),
             parameters=dict(self.parameters),
             tokenizer_source=sub(self.tokenizer_source) if self.tokenizer_source not in ("base", "union")
-            else self.tokenizer_source)
+            else self.tokenizer_source, literal_refs=literal)
 
     def resolved(self) -> Recipe:
         """A copy naming every model by the absolute path it resolves to (what mergekit reads)."""
@@ -211,8 +244,10 @@ def dump_recipe(recipe: Recipe, header: str = "") -> str:
     """YAML that both workbench and mergekit read, laid out like the recipes in ``recipes/``.
 
     A model path that mergekit would misread (``+`` starts a LoRA, ``@`` a revision) is written
-    in mergekit's explicit form ``{model: {path: ...}}``, which workbench reads too."""
-    data = _explicit_model_paths(recipe.to_dict())
+    in mergekit's explicit form ``{model: {path: ...}}``, which workbench reads too; a
+    ``BASE+ADAPTER`` reference is written as it is (``{model: {path: BASE}, lora: {path: ADAPTER}}``
+    when a part holds an ``@``)."""
+    data = _explicit_model_paths(recipe.to_dict(), recipe)
     body = yaml.dump(data, Dumper=RecipeDumper, sort_keys=False, allow_unicode=True, width=10**6)
     return header + body
 
@@ -295,9 +330,14 @@ RecipeDumper.add_representer(str, _represent_str)
 RecipeDumper.add_representer(_ExplicitRef, _represent_ref)
 
 
-def _explicit_model_paths(data: dict) -> dict:
-    """``{model: {path: ...}}`` for model references with ``+`` or ``@`` (see :func:`dump_recipe`)."""
+def _explicit_model_paths(data: dict, recipe: Recipe) -> dict:
+    """``{model: {path: ...}}`` for model paths with ``+`` or ``@`` (see :func:`dump_recipe`)."""
     def ref(value: str) -> Any:
+        if recipe.is_lora_ref(value):
+            base, adapter = value.split("+", 1)
+            if "@" not in value:
+                return value
+            return _ExplicitRef(model={"path": base}, lora={"path": adapter})
         return _ExplicitRef(model={"path": value}) if ("+" in value or "@" in value) else value
 
     def entries(items: list[dict]) -> list[dict]:
@@ -338,12 +378,54 @@ def missing_model_hint(missing: list[str]) -> str:
 
 # --- validation ----------------------------------------------------------------------------
 
+class _LiteralPath(str):
+    """A reference written ``{model: {path: ...}}``: a path even if it holds a '+'."""
+
+
 def _model_ref(value: Any, path: tuple, fail) -> str:
-    if isinstance(value, dict) and "model" in value:  # mergekit also accepts {model: {path: ...}}
-        value = value["model"].get("path") if isinstance(value["model"], dict) else value["model"]
+    if isinstance(value, dict) and "model" in value:  # mergekit also accepts {model: {path: ...}, lora: ...}
+        def part(v: Any, key: str) -> str:
+            v = v.get("path") if isinstance(v, dict) else v
+            if not isinstance(v, str) or not v:
+                fail((*path, key), "expected a model path or name, or {path: ...}")
+            return v
+
+        extra = set(value) - {"model", "lora", "override_architecture"}
+        if extra:
+            fail((*path, sorted(extra)[0]), "a model reference is {model: {path: ...}, lora: {path: ...}}")
+        model = part(value["model"], "model")
+        if value.get("lora") is None:
+            return _LiteralPath(model) if "+" in model else model
+        lora = part(value["lora"], "lora")
+        if "+" in model or "+" in lora:
+            fail(path, "a model or adapter path holding a '+' cannot be combined with a LoRA adapter")
+        return f"{model}+{lora}"
     if not isinstance(value, str) or not value:
         fail(path, "expected a model path or name")
+    if value.count("+") > 1 or value.startswith("+") or value.endswith("+"):
+        fail(path, f"{value!r}: a LoRA reference is BASE+ADAPTER with one '+'; "
+                   "a path holding a '+' is written {model: {path: ...}}")
     return value
+
+
+def _plain_refs(recipe: Recipe) -> Recipe:
+    """Record the references written as paths (``_LiteralPath``) and make every reference a plain str."""
+    literal = set()
+
+    def plain(ref):
+        if isinstance(ref, _LiteralPath):
+            literal.add(str(ref))
+        return str(ref) if ref is not None else None
+
+    recipe.base_model = plain(recipe.base_model)
+    for e in recipe.models or []:
+        e.model = plain(e.model)
+    for s in recipe.slices or []:
+        s.base_model = plain(s.base_model)
+        for src in s.sources:
+            src.model = plain(src.model)
+    recipe.literal_refs = frozenset(literal)
+    return recipe
 
 
 def _layer_range(lr: list, path: tuple, fail) -> tuple[int, int]:
@@ -409,7 +491,7 @@ def recipe_from_dict(data: Any, source: str = "<recipe>", lines: dict | None = N
             recipe.slices.append(OutputSlice(sources=sources, base_model=s["base_model"], parameters=_check_params(
                 s["parameters"], method, (*path, "parameters"), r.fail, scope="any")))
     _check_structure(recipe, method, r.fail)
-    return recipe
+    return _plain_refs(recipe)
 
 
 def _check_params(params: Any, method: MergeMethod, path: tuple, fail, scope: str) -> dict:

@@ -158,6 +158,11 @@ class ModelDir:
                 raise ModelLoadError(str(e)) from None
         return self._handles[f]
 
+    @property
+    def source_id(self) -> str:
+        """The model as a recipe names it by absolute path (a LoRA model names base and adapter)."""
+        return str(self.path)
+
     # --- tensors -------------------------------------------------------------------------
     def tensor_names(self) -> list[str]:
         return list(self._files)

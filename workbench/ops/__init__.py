@@ -14,7 +14,9 @@ open / resolve a model   ``ops.models.open_model``, ``ops.models.resolve``
 import a GGUF            ``ops.models.import_gguf``
 prepare the default      ``ops.models.prepare_default``
 list / describe models   ``ops.models.list_models``, ``ops.models.model_info``
-merge                    ``ops.merge.merge``
+merge                    ``ops.merge.merge`` (``as_lora=BASE, rank=R``: the merge as a LoRA adapter)
+extract a LoRA adapter   ``ops.lora.extract_lora``
+mixture of experts       ``ops.moe.moe`` (mergekit-moe's config: dense experts -> Mixtral / Qwen2-MoE)
 validate a recipe        ``ops.merge.validate``
 export a run's recipe    ``ops.merge.export_recipe`` (``ops.merge.recipe_source``: file or run)
 evaluate                 ``ops.evaluate.evaluate``

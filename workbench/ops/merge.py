@@ -63,12 +63,29 @@ def recipe_source(path: str | Path):
     return load_recipe(path)
 
 
+@dataclass(frozen=True)
+class MergeLoraResult:
+    """`workbench merge --as-lora`: the merge (into a temporary directory, removed) and the adapter."""
+    merge: object        # the executor's MergeResult (its out_dir is gone)
+    lora: object         # workbench.ops.lora.LoraExtraction
+
+    @property
+    def out(self) -> Path:
+        return self.lora.out
+
+
 def merge(recipe, out: str | Path, *, device: str = "cpu", dtype: str | None = None, shard_size: str | int = "2GB",
           seed: int = 0, overwrite: bool = False, allow_nonfinite: bool = False,
+          as_lora: str | Path | None = None, rank: int | None = None,
           progress: ProgressFn | None = None):
     """`workbench merge`: ``recipe`` (a Recipe, a recipe file or a run directory) into the model
     directory ``out``, written atomically. Every check (output, shard size, device, recipe, each
-    model's files and headers) runs before the first tensor. Returns the executor's MergeResult."""
+    model's files and headers) runs before the first tensor. Returns the executor's MergeResult.
+
+    With ``as_lora`` (a model reference) and ``rank``: the merge is written to a temporary
+    directory beside ``out``, then extracted as a peft LoRA adapter over ``as_lora``
+    (:func:`workbench.ops.lora.extract_lora`); only the adapter is left, at ``out``. Returns a
+    :class:`MergeLoraResult`."""
     from workbench.atomic import check_output
     from workbench.merge.executor import check_device, execute_merge, parse_size
     from workbench.merge.plan import plan_merge
@@ -76,6 +93,11 @@ def merge(recipe, out: str | Path, *, device: str = "cpu", dtype: str | None = N
     check_output(out, overwrite)
     parse_size(shard_size)
     check_device(device)
+    if (as_lora is None) != (rank is None):
+        raise WorkbenchError("--as-lora BASE and --rank R go together: the merge as a LoRA adapter over BASE")
+    if as_lora is not None:
+        return _merge_as_lora(recipe, out, as_lora, rank, device=device, dtype=dtype, shard_size=shard_size,
+                              seed=seed, overwrite=overwrite, allow_nonfinite=allow_nonfinite, progress=progress)
     if not hasattr(recipe, "merge_method"):
         recipe = recipe_source(recipe)
     plan = plan_merge(recipe)
@@ -85,6 +107,31 @@ def merge(recipe, out: str | Path, *, device: str = "cpu", dtype: str | None = N
                              on_tensor=lambda done, total, name: emit(progress, "merge", done, total, name))
     finally:
         plan.close()
+
+
+def _merge_as_lora(recipe, out, as_lora, rank, *, device, dtype, shard_size, seed, overwrite, allow_nonfinite,
+                   progress) -> MergeLoraResult:
+    import shutil
+    import tempfile
+
+    from workbench.atomic import _tmp_prefix
+    from workbench.ops.lora import _open, extract_lora
+
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise WorkbenchError(f"--rank: expected a positive integer, got {rank!r}")
+    _open(as_lora, "--as-lora").close()   # the base is checked before the merge, too
+    target = Path(out).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # named as atomic outputs' temporaries are, so a later run removes what a kill leaves
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(target) + "merge-", dir=target.parent))
+    try:
+        merged = merge(recipe, tmp / "merged", device=device, dtype=dtype, shard_size=shard_size, seed=seed,
+                       allow_nonfinite=allow_nonfinite, progress=progress)
+        lora = extract_lora(as_lora, tmp / "merged", rank, out, device=device, overwrite=overwrite,
+                            source=f"the merge of {getattr(recipe, 'source', recipe)}", progress=progress)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return MergeLoraResult(merged, lora)
 
 
 def validate(recipe, mergekit_paths: str | Path | None = None, overwrite: bool = False) -> ValidateResult:

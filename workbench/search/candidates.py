@@ -3,6 +3,9 @@
 The source tensors are read once and kept in memory; a candidate is planned from its recipe,
 and only the tensors whose resolved parameters changed since the previous candidate are merged
 again and copied into the resident model's parameters. Nothing touches disk per candidate.
+A ``BASE+ADAPTER`` source (a LoRA adapter over a base) is held as its merged tensors: each is
+read from the base and the adapter's update added when the sources load (``LoraModelDir``), so
+it takes the memory of a model of its own and costs nothing per candidate.
 For the methods that threshold delta magnitudes (TIES, Breadcrumbs) each delta's magnitudes are
 kept sorted after their first use, so a candidate's thresholds are lookups (same tensors).
 """
@@ -47,7 +50,7 @@ def _signature(plan: MergePlan, job: TensorJob) -> tuple:
     p = job.params
 
     def ref(r):
-        return str(plan.models[r[0]].path), r[1]
+        return plan.models[r[0]].source_id, r[1]
 
     return (plan.method.name, job.base and ref(job.base), tuple(map(ref, job.others)),
             tuple(sorted(p.shared.items())), tuple(tuple(sorted(d.items())) for d in p.per_model))
@@ -74,7 +77,7 @@ class InMemoryMerger:
             self._sources: dict[tuple[str, str], torch.Tensor] = {}
             for job in plan.jobs:
                 for i, name in ([job.base] if job.base else []) + job.others:
-                    key = (str(plan.models[i].path), name)
+                    key = (plan.models[i].source_id, name)
                     if key not in self._sources:
                         # a copy of its own: a tensor read from a file maps it (and holds a descriptor)
                         self._sources[key] = plan.models[i].get_tensor(name).to(self.device, self.compute_dtype,
@@ -89,7 +92,7 @@ class InMemoryMerger:
 
     def _inputs(self, plan: MergePlan, job: TensorJob):
         def get(ref):
-            return self._sources[(str(plan.models[ref[0]].path), ref[1])]
+            return self._sources[(plan.models[ref[0]].source_id, ref[1])]
 
         return (get(job.base) if job.base else None), [get(r) for r in job.others]
 
@@ -98,8 +101,8 @@ class InMemoryMerger:
         become lookups: about 1.2 s of a 2 s TIES merge of SmolLM2), within SORTED_CACHE_BYTES."""
         if not (plan.method.ranks_magnitudes and job.base):
             return None
-        base_key = (str(plan.models[job.base[0]].path), job.base[1])
-        keys = [(base_key, str(plan.models[m].path), name) for m, name in job.others]
+        base_key = (plan.models[job.base[0]].source_id, job.base[1])
+        keys = [(base_key, plan.models[m].source_id, name) for m, name in job.others]
         missing = [k for k in keys if k not in self._sorted]
         need = sum(self._sources[k[1:]].numel() * self._sources[k[1:]].element_size() for k in missing)
         if self._sorted_bytes + need > SORTED_CACHE_BYTES:
