@@ -28,8 +28,14 @@ run: model
 test: model
 	$(PY) -m pytest
 
+# llama-cpp-python from source (about 5 minutes here), x86 flags with AMX off (its AMX path crashes on
+# this VM); other CPUs: make bench LLAMA_CPP_CMAKE="-DLLAMA_CURL=OFF"
+LLAMA_CPP_CMAKE ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+	-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DLLAMA_CURL=OFF
+
 $(VENV)/.bench-installed: $(VENV)/.installed
 	DISABLE_CUDA=1 $(PY) -m pip install -q -e ".[dev,bench]"
+	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(PY) -m pip install -q --no-cache-dir llama-cpp-python==0.3.36
 	touch $@
 
 bench: model $(VENV)/.bench-installed
