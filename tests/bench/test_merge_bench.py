@@ -352,25 +352,44 @@ def quiet(run: Run) -> bool:
     return run.other_cpu_s <= max(0.5, QUIET_FRACTION * run.wall_s)
 
 
-def run_tools(method: str, recipe: Path, work: Path, repeats: int, max_attempts: int) -> dict[str, list[Run]]:
-    """Each tool until it has ``repeats`` quiet runs or ``max_attempts`` runs, interleaved
-    (workbench, mergekit, workbench, ...)."""
+def run_commands(commands: dict[str, list[str]], outputs: dict[str, list[Path]], work: Path, repeats: int,
+                 max_attempts: int, what: str) -> dict[str, list[Run]]:
+    """Each tool's command until it has ``repeats`` quiet runs or ``max_attempts`` runs, interleaved
+    (first tool, second tool, first tool, ...); ``outputs[tool]`` (paths the tool writes) are
+    removed before each of its runs. ``what`` names the job in a failure."""
     runs: dict[str, list[Run]] = {}
     for _ in range(max_attempts):
-        for tool, cmd in tool_commands(method, recipe, work).items():
+        for tool, cmd in commands.items():
             if sum(quiet(r) for r in runs.get(tool, [])) >= repeats:
                 continue
-            out = work / tool
-            if out.exists():
-                shutil.rmtree(out)
+            for out in outputs.get(tool, []):
+                if out.is_dir():
+                    shutil.rmtree(out)
+                elif out.exists():
+                    out.unlink()
             wait_for_quiet(QUIET_WAIT_S)
             run = measure(cmd, work / f"{tool}.log", cwd=work)
             if run.returncode != 0:
-                pytest.fail(f"{tool} failed on {method} ({run.returncode}):\n{' '.join(cmd)}\n{run.log[-4000:]}")
+                pytest.fail(f"{tool} failed on {what} ({run.returncode}):\n{' '.join(cmd)}\n{run.log[-4000:]}")
             runs.setdefault(tool, []).append(run)
         if all(sum(quiet(r) for r in rs) >= repeats for rs in runs.values()):
             break
     return runs
+
+
+def run_tools(method: str, recipe: Path, work: Path, repeats: int, max_attempts: int) -> dict[str, list[Run]]:
+    """Each tool until it has ``repeats`` quiet runs or ``max_attempts`` runs, interleaved
+    (workbench, mergekit, workbench, ...)."""
+    commands = tool_commands(method, recipe, work)
+    return run_commands(commands, {tool: [work / tool] for tool in commands}, work, repeats, max_attempts, method)
+
+
+def run_figures(r: Run, runs: list[Run]) -> dict:
+    """The JSON figures of one tool's summarized run ``r`` (of ``runs``)."""
+    return {"wall_s": round(r.wall_s, 3), "cpu_s": round(r.cpu_s, 3), "peak_rss_mb": round(r.peak_rss_mb, 1),
+            "maxrss_mb": round(r.maxrss_mb, 1), "tree_rss_sampled_mb": round(r.tree_rss_mb, 1),
+            "max_procs": r.max_procs, "other_cpu_s": round(r.other_cpu_s, 2), "quiet": quiet(r), "runs": len(runs),
+            "wall_s_all": [round(x.wall_s, 3) for x in runs], "other_cpu_s_all": [round(x.other_cpu_s, 2) for x in runs]}
 
 
 def summarize(runs: list[Run]) -> Run:
@@ -398,12 +417,7 @@ def test_merge_bench(method: str, model_paths: dict[str, Path]) -> None:
         all_runs = run_tools(method, recipe, work, repeats, max_attempts)
         runs = {tool: summarize(rs) for tool, rs in all_runs.items()}
         for tool, r in runs.items():
-            emit(method=method, tool=tool, wall_s=round(r.wall_s, 3), cpu_s=round(r.cpu_s, 3),
-                 peak_rss_mb=round(r.peak_rss_mb, 1), maxrss_mb=round(r.maxrss_mb, 1),
-                 tree_rss_sampled_mb=round(r.tree_rss_mb, 1), max_procs=r.max_procs,
-                 other_cpu_s=round(r.other_cpu_s, 2), quiet=quiet(r), runs=len(all_runs[tool]),
-                 wall_s_all=[round(x.wall_s, 3) for x in all_runs[tool]],
-                 other_cpu_s_all=[round(x.other_cpu_s, 2) for x in all_runs[tool]])
+            emit(method=method, tool=tool, **run_figures(r, all_runs[tool]))
         ours, theirs = runs["workbench"], runs["mergekit"]
         ratio = {"method": method, "time_ratio": round(ours.wall_s / theirs.wall_s, 4),
                  "rss_ratio": round(ours.peak_rss_mb / theirs.peak_rss_mb, 4), "quiet": quiet(ours) and quiet(theirs)}
