@@ -7,7 +7,6 @@ import torch
 
 from .base import MergeMethod, MergeParams, ParamSpec, register
 from .common import resolve
-from .sparsify import top_k_mask
 
 PARAMS = {
     "select_topk": ParamSpec(float, 1.0, help="fraction of the entries whose deltas vary most across the "
@@ -23,7 +22,11 @@ def variance_mask(deltas: torch.Tensor, fraction: float) -> torch.Tensor:
     k = int(int(torch.count_nonzero(var)) * fraction) if fraction > 0 else 0
     if k == 0:
         return torch.zeros_like(var)
-    return top_k_mask(var.reshape(-1), k).to(var.dtype).view_as(var)
+    # torch.topk, as mergekit's sce_mask: among entries tied at the cutoff it keeps the ones mergekit
+    # keeps (a threshold that keeps the lower indices differed in 2 entries of 3x SmolLM2's 272 tensors)
+    mask = torch.zeros(var.numel(), dtype=var.dtype, device=var.device)
+    mask[torch.topk(var.reshape(-1), k, largest=True).indices] = 1
+    return mask.view_as(var)
 
 
 def sce(base: torch.Tensor | None, tensors: list[torch.Tensor], params: MergeParams) -> torch.Tensor:
