@@ -189,11 +189,7 @@ def execute_merge(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu", 
     dtype_out = plan.output_dtype(out_dtype)
     compute = plan.compute_dtype()
     specs = [(job.out_name, dtype_out, job.shape) for job in plan.jobs]
-    shards = assign_shards(specs, parse_size(shard_size))
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    shard_of = {spec[0]: i for i, shard in enumerate(shards) for spec in shard}
-    total_bytes = 0
+    shards, names, shard_of = shard_layout(specs, parse_size(shard_size))
 
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         writers = [StreamingShardWriter(tmp / n, shard) for n, shard in zip(names, shards)]
@@ -225,17 +221,33 @@ def execute_merge(plan: MergePlan, out_dir: str | Path, *, device: str = "cpu", 
             for w in writers:
                 w.abort()
             raise
-        for w in writers:
-            w.close()
-            total_bytes += w.nbytes
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": total_bytes}, "weight_map": {n: names[shard_of[n]] for n, _, _ in specs}}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        total_bytes = close_shards(writers, names, shard_of, [n for n, _, _ in specs], tmp)
         write_output_files(plan, tmp, dtype_out, seed, out_dir.name)
 
     return MergeResult(out_dir=out_dir, seconds=time.perf_counter() - start, bytes_written=total_bytes,
                        peak_rss_bytes=peak_rss_bytes(),
                        num_tensors=len(plan.jobs), num_shards=len(shards))
+
+
+def shard_layout(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], max_bytes: int):
+    """(shards, their file names, tensor name -> shard index) for tensors written in ``specs`` order."""
+    shards = assign_shards(specs, max_bytes)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    return shards, names, {spec[0]: i for i, shard in enumerate(shards) for spec in shard}
+
+
+def close_shards(writers: list, names: list[str], shard_of: dict[str, int], order: list[str], out: Path) -> int:
+    """Close every shard writer and, past one shard, write the index (tensors in ``order``);
+    return the bytes written."""
+    total = 0
+    for w in writers:
+        w.close()
+        total += w.nbytes
+    if len(writers) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": {n: names[shard_of[n]] for n in order}}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return total
 
 
 def write_output_files(plan: MergePlan, out: Path, dtype: torch.dtype, seed: int, title: str) -> None:

@@ -744,16 +744,12 @@ def write_moe(plan: MoePlan, gates, out_dir: str | Path, *, shard_size: int, see
               overwrite: bool = False, on_tensor: Callable[[int, int, str], None] | None = None) -> tuple[int, int]:
     """Write the MoE model into ``out_dir`` atomically, tensor by tensor; (bytes, shards)."""
     from workbench.atomic import atomic_dir
-    from workbench.merge.executor import assign_shards
+    from workbench.merge.executor import close_shards, shard_layout
     from workbench.models.safetensors_io import StreamingShardWriter
 
     specs = [(j.name, plan.dtype, tuple(j.shape)) for j in plan.jobs]
-    shards = assign_shards(specs, shard_size)
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    shard_of = {spec[0]: i for i, shard in enumerate(shards) for spec in shard}
+    shards, names, shard_of = shard_layout(specs, shard_size)
     out_dir = Path(out_dir)
-    total = 0
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         writers = [StreamingShardWriter(tmp / n, shard) for n, shard in zip(names, shards)]
         try:
@@ -765,13 +761,7 @@ def write_moe(plan: MoePlan, gates, out_dir: str | Path, *, shard_size: int, see
             for w in writers:
                 w.abort()
             raise
-        for w in writers:
-            w.close()
-            total += w.nbytes
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": total},
-                     "weight_map": {n: names[shard_of[n]] for n, _, _ in specs}}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        total = close_shards(writers, names, shard_of, [n for n, _, _ in specs], tmp)
         write_output_files(plan, tmp, seed, out_dir.name)
     return total, len(shards)
 
