@@ -16,6 +16,7 @@ Pickled checkpoints are never read.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
@@ -85,19 +86,27 @@ def load_model(ref: str | Path, dtype: str = "float32"):
     return model.eval(), AutoTokenizer.from_pretrained(str(path))
 
 
-def _load_float(path: Path, torch_dtype):
-    from transformers import AutoModelForCausalLM
-
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' own progress bars off while a block runs ("Loading weights", "Writing model
+    shards"): every command shows its own progress."""
     from transformers.utils import logging as hf_logging
 
     shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()   # its "Loading weights" bar: our commands show their own progress
+    hf_logging.disable_progress_bar()
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True,
-                                                           output_loading_info=True)
+        yield
     finally:
         if shown:
             hf_logging.enable_progress_bar()
+
+
+def _load_float(path: Path, torch_dtype):
+    from transformers import AutoModelForCausalLM
+
+    with quiet_transformers():   # its "Loading weights" bar: our commands show their own progress
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True,
+                                                           output_loading_info=True)
     missing = set(info.get("missing_keys", []))
     for group in _tied_groups(model):
         if group - missing:  # one stored member holds the weights of the whole tied group

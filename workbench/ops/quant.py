@@ -263,13 +263,16 @@ def export(qdir: str | Path, out: str | Path, fmt: str, storage: str = "packed",
         save_quantized(model, out, qdir, storage=storage, overwrite=overwrite,
                        extra={k: v for k, v in meta.items() if k not in ("format", "version", "layers", "tied", "config")})
         return {"format": "safetensors", "path": str(out)}
-    if fmt == "peft":
-        from workbench.export.peft import export_peft
+    from workbench.models.loader import quiet_transformers
 
-        return export_peft(model, qdir, out, overwrite=overwrite)
-    from workbench.export.hf import export_hf
+    with quiet_transformers():
+        if fmt == "peft":
+            from workbench.export.peft import export_peft
 
-    return export_hf(model, qdir, out, overwrite=overwrite)
+            return export_peft(model, qdir, out, overwrite=overwrite)
+        from workbench.export.hf import export_hf
+
+        return export_hf(model, qdir, out, overwrite=overwrite)
 
 
 def quantize_recover_export(source: str | Path, config: str | Path, out: str | Path, minutes: float = 0,
