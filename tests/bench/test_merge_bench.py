@@ -384,6 +384,36 @@ def run_tools(method: str, recipe: Path, work: Path, repeats: int, max_attempts:
     return run_commands(commands, {tool: [work / tool] for tool in commands}, work, repeats, max_attempts, method)
 
 
+def measure_pair(key: str, label: str, all_runs: dict[str, list[Run]], show=None) -> tuple[dict[str, Run], dict]:
+    """Each tool's runs summarized and printed by ``show`` (default: this bench's ``emit``; one figure
+    line per tool, ``{key: label}`` first); returns the summaries and the ratio figures (workbench /
+    mergekit), not yet printed."""
+    show = show or emit
+    runs = {tool: summarize(rs) for tool, rs in all_runs.items()}
+    for tool, r in runs.items():
+        show(**{key: label}, tool=tool, **run_figures(r, all_runs[tool]))
+    ours, theirs = runs["workbench"], runs["mergekit"]
+    return runs, {key: label, "time_ratio": round(ours.wall_s / theirs.wall_s, 4),
+                  "rss_ratio": round(ours.peak_rss_mb / theirs.peak_rss_mb, 4), "quiet": quiet(ours) and quiet(theirs)}
+
+
+def speed_failures(runs: dict[str, Run], ratio: dict, max_attempts: int, judge_rss: bool = True) -> list[str]:
+    """The time and memory targets missed (a time ratio without quiet runs of both is inconclusive)."""
+    ours, theirs = runs["workbench"], runs["mergekit"]
+    failures = []
+    if not ratio["quiet"]:  # a ratio of times taken under different loads means nothing, either way
+        failures.append(f"wall time ratio {ratio['time_ratio']:.3f} is inconclusive: no quiet run of "
+                        f"{' and '.join(t for t, r in runs.items() if not quiet(r))} in {max_attempts} "
+                        f"(other processes used the CPUs); rerun on an idle machine")
+    elif ratio["time_ratio"] > TIME_RATIO:
+        failures.append(f"wall time ratio {ratio['time_ratio']:.3f} > {TIME_RATIO:.3f} "
+                        f"({ours.wall_s:.2f} s vs {theirs.wall_s:.2f} s)")
+    if judge_rss and ratio["rss_ratio"] > RSS_RATIO:
+        failures.append(f"peak RSS ratio {ratio['rss_ratio']:.3f} > {RSS_RATIO:.3f} "
+                        f"({ours.peak_rss_mb:.0f} MB vs {theirs.peak_rss_mb:.0f} MB)")
+    return failures
+
+
 def run_figures(r: Run, runs: list[Run]) -> dict:
     """The JSON figures of one tool's summarized run ``r`` (of ``runs``)."""
     return {"wall_s": round(r.wall_s, 3), "cpu_s": round(r.cpu_s, 3), "peak_rss_mb": round(r.peak_rss_mb, 1),
@@ -414,13 +444,7 @@ def test_merge_bench(method: str, model_paths: dict[str, Path]) -> None:
     try:
         recipe = work / "recipe.yml"
         recipe.write_text(recipe_yaml(method, model_paths))
-        all_runs = run_tools(method, recipe, work, repeats, max_attempts)
-        runs = {tool: summarize(rs) for tool, rs in all_runs.items()}
-        for tool, r in runs.items():
-            emit(method=method, tool=tool, **run_figures(r, all_runs[tool]))
-        ours, theirs = runs["workbench"], runs["mergekit"]
-        ratio = {"method": method, "time_ratio": round(ours.wall_s / theirs.wall_s, 4),
-                 "rss_ratio": round(ours.peak_rss_mb / theirs.peak_rss_mb, 4), "quiet": quiet(ours) and quiet(theirs)}
+        runs, ratio = measure_pair("method", method, run_tools(method, recipe, work, repeats, max_attempts))
         failures = []
         if METHODS[method]["deterministic"]:
             cmp = compare_exact(work / "workbench", work / "mergekit")
@@ -442,16 +466,7 @@ def test_merge_bench(method: str, model_paths: dict[str, Path]) -> None:
             if abs(ratio["mean_abs_delta_ratio"] - 1) > DARE_MEAN_DELTA_REL_TOL:
                 failures.append(f"mean |delta| ratio {ratio['mean_abs_delta_ratio']:.4f} (ours/mergekit)")
         emit(**ratio)
-        if not ratio["quiet"]:  # a ratio of times taken under different loads means nothing, either way
-            failures.append(f"wall time ratio {ratio['time_ratio']:.3f} is inconclusive: no quiet run of "
-                            f"{' and '.join(t for t, r in runs.items() if not quiet(r))} in {max_attempts} "
-                            f"(other processes used the CPUs); rerun on an idle machine")
-        elif ratio["time_ratio"] > TIME_RATIO:
-            failures.append(f"wall time ratio {ratio['time_ratio']:.3f} > {TIME_RATIO:.3f} "
-                            f"({ours.wall_s:.2f} s vs {theirs.wall_s:.2f} s)")
-        if ratio["rss_ratio"] > RSS_RATIO:
-            failures.append(f"peak RSS ratio {ratio['rss_ratio']:.3f} > {RSS_RATIO:.3f} "
-                            f"({ours.peak_rss_mb:.0f} MB vs {theirs.peak_rss_mb:.0f} MB)")
+        failures += speed_failures(runs, ratio, max_attempts)
         if check_targets:
             assert not failures, f"{method}: " + "; ".join(failures)
     finally:

@@ -46,17 +46,14 @@ import pytest
 
 from test_merge_bench import (  # noqa: F401 (model_paths is a fixture)
     MAX_ABS_DIFF,
-    RSS_RATIO,
-    TIME_RATIO,
     VENV_BIN,
     Tensors,
     child_env,
     compare_exact,
+    measure_pair,
     model_paths,
-    quiet,
     run_commands,
-    run_figures,
-    summarize,
+    speed_failures,
 )
 
 SEED = 0
@@ -145,25 +142,9 @@ def run_and_report(case: str, commands: dict[str, list[str]], outputs: dict[str,
     time/RSS failures."""
     repeats = max(1, int(os.environ.get("BENCH_REPEATS", "1")))
     max_attempts = max(repeats, int(os.environ.get("BENCH_MAX_ATTEMPTS", "3")))
-    all_runs = run_commands(commands, outputs, work, repeats, max_attempts, case)
-    runs = {tool: summarize(rs) for tool, rs in all_runs.items()}
-    for tool, r in runs.items():
-        emit(case=case, tool=tool, **run_figures(r, all_runs[tool]))
-    ours, theirs = runs["workbench"], runs["mergekit"]
-    ratio = {"case": case, "time_ratio": round(ours.wall_s / theirs.wall_s, 4),
-             "rss_ratio": round(ours.peak_rss_mb / theirs.peak_rss_mb, 4), "quiet": quiet(ours) and quiet(theirs)}
-    failures = []
-    if not ratio["quiet"]:
-        failures.append(f"wall time ratio {ratio['time_ratio']:.3f} is inconclusive: no quiet run of "
-                        f"{' and '.join(t for t, r in runs.items() if not quiet(r))} in {max_attempts} "
-                        f"(other processes used the CPUs); rerun on an idle machine")
-    elif ratio["time_ratio"] > TIME_RATIO:
-        failures.append(f"wall time ratio {ratio['time_ratio']:.3f} > {TIME_RATIO:.3f} "
-                        f"({ours.wall_s:.2f} s vs {theirs.wall_s:.2f} s)")
-    if judge_rss and ratio["rss_ratio"] > RSS_RATIO:
-        failures.append(f"peak RSS ratio {ratio['rss_ratio']:.3f} > {RSS_RATIO:.3f} "
-                        f"({ours.peak_rss_mb:.0f} MB vs {theirs.peak_rss_mb:.0f} MB)")
-    return ratio, failures
+    runs, ratio = measure_pair("case", case, run_commands(commands, outputs, work, repeats, max_attempts, case),
+                               show=emit)
+    return ratio, speed_failures(runs, ratio, max_attempts, judge_rss)
 
 
 def finish(case: str, ratio: dict, failures: list[str]) -> None:
