@@ -65,6 +65,7 @@ from typing import Any, Callable, NoReturn
 import yaml
 
 from workbench.errors import WorkbenchError
+from workbench.merge.tokenizer import copy_tokenizer_files, has_tokenizer, tokenizer_fingerprint, vocab_difference
 from workbench.schema import Field, Reader, field_location, parse_with_lines
 
 GATE_MODES = ("hidden", "cheap_embed", "random", "hidden_avg", "hidden_last", "uniform_random")
@@ -72,8 +73,6 @@ PROMPT_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")
 RANDOM_MODES = ("random", "uniform_random")
 DTYPES = ("float32", "float16", "bfloat16")
 SOURCE_TYPES = ("llama", "mistral", "qwen2")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 MLP = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}   # dense name -> Mixtral expert name
 ATTN_BIAS = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
 LAYER_TENSORS = ("input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
@@ -337,15 +336,6 @@ def _resolve(cfg: MoeConfig, ref: str, path: tuple) -> Path:
     return p.resolve()
 
 
-def _tokenizer_fingerprint(d: Path) -> bytes:
-    return b"".join((d / f).read_bytes() for f in ("tokenizer.json", "vocab.json", "tokenizer.model")
-                    if (d / f).is_file())
-
-
-def _has_tokenizer(d: Path) -> bool:
-    return any((d / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer.model"))
-
-
 def load_tokenizer(path: Path):
     """The base model's tokenizer set up as mergekit-moe does for the prompts: padding on the left
     with the BOS token (the EOS token when there is no BOS)."""
@@ -485,7 +475,7 @@ def _plan_tensors(cfg: MoeConfig, output: str, paths: dict[str, Path], models: d
                               "(an MoE has one intermediate size)")
 
     # the tokenizer the gates are computed with and the output gets: the base's
-    if not _has_tokenizer(base_path):
+    if not has_tokenizer(base_path):
         fail_base("no tokenizer (tokenizer.json, tokenizer.model or vocab.json); the output needs one and the "
                   "gate prompts are tokenized with it")
     _check_tokenizers(cfg, paths, where, base_path)
@@ -538,9 +528,9 @@ def _plan_tensors(cfg: MoeConfig, output: str, paths: dict[str, Path], models: d
 def _check_tokenizers(cfg: MoeConfig, paths: dict[str, Path], where: dict, base_path: Path) -> None:
     """Each expert with a tokenizer of its own must have the base's vocabulary (the output and its
     router use the base's tokenizer)."""
-    base_print = _tokenizer_fingerprint(base_path)
+    base_print = tokenizer_fingerprint(base_path)
     others = [p for p in dict.fromkeys(paths.values())
-              if p != base_path and _has_tokenizer(p) and _tokenizer_fingerprint(p) != base_print]
+              if p != base_path and has_tokenizer(p) and tokenizer_fingerprint(p) != base_print]
     if not others:
         return
     from transformers import AutoTokenizer
@@ -554,8 +544,8 @@ def _check_tokenizers(cfg: MoeConfig, paths: dict[str, Path], where: dict, base_
             vocab = AutoTokenizer.from_pretrained(str(p)).get_vocab()
         except Exception as e:  # noqa: BLE001
             cfg.fail(where[p], f"{p}: cannot load its tokenizer ({type(e).__name__}: {e})".split("\n")[0])
-        if vocab != base_vocab:
-            diff = next((t for t in sorted(set(vocab) | set(base_vocab)) if vocab.get(t) != base_vocab.get(t)), None)
+        diff = vocab_difference(vocab, base_vocab)
+        if diff is not None:
             cfg.fail(where[p], f"{p}: its tokenizer's vocabulary differs from the base model's ({len(vocab)} vs "
                                f"{len(base_vocab)} tokens; {diff!r} is {vocab.get(diff)} here, "
                                f"{base_vocab.get(diff)} in the base); the MoE reads text with the base's tokenizer")
@@ -786,9 +776,7 @@ def write_output_files(plan: MoePlan, out: Path, seed: int, title: str) -> None:
     base_dir = plan.paths[plan.config.base_model]
     if (base_dir / "generation_config.json").is_file():
         shutil.copy2(base_dir / "generation_config.json", out / "generation_config.json")
-    for name in TOKENIZER_FILES:
-        if (plan.tokenizer_dir / name).is_file():
-            shutil.copy2(plan.tokenizer_dir / name, out / name)
+    copy_tokenizer_files(plan.tokenizer_dir, out)
     text = config_yaml(plan, seed)
     (out / "mergekit_moe_config.yml").write_text(text)
     (out / "README.md").write_text(model_card(plan, text, seed, title))

@@ -21,9 +21,24 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
-def _tokenizer_fingerprint(model_dir: Path) -> bytes:
-    return b"".join((model_dir / f).read_bytes() for f in ("tokenizer.json", "vocab.json", "tokenizer.model")
-                    if (model_dir / f).is_file())
+VOCAB_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")   # any of them: the directory has a tokenizer
+
+
+def tokenizer_fingerprint(model_dir: Path) -> bytes:
+    """The bytes of the files that define a tokenizer's vocabulary (equal bytes: the same tokenizer)."""
+    return b"".join((model_dir / f).read_bytes() for f in VOCAB_FILES if (model_dir / f).is_file())
+
+
+def has_tokenizer(model_dir: Path) -> bool:
+    return any((model_dir / f).is_file() for f in VOCAB_FILES)
+
+
+def vocab_difference(vocab: dict[str, int], reference: dict[str, int]) -> str | None:
+    """The first token (in sorted order) whose id differs between two vocabularies (or that one lacks);
+    None when they are equal."""
+    if vocab == reference:
+        return None
+    return next(t for t in sorted(vocab.keys() | reference.keys()) if vocab.get(t) != reference.get(t))
 
 
 def tokenizer_dir(plan) -> Path:
@@ -33,7 +48,7 @@ def tokenizer_dir(plan) -> Path:
     if source == "base":
         return plan.models[plan.reference_model].path
     if source == "union":
-        prints = {_tokenizer_fingerprint(m.path) for m in plan.models}
+        prints = {tokenizer_fingerprint(m.path) for m in plan.models}
         if len(prints) > 1:
             raise RecipeError(f"{recipe.where(('tokenizer_source',))}: tokenizer_source: union of different "
                               "tokenizers is not supported; the models' tokenizers differ. Use `base` or a model.")
@@ -44,11 +59,15 @@ def tokenizer_dir(plan) -> Path:
     return plan.models[plan.model_refs.index(source)].path
 
 
-def write_tokenizer(plan, out: Path) -> None:
-    src = tokenizer_dir(plan)
+def copy_tokenizer_files(src: Path, out: Path) -> None:
+    """The tokenizer's files of ``src`` (those present) into ``out``, as they are."""
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, out / name)
+
+
+def write_tokenizer(plan, out: Path) -> None:
+    copy_tokenizer_files(tokenizer_dir(plan), out)
     template = plan.recipe.chat_template
     if template and template not in ("auto", "base"):
         if "{%" not in template and "{{" not in template:

@@ -195,11 +195,12 @@ def _teacher_cache_path(teacher_dir: Path, windows, opts) -> Path:
 def check_same_tokenizer(teacher_tok, student_tok, teacher_dir: Path, student_dir: str | Path) -> None:
     """Distillation compares the two models' distributions token by token: both must map text to
     the same ids. A mismatch names the first token that differs."""
+    from workbench.merge.tokenizer import vocab_difference
+
     t, s = teacher_tok.get_vocab(), student_tok.get_vocab()
-    if t == s:
+    token = vocab_difference(t, s)
+    if token is None:
         return
-    differ = sorted(k for k in t.keys() ^ s.keys()) or sorted(k for k in t if t[k] != s[k])
-    token = differ[0]
     raise WorkbenchError(f"--teacher {teacher_dir}: its tokenizer differs from {student_dir}'s ({len(t)} vs {len(s)} "
                          f"tokens; first difference: {token!r} is {t.get(token)} vs {s.get(token)}); the teacher "
                          "must be the float model the quantized one was made from")

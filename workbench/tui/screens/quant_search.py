@@ -323,7 +323,8 @@ class QuantSearchScreen(WorkbenchScreen):
 
 
 def built_lines(r: dict) -> list[str]:
-    """What quantize_recover_export made, a line per step (the Quantize screen shows the same)."""
+    """What quantize_recover_export made, a line per step, with held-out perplexities (the Quantize
+    screen shows sizes and paths instead: `result_lines`)."""
     q = r["quantized"]
     lines = [f"{q['out']}: {q['bits_per_weight_with_adapters']:.3f} bits per weight with adapters "
              f"({q['bits_per_weight']:.3f} base), held-out ppl {q['ppl']:.2f}"]
