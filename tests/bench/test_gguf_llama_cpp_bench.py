@@ -9,10 +9,11 @@ as OUT.lora.gguf, loaded by llama.cpp as a LoRA), and both tools score the same 
 held-out text (`zoo-perplexity`'s heldout split, 8 x 256 tokens, no BOS): ours with the compressed
 directory, llama.cpp with the GGUF. One JSON line per config:
 
-    {"bench": "gguf", "config": ..., "gguf_bpw": ..., "lora_bytes": ..., "ours_ppl": ..., "llama_cpp_ppl": ...,
-     "ratio": ...}
+    {"bench": "gguf", "config": ..., "gguf_bpw": ..., "total_bpw": ..., "lora_bytes": ..., "ours_ppl": ...,
+     "llama_cpp_ppl": ..., "ratio": ...}
 
-(``gguf_bpw`` is the model file's linear weights, from its bytes; the adapter file's bytes beside it.)
+(``gguf_bpw``: the model file's linear weights, from their bytes; ``total_bpw``: with the whole adapter file's
+bytes added, over the same weights.)
 
 Target: |log(llama.cpp ppl / ours)| <= 0.02 where our perplexity is under 1,000 (llama.cpp's Q4 dot
 products round the activations to 8 bits; measured 0.0003 without adapters, 0.006 with them);
@@ -111,6 +112,8 @@ def test_exported_gguf_runs_in_llama_cpp_with_our_perplexity(tmp_path):
         theirs = llama_cpp_ppl(gguf, lora if lora.is_file() else None, windows)
         row = {"bench": "gguf", "config": name, "gguf_bpw": report["bits_per_weight"], "types": report["types"],
                "lora_bytes": lora.stat().st_size if lora.is_file() else 0, "gguf_bytes": gguf.stat().st_size,
+               "total_bpw": round((report["linear_bytes"] + (lora.stat().st_size if lora.is_file() else 0)) * 8
+                                  / report["linear_weights"], 3),
                "ours_ppl": round(ours, 4), "llama_cpp_ppl": round(theirs, 4),
                "ratio": round(theirs / ours, 4), "tokens": WINDOWS * (WINDOW - 1)}
         print(json.dumps(row), flush=True)
