@@ -75,11 +75,24 @@ def build_parser() -> argparse.ArgumentParser:
     moe.add_parsers(sub)
     lora.add_parsers(sub)
 
-    ev = sub.add_parser("eval", help="evaluate a model on task files (multiple choice, exact match, perplexity, kl)")
+    ev = sub.add_parser("eval", help="evaluate a model on task files (multiple choice, exact match, perplexity, kl) "
+                        "or lm-evaluation-harness tasks (lm_eval:NAME)")
     ev.add_argument("model", type=Path, help="a model directory (float, or compressed by `workbench quantize` / "
                     "`recover`), a .gguf file, or a name in the home's models/")
-    ev.add_argument("tasks", nargs="+", metavar="TASK", help="a task header .yml or a built-in task name")
-    ev.add_argument("--split", default="search", help="split to evaluate (default: search)")
+    ev.add_argument("tasks", nargs="+", metavar="TASK",
+                    help="a task header .yml, a built-in task name, or lm_eval:NAME (an lm-eval task)")
+    ev.add_argument("--split", default="search",
+                    help="split to evaluate (default: search; lm_eval tasks: search, heldout or all)")
+    lm = ev.add_argument_group("lm-eval tasks (lm_eval:NAME; needs workbench[lm-eval])")
+    lm.add_argument("--include-path", type=Path, action="append", default=[], metavar="DIR",
+                    help="a directory of your own lm-eval task YAMLs (repeatable)")
+    lm.add_argument("--lm-eval-seed", type=int, default=0, help="the shuffle that cuts search / heldout (default 0)")
+    lm.add_argument("--search-docs", type=int, default=None,
+                    help="documents in the search split (default: half, at most 200)")
+    lm.add_argument("--heldout-docs", type=int, default=None,
+                    help="documents in the heldout split (default: the rest, at most 1000)")
+    lm.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: as the task defines)")
+    lm.add_argument("--chat-template", action="store_true", help="render the requests through the chat template")
     ev.add_argument("--limit", type=int, default=None, help="first N items of the split")
     ev.add_argument("--json", type=Path, default=None, help="write {task: {metric, metric_stderr, ...}} here")
     ev.add_argument("--log-samples", type=Path, default=None, help="write one JSON line per scored request")

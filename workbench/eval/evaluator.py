@@ -21,6 +21,7 @@ import torch
 from workbench.errors import WorkbenchError
 from workbench.eval import kl as kl_mod
 from workbench.eval.generate import greedy_generate
+from workbench.eval.lm_eval_tasks import aggregate_lm_eval, score_lm_eval_units
 from workbench.eval.metrics import aggregate, multiple_choice_unit, token_mean_metrics
 from workbench.eval.racing import BOUNDS, Race, race_order
 from workbench.eval.requests import Prepared, Unit, prepare
@@ -165,7 +166,7 @@ def _evaluate_task(model, tokenizer, task: Task, split: str, limit: int | None, 
         order, size = list(range(n)), n
     if opts.progress is not None:
         opts.progress.start(task.name, sum(_cost(task, u) for u in units))
-    bounded = task.type in ("multiple_choice", "exact_match")
+    bounded = task.type in ("multiple_choice", "exact_match", "lm_eval")
     total_w = float(sum(len(u.requests[0].continuation) for u in units)) if not bounded else None
     race = Race(n, incumbent, confidence, size, bounded, opts.race_bound, total_weight=total_w)
     records: list[dict] = []
@@ -184,6 +185,8 @@ def _evaluate_task(model, tokenizer, task: Task, split: str, limit: int | None, 
 
 
 def _cost(task: Task, u: Unit) -> int:
+    if task.type == "lm_eval":
+        return len(u.requests) + len(u.generate)
     return 2 if task.type == "exact_match" else len(u.requests)
 
 
@@ -265,7 +268,17 @@ def _score_kl(model, tokenizer, task, prep: Prepared, part, opts, samples, teach
     return recs
 
 
-_SCORERS = {"multiple_choice": _score_mc, "exact_match": _score_em, "perplexity": _score_ppl, "kl": _score_kl}
+def _score_lm_eval(model, tokenizer, task, prep, part, opts, samples, teacher) -> list[dict]:
+    def generate(prompts, max_new_tokens, stop):
+        return greedy_generate(model, tokenizer, prompts, max_new_tokens, stop, batch_size=opts.batch_size,
+                               progress=_advance(opts))
+
+    return score_lm_eval_units(task, part, lambda reqs: _score(model, reqs, opts), generate,
+                               opts.log_samples, samples)
+
+
+_SCORERS = {"multiple_choice": _score_mc, "exact_match": _score_em, "perplexity": _score_ppl, "kl": _score_kl,
+            "lm_eval": _score_lm_eval}
 
 
 def _aggregate(task: Task, records: list[dict]) -> tuple[dict, dict]:
@@ -273,6 +286,8 @@ def _aggregate(task: Task, records: list[dict]) -> tuple[dict, dict]:
         return aggregate(records, ["acc", "acc_norm", "score"])
     if task.type == "exact_match":
         return aggregate(records, ["exact_match", "score"])
+    if task.type == "lm_eval":
+        return aggregate_lm_eval(task, records)
     name = "nll" if task.type == "perplexity" else "kl"
     per_token = np.concatenate([r[f"tokens_{name}"] for r in records])
     return token_mean_metrics(per_token, name)

@@ -68,7 +68,7 @@ def prefix_token_id(tokenizer) -> int:
     return tid
 
 
-def _encode(tokenizer, texts: list[str]) -> list[Ids]:
+def encode_texts(tokenizer, texts: list[str]) -> list[Ids]:
     if not texts:
         return []
     return [list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
@@ -83,8 +83,8 @@ def move_whitespace(context: str, continuation: str) -> tuple[str, str]:
 def encode_pairs(tokenizer, pairs: list[tuple[str, str]]) -> tuple[list[tuple[Ids, Ids]], int]:
     """Tokenize (context, continuation) pairs lm-eval's way; returns the pairs and boundary merges."""
     moved = [move_whitespace(ctx, cont) for ctx, cont in pairs]
-    ctx_ids = _encode(tokenizer, [c for c, _ in moved])
-    whole_ids = _encode(tokenizer, [c + k for c, k in moved])
+    ctx_ids = encode_texts(tokenizer, [c for c, _ in moved])
+    whole_ids = encode_texts(tokenizer, [c + k for c, k in moved])
     prefix = None
     out, merges = [], 0
     for (ctx, cont), c, w in zip(moved, ctx_ids, whole_ids):
@@ -100,8 +100,8 @@ def encode_pairs(tokenizer, pairs: list[tuple[str, str]]) -> tuple[list[tuple[Id
             c = w[:n]
         cont_ids = w[len(c):]
         if not cont_ids:  # the continuation vanished into the context: score it tokenized apart
-            cont_ids = _encode(tokenizer, [cont])[0]
-            c = _encode(tokenizer, [ctx])[0]
+            cont_ids = encode_texts(tokenizer, [cont])[0]
+            c = encode_texts(tokenizer, [ctx])[0]
         if not c:
             prefix = prefix_token_id(tokenizer) if prefix is None else prefix
             c = [prefix]
@@ -147,6 +147,10 @@ def prepare(task: Task, split: str, tokenizer) -> Prepared:
 
 
 def _prepare(task: Task, split: str, tokenizer) -> Prepared:
+    if task.type == "lm_eval":
+        from workbench.eval.lm_eval_tasks import prepare_lm_eval
+
+        return Prepared(task, split, prepare_lm_eval(task, split, tokenizer))
     items = task.split_items(split)
     if task.num_fewshot and split == task.fewshot_split:
         raise TaskError(f"{task.path}: fewshot_split: split {split!r} holds the few-shot examples and "
@@ -180,7 +184,7 @@ def _prepare(task: Task, split: str, tokenizer) -> Prepared:
                             f"tokenizes to no tokens")
         r.context, r.continuation = c, k
     if task.type == "exact_match":
-        prompts = _encode(tokenizer, [u.prompt_text for u in units])
+        prompts = encode_texts(tokenizer, [u.prompt_text for u in units])
         for u, p in zip(units, prompts):
             u.prompt = p or [prefix_token_id(tokenizer)]
     return Prepared(task, split, units, merges)
@@ -208,7 +212,7 @@ def _prepare_windows(task: Task, split: str, items: list[Item], tokenizer) -> Pr
     budget = task.max_tokens
     units: list[Unit] = []
     prefix = prefix_token_id(tokenizer)
-    for d, (it, ids) in enumerate(zip(items, _encode(tokenizer, texts))):
+    for d, (it, ids) in enumerate(zip(items, encode_texts(tokenizer, texts))):
         if budget is not None:
             if budget <= 0:
                 break

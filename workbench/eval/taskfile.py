@@ -111,6 +111,7 @@ class Task:
     reference: str | None = None
     top_k: int = 32
     fingerprint: str = ""
+    source: Any = None  # type lm_eval: the lm-eval side (`workbench.eval.lm_eval_tasks.LmEvalSource`)
 
     @property
     def splits(self) -> list[str]:
@@ -189,8 +190,15 @@ HEADER = {
 }
 
 
-def load_task(ref: str | Path) -> Task:
-    """Load and validate a task header and its items; raises :class:`TaskError`."""
+def load_task(ref: str | Path, lm_eval: Any = None) -> Task:
+    """Load and validate a task header and its items; raises :class:`TaskError`.
+
+    ``lm_eval:NAME`` loads an lm-evaluation-harness task (``lm_eval``: its
+    :class:`~workbench.eval.lm_eval_tasks.LmEvalOptions`)."""
+    if isinstance(ref, str) and ref.startswith("lm_eval:"):
+        from workbench.eval.lm_eval_tasks import load_lm_eval_task
+
+        return load_lm_eval_task(ref, lm_eval)
     path = resolve_task_path(ref)
     head, lines = parse_with_lines(path.read_text(encoding="utf-8"), str(path), TaskError)
     if not isinstance(head, dict):
@@ -324,6 +332,10 @@ def normalize_text(s: str, steps: list[str]) -> str:
 
 def check_search_objective(task: Task, split: str) -> None:
     """Refuse ``heldout`` (and unknown splits) as a search objective, as mergekit-evolve refuses benchmarks."""
+    if task.type == "lm_eval":
+        from workbench.eval.lm_eval_tasks import check_lm_eval_objective
+
+        check_lm_eval_objective(task)
     if split.lower() == HELDOUT_SPLIT or split.lower().startswith(HELDOUT_SPLIT + "_"):
         raise TaskError(f"{task.path}: split: {split!r} of task {task.name!r} is held out for reporting and "
                         f"cannot be a search objective (use e.g. 'search')")

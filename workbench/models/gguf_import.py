@@ -309,3 +309,32 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float3
             _write_generation_config(model, tmp)
             _write_tokenizer(tokenizer, tmp)
     return out_dir
+
+
+def gguf_cache_dir(gguf_path: str | Path) -> Path:
+    """Where :func:`cached_import` keeps the import of a GGUF file: ``$WORKBENCH_HOME/cache/gguf/``,
+    keyed by the file's absolute path, size, mtime and its first and last MiB (a changed or
+    replaced file gets a new import; a 4 GB file is not hashed whole)."""
+    import hashlib
+
+    from workbench.home import workbench_home
+
+    path = Path(gguf_path).absolute()
+    st = path.stat()
+    h = hashlib.sha256(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, st.st_size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return workbench_home() / "cache" / "gguf" / f"{path.stem}-{h.hexdigest()[:16]}"
+
+
+def cached_import(gguf_path: str | Path, progress: ProgressFn | None = None) -> Path:
+    """A GGUF file as a float32 safetensors directory, imported once into the home's cache and reused
+    (``workbench eval FILE.gguf``, a GGUF picked in the UI)."""
+    path = check_gguf_file(gguf_path).absolute()
+    out = gguf_cache_dir(path)
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return import_gguf(path, out, dtype="float32", overwrite=out.exists(), progress=progress)

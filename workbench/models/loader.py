@@ -9,7 +9,7 @@ an existing path wins, then one relative to the file that names it, then ``$WORK
   perplexity 2.5e18);
 - a compressed quantized directory (``quant_config.json``, from ``workbench quantize`` or
   ``recover``): rebuilt with its ``QuantLinear`` layers and adapters;
-- a ``.gguf`` file: dequantized by transformers.
+- a ``.gguf`` file: dequantized once into the home's cache (``cache/gguf/``), then loaded from there.
 
 Pickled checkpoints are never read.
 """
@@ -63,8 +63,9 @@ def model_kind(path: Path) -> str:
     return "quantized" if (path / "quant_config.json").is_file() else "float"
 
 
-def load_model(ref: str | Path, dtype: str = "float32"):
-    """(model in eval mode, tokenizer) for any model reference, loaded as what it is."""
+def load_model(ref: str | Path, dtype: str = "float32", progress=None):
+    """(model in eval mode, tokenizer) for any model reference, loaded as what it is (``progress``:
+    the one-time import of a GGUF file)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -73,9 +74,10 @@ def load_model(ref: str | Path, dtype: str = "float32"):
     path = resolve_model(ref)
     kind = model_kind(path)
     if kind == "gguf":
-        from workbench.models.gguf_import import load_gguf_with_transformers
+        from workbench.models.gguf_import import cached_import
 
-        return load_gguf_with_transformers(path, dtype)
+        path = cached_import(path, progress)
+        kind = "float"
     torch_dtype = getattr(torch, dtype)
     if kind == "quantized":
         from workbench.quant.model import load_quantized

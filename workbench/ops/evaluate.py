@@ -27,25 +27,29 @@ class _ProgressHook:
 def evaluate(model: str | Path, tasks: list[str], *, split: str = "search", limit: int | None = None,
              dtype: str = "float32", batch_size: int = 32, threads: int | None = None,
              json_out: str | Path | None = None, log_samples: str | Path | None = None, overwrite: bool = False,
-             progress: ProgressFn | None = None) -> dict:
+             progress: ProgressFn | None = None, lm_eval=None) -> dict:
     """`workbench eval`: every task and split checked, and the output files refused when occupied
     (unless ``overwrite``), before the model loads; returns {task: TaskResult}; writes the metrics
-    to ``json_out`` and one JSON line per scored request to ``log_samples``, each atomically."""
+    to ``json_out`` and one JSON line per scored request to ``log_samples``, each atomically.
+    ``lm_eval``: :class:`~workbench.eval.lm_eval_tasks.LmEvalOptions` for ``lm_eval:NAME`` tasks;
+    a GGUF model is imported once into the home's cache (its progress reported)."""
     from workbench.atomic import atomic_file, check_output
     from workbench.eval.evaluator import evaluate as run_tasks
     from workbench.eval.evaluator import results_to_dict
     from workbench.eval.taskfile import load_task
     from workbench.models.loader import load_model
 
-    loaded = [load_task(t) for t in tasks]
+    from workbench.eval.lm_eval_tasks import doc_ids
+
+    loaded = [load_task(t, lm_eval) for t in tasks]
     for t in loaded:
-        t.split_items(split)
+        doc_ids(t, split) if t.type == "lm_eval" else t.split_items(split)
     if limit is not None and limit < 1:
         raise WorkbenchError(f"--limit: expected a positive number of items, got {limit}")
     for out in (json_out, log_samples):
         if out is not None:
             check_output(out, overwrite, file=True)
-    net, tokenizer = load_model(model, dtype)
+    net, tokenizer = load_model(model, dtype, progress=progress)
     results = run_tasks(net, tokenizer, loaded, split=split, limit=limit, batch_size=batch_size, threads=threads,
                         log_samples=log_samples is not None, progress=_ProgressHook(progress))
     if json_out is not None:

@@ -24,7 +24,7 @@ class Fitness:
 class Objective:
     def __init__(self, spec: SearchSpec):
         self.spec = spec
-        self.tasks: list[Task] = [load_task(o.task) for o in spec.objective]
+        self.tasks: list[Task] = [load_task(o.task, spec.lm_eval) for o in spec.objective]
         self.weights = [o.weight for o in spec.objective]
         for task in self.tasks:
             check_search_objective(task, SEARCH_SPLIT)

@@ -55,7 +55,7 @@ def heldout_report(search, top: int = 3, on_entry=None) -> dict:
     """Score the entries on every report task's held-out split; write report.json and report.md."""
     spec = search.spec
     task_refs = list(dict.fromkeys([o.task for o in spec.objective] + list(spec.report_tasks)))
-    tasks = [load_task(t) for t in task_refs]
+    tasks = [load_task(t, spec.lm_eval) for t in task_refs]
     entries: list[tuple[str, dict, float | None]] = []
     for i, row in enumerate(top_candidates(search.state.history, top)):
         entries.append((f"search #{i + 1} (gen {row['generation']})", row["recipe"], row["score"]))

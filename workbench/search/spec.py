@@ -20,6 +20,8 @@
     racing: false
     sigma0: 0.25                   # CMA-ES step size in the genome's [0, 1] units
     limit: null                    # items per task (null: the whole search split)
+    lm_eval: {include_path: [tasks/], seed: 0, search_docs: 200}   # for objective / report tasks named
+                                   # lm_eval:NAME (lm-evaluation-harness tasks; see workbench.eval.lm_eval_tasks)
     quantize: recipes/ternary.yml  # joint mode: each candidate scored after quantizing by this config
                                    # (adapters SVD-initialised, no training): the merge that survives
                                    # low-bit deployment best
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
+from workbench.eval.lm_eval_tasks import OPTIONS_FIELD, LmEvalOptions
 from workbench.merge.methods import METHODS
 from workbench.merge.recipe import DTYPES
 from workbench.schema import Field, Reader, parse_with_lines
@@ -84,6 +87,7 @@ class SearchSpec:
     batch_size: int = 32
     report_tasks: list[str] = field(default_factory=list)  # scored on held-out at the end, beside the objective
     quantize: str | None = None  # a quantization config: each candidate is scored after quantizing (joint mode)
+    lm_eval: LmEvalOptions = field(default_factory=LmEvalOptions)  # how lm_eval:NAME tasks load and split
     source: str = "<spec>"
 
     def to_dict(self) -> dict:
@@ -94,7 +98,7 @@ class SearchSpec:
             "fixed": dict(self.fixed), "objective": [{"task": o.task, "weight": o.weight} for o in self.objective],
             "budget": vars(self.budget).copy(), "seed": self.seed, "racing": self.racing, "sigma0": self.sigma0,
             "limit": self.limit, "dtype": self.dtype, "eval_dtype": self.eval_dtype, "batch_size": self.batch_size,
-            "report_tasks": list(self.report_tasks), "quantize": self.quantize,
+            "report_tasks": list(self.report_tasks), "quantize": self.quantize, "lm_eval": self.lm_eval.to_dict(),
         }
 
 
@@ -153,6 +157,7 @@ SPEC = Field(dict, msg="expected a mapping", fields={
     "batch_size": Field(int, 32, low=1),
     "report_tasks": Field(list, [], item=str, msg="expected a list of task names or paths"),
     "quantize": Field(str, None, msg="expected the path of a quantization config (e.g. recipes/ternary.yml)"),
+    "lm_eval": OPTIONS_FIELD,
 })
 
 
@@ -206,5 +211,5 @@ def spec_from_dict(data: Any, source: str = "<spec>", lines: dict | None = None)
             r.fail(("quantize",), str(e))
         quantize = str(path.resolve())
     del s["kind"]
-    return SearchSpec(**{**s, "evolve": bounds, "fixed": dict(s["fixed"]),
+    return SearchSpec(**{**s, "evolve": bounds, "fixed": dict(s["fixed"]), "lm_eval": s["lm_eval"].relative_to(source),
                          "sigma0": float(s["sigma0"]), "quantize": quantize}, source=source)

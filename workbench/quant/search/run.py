@@ -137,7 +137,7 @@ class QuantSearch:
         if spec.fitness != "kl":
             from workbench.eval.taskfile import check_search_objective, load_task
 
-            self.task = load_task(spec.fitness)
+            self.task = load_task(spec.fitness, spec.lm_eval)
             check_search_objective(self.task, "search")
         self.heldout_windows = heldout_windows(self.tokenizer, spec)
         self.db_report = self.db.build(progress)

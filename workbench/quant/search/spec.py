@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
+from workbench.eval.lm_eval_tasks import OPTIONS_FIELD, LmEvalOptions
 from workbench.quant.config import GROUP_SIZE, LORA_INIT, SKIP, _bits, _method
 from workbench.schema import REQUIRED, Field, Reader, parse_with_lines
 
@@ -100,6 +101,7 @@ class QuantSearchSpec:
     seed: int = 0
     heldout_windows: int = 16
     heldout_task: str = "zoo-perplexity"  # its heldout split gives the front's perplexity
+    lm_eval: LmEvalOptions = field(default_factory=LmEvalOptions)  # fitness {task: lm_eval:NAME}: how it loads
     source: str = "<spec>"
 
     @property
@@ -122,7 +124,7 @@ class QuantSearchSpec:
                 "budget": {"generations": self.generations, "offspring": self.offspring,
                            "max_minutes": self.max_minutes},
                 "optimizer": self.optimizer, "seed": self.seed, "heldout_windows": self.heldout_windows,
-                "heldout_task": self.heldout_task}
+                "heldout_task": self.heldout_task, "lm_eval": self.lm_eval.to_dict()}
 
 
 def spec_kind(path: str | Path) -> str:
@@ -199,6 +201,7 @@ SPEC = Field(dict, msg="expected a mapping", fields={
     "seed": Field(int, 0),
     "heldout_windows": Field(int, 16, low=1),
     "heldout_task": Field(str, "zoo-perplexity", msg="expected a perplexity task name or path"),
+    "lm_eval": OPTIONS_FIELD,
 })
 
 
@@ -226,4 +229,4 @@ def quant_search_spec_from_dict(data: Any, source: str = "<spec>", lines: dict |
         granularity=s["granularity"], fitness=s["fitness"], seq_len=s["seq_len"], stages=stages,
         generations=budget["generations"], offspring=budget["offspring"], max_minutes=budget["max_minutes"],
         optimizer=s["optimizer"], seed=s["seed"], heldout_windows=s["heldout_windows"],
-        heldout_task=s["heldout_task"], source=source)
+        heldout_task=s["heldout_task"], lm_eval=s["lm_eval"].relative_to(source), source=source)
