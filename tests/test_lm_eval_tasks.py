@@ -118,6 +118,29 @@ def test_multiple_choice_equals_simple_evaluate(setup, name):
     assert r.metrics["score"] == pytest.approx(float(np.mean(probs)), abs=1e-5)
 
 
+def test_chat_template_requests_equal_simple_evaluate(setup):
+    """With the chat template asked for, the same rendered requests and scores as
+    simple_evaluate(apply_chat_template=True)."""
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    tok = setup["tok"]
+    tok.chat_template = "{% for m in messages %}w5 {{ m['content'] }} w6 {% endfor %}{% if add_generation_prompt %}w7 {% endif %}"
+    try:
+        lm = HFLM(pretrained=setup["model"], tokenizer=tok, batch_size=8)
+        ref = lm_eval.simple_evaluate(model=lm, tasks=["toy_mc"], log_samples=True, bootstrap_iters=0,
+                                      apply_chat_template=True,
+                                      task_manager=TaskManager(include_path=str(setup["tasks"]), include_defaults=False))
+        _, r = ours(setup, "toy_mc", chat_template=True)
+    finally:
+        tok.chat_template = None
+    theirs = sorted(ref["samples"]["toy_mc"], key=lambda s: s["doc_id"])
+    mine = sorted(r.samples, key=lambda s: s["doc_id"])
+    assert mine[0]["arguments"][0][0].startswith("w5 ")           # the template was applied
+    assert [m["arguments"] for m in mine] == [[list(a) for a in t["arguments"]] for t in theirs]
+    assert abs(r.metrics["acc"] - float(ref["results"]["toy_mc"]["acc,none"])) <= 1e-9
+
+
 def test_generate_until_with_a_regex_filter_equals_simple_evaluate(setup):
     ref = reference(setup, "toy_gen")
     task, r = ours(setup, "toy_gen")
