@@ -294,3 +294,31 @@ def test_eval_reads_a_gguf_file_once_into_the_home(tmp_path, monkeypatch):
     # a changed file is imported again
     gguf.write_bytes(gguf.read_bytes())
     assert gguf_import.gguf_cache_dir(gguf) != cached
+
+
+def test_search_on_an_lm_eval_objective_reports_its_heldout_split(tiny_models, setup, tmp_path):
+    """`workbench search` with lm_eval objective and report tasks: each candidate scored on the
+    task's search documents, the report on its held-out documents, the seed in the run's spec."""
+    import yaml
+
+    from workbench.cli import main
+    from workbench.search.run import read_history
+
+    base, a, b = tiny_models("llama", 3)
+    spec = {"name": "lm", "base_model": str(base), "models": [str(a), str(b)], "merge_method": "ties",
+            "evolve": {"weight": [0.0, 1.0], "density": [0.2, 1.0]}, "fixed": {"normalize": True},
+            "objective": [{"task": "lm_eval:toy_mc"}], "report_tasks": ["lm_eval:toy_gen"],
+            "lm_eval": {"include_path": [str(setup["tasks"])], "seed": 2, "search_docs": 10, "heldout_docs": 12},
+            "budget": {"generations": 2, "population": 3}, "seed": 1}
+    (tmp_path / "s.yml").write_text(yaml.safe_dump(spec))
+    run = tmp_path / "run"
+    assert main(["search", str(tmp_path / "s.yml"), "--out", str(run), "--no-progress"]) == 0
+    rows = read_history(run)
+    assert all(r["tasks"]["lm_eval:toy_mc"]["items"] == 10 and 0 < r["score"] < 1 for r in rows)
+    assert json.loads((run / "spec.yml").read_text())["lm_eval"]["seed"] == 2
+    report = json.loads((run / "report.json").read_text())
+    assert report["tasks"] == ["lm_eval:toy_mc", "lm_eval:toy_gen"]
+    for entry in report["entries"]:
+        assert 0 <= entry["heldout"]["lm_eval:toy_mc"]["acc"] <= 1
+        assert "exact_match,first_word" in entry["heldout"]["lm_eval:toy_gen"]
+    assert "exact_match,first_word" in (run / "report.md").read_text()

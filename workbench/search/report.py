@@ -89,9 +89,12 @@ def heldout_report(search, top: int = 3, on_entry=None) -> dict:
 
 
 def main_metric(metrics: dict) -> tuple[str, float]:
+    """The metric a table shows for a task: acc, exact_match (an lm-eval task's ``exact_match,FILTER``
+    too), ppl or kl, else the continuous score."""
     for name in ("acc", "exact_match", "ppl", "kl"):
-        if name in metrics:
-            return name, metrics[name]
+        for key in metrics:
+            if key == name or key.startswith(name + ","):
+                return key, metrics[key]
     return "score", metrics["score"]
 
 
