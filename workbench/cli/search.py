@@ -65,8 +65,11 @@ def run_search_cli(args) -> int:
     console.print(f"stopped: {final.stop_reason}; best search score {_fmt(final.incumbent and final.incumbent['score'])}"
                   f"; recipe: {run_dir / 'best.yml'}")
     if not args.no_report and final.incumbent is not None:
-        with console.status("held-out report..."):
-            report = heldout_report(search, top=args.report_top)
+        with console.status("held-out report...") as status:
+            def on_grid(done: int, total: int, row: dict) -> None:
+                status.update(f"held-out report: grid baseline {done}/{total} (search split)")
+
+            report = heldout_report(search, top=args.report_top, on_grid=on_grid)
         console.print(report_markdown(report))
     search.close()
     print(run_dir)

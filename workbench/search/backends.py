@@ -56,7 +56,13 @@ class CandidateWorker:
 
     def evaluate(self, job: Job) -> dict:
         genes, generation, index, kind, incumbent = job
-        recipe = self.layout.to_recipe(np.asarray(genes))
+        return {"generation": generation, "index": index, "kind": kind,
+                "genome": [round(float(g), 8) for g in genes],
+                **self.score_recipe(self.layout.to_recipe(np.asarray(genes)), incumbent)}
+
+    def score_recipe(self, recipe, incumbent: float | None = None) -> dict:
+        """Merge ``recipe`` into the resident model and score it: ``recipe``, ``score`` (None when the
+        candidate failed, with the ``error``), ``tasks``, ``seconds``, ``merge_seconds``."""
         t0 = time.perf_counter()
         merge_seconds, score, tasks, error = 0.0, None, {}, None
         try:
@@ -69,9 +75,7 @@ class CandidateWorker:
             error = f"{type(e).__name__}: {e}"
             score = None
             traceback.print_exc()
-        return {"generation": generation, "index": index, "kind": kind,
-                "genome": [round(float(g), 8) for g in genes], "recipe": recipe.to_dict(), "score": score,
-                "tasks": tasks, "seconds": round(time.perf_counter() - t0, 4),
+        return {"recipe": recipe.to_dict(), "score": score, "tasks": tasks, "seconds": round(time.perf_counter() - t0, 4),
                 "merge_seconds": round(merge_seconds, 4), "error": error}
 
 

@@ -3,7 +3,9 @@
 Every entry is merged in memory and scored on each report task's ``heldout`` split: the top
 candidates of the search, each source model alone, the base, and the plain merges a person
 would try first (a linear 50/50 of the sources and, with a base, TIES at density 0.5). The gap
-between a candidate's search score and its held-out scores shows how much the search overfit.
+between a candidate's search score and its held-out scores shows how much the search overfit;
+the grid's best point (``workbench.search.grid``: global parameters in steps of 0.1, as many
+evaluations as the search made) shows what per-layer evolution adds over a well-tuned global merge.
 """
 
 from __future__ import annotations
@@ -51,14 +53,27 @@ def top_candidates(history: list[dict], k: int) -> list[dict]:
     return top
 
 
-def heldout_report(search, top: int = 3, on_entry=None) -> dict:
-    """Score the entries on every report task's held-out split; write report.json and report.md."""
+def heldout_report(search, top: int = 3, on_entry=None, on_grid=None) -> dict:
+    """Score the entries on every report task's held-out split; write report.json and report.md.
+
+    With ``spec.grid_baseline`` the grid over the method's global parameters is scored first, on
+    the search split for as many evaluations as the run made (``on_grid(done, total, row)``), and
+    its best point joins the entries (see :mod:`workbench.search.grid`)."""
     spec = search.spec
     task_refs = list(dict.fromkeys([o.task for o in spec.objective] + list(spec.report_tasks)))
     tasks = [load_task(t, spec.lm_eval) for t in task_refs]
     entries: list[tuple[str, dict, float | None]] = []
     for i, row in enumerate(top_candidates(search.state.history, top)):
         entries.append((f"search #{i + 1} (gen {row['generation']})", row["recipe"], row["score"]))
+    grid = None
+    if spec.grid_baseline:
+        from workbench.search.grid import run_grid
+
+        grid = run_grid(search, on_grid)
+        if grid["best"] is not None:
+            entries.append((f"grid best ({grid['evaluated']} of {grid['points']} points)", grid["best"]["recipe"],
+                            grid["best"]["score"]))
+            grid["best"] = {"point": grid["best"]["point"], "score": grid["best"]["score"]}
     entries += [(name, recipe, None) for name, recipe in baseline_recipes(search).items()]
     rows = []
     quant_cfg = None
@@ -80,7 +95,7 @@ def heldout_report(search, top: int = 3, on_entry=None) -> dict:
         rows.append(row)
         if on_entry:
             on_entry(row)
-    report = {"tasks": [t.name for t in tasks], "entries": rows, "quantize": spec.quantize}
+    report = {"tasks": [t.name for t in tasks], "entries": rows, "quantize": spec.quantize, "grid": grid}
     with atomic_file(search.run_dir / "report.json") as f:
         f.write(json.dumps(report, indent=2))
     with atomic_file(search.run_dir / "report.md") as f:
@@ -112,4 +127,9 @@ def report_markdown(report: dict) -> str:
                 cells.append(f"{value:.3f} {name}" if value is not None else "n/a")
         s = f"{row['search_score']:.3f}" if row["search_score"] is not None else ""
         lines.append(f"| {row['name']} | {s} | " + " | ".join(cells) + " |")
+    grid = report.get("grid")
+    if grid and grid.get("best"):
+        lines.append(f"\ngrid baseline: {grid['evaluated']} of {grid['points']} points (steps of {grid['step']}, "
+                     f"seed {grid['seed']}) on the search split; best {grid['best']['score']:.3f} at "
+                     + ", ".join(f"{k}={v}" for k, v in grid["best"]["point"].items()))
     return "\n".join(lines) + "\n"

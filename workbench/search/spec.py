@@ -15,6 +15,8 @@
     objective:
       - {task: zoo-combined, weight: 1.0}          # always the task's `search` split
     report_tasks: [zoo-arith, zoo-french]          # also scored (held-out) in the final report
+    grid_baseline: true            # the report also scores a grid over the global parameters (steps of
+                                   # 0.1) on the search split, as many evaluations as the search made
     budget: {generations: 12, population: 8, max_evaluations: null, max_minutes: 20}
     seed: 0
     racing: false
@@ -86,6 +88,7 @@ class SearchSpec:
     eval_dtype: str = "bfloat16"    # the resident model's weights while candidates are scored
     batch_size: int = 32
     report_tasks: list[str] = field(default_factory=list)  # scored on held-out at the end, beside the objective
+    grid_baseline: bool = True   # the report's grid over global parameters at the search's cost
     quantize: str | None = None  # a quantization config: each candidate is scored after quantizing (joint mode)
     lm_eval: LmEvalOptions = field(default_factory=LmEvalOptions)  # how lm_eval:NAME tasks load and split
     source: str = "<spec>"
@@ -98,7 +101,8 @@ class SearchSpec:
             "fixed": dict(self.fixed), "objective": [{"task": o.task, "weight": o.weight} for o in self.objective],
             "budget": vars(self.budget).copy(), "seed": self.seed, "racing": self.racing, "sigma0": self.sigma0,
             "limit": self.limit, "dtype": self.dtype, "eval_dtype": self.eval_dtype, "batch_size": self.batch_size,
-            "report_tasks": list(self.report_tasks), "quantize": self.quantize, "lm_eval": self.lm_eval.to_dict(),
+            "report_tasks": list(self.report_tasks), "grid_baseline": self.grid_baseline, "quantize": self.quantize,
+            "lm_eval": self.lm_eval.to_dict(),
         }
 
 
@@ -156,6 +160,7 @@ SPEC = Field(dict, msg="expected a mapping", fields={
     "eval_dtype": Field(str, "bfloat16", choices=EVAL_DTYPES, want=f"one of {EVAL_DTYPES}"),
     "batch_size": Field(int, 32, low=1),
     "report_tasks": Field(list, [], item=str, msg="expected a list of task names or paths"),
+    "grid_baseline": Field(bool, True),
     "quantize": Field(str, None, msg="expected the path of a quantization config (e.g. recipes/ternary.yml)"),
     "lm_eval": OPTIONS_FIELD,
 })
