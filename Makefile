@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
 
 .PHONY: setup model run test bench clean
 
