@@ -59,6 +59,7 @@ def test_report_scores_the_grid_at_the_search_cost_and_resumes(tiny_models, tmp_
     assert main(["search", str(tmp_path / "s.yml"), "--out", str(run), "--no-progress"]) == 0
     history, grid_rows = read_history(run), read_grid(run)
     assert len(grid_rows) == len(history) == 8                       # the same number of evaluations
+    assert {json.dumps(r["tasks"]["tiny"]["items"]) for r in grid_rows + history} == {"12"}   # the same items
     report = json.loads((run / "report.json").read_text())
     assert report["grid"]["points"] == 11 * 11 * 9 * 9 and report["grid"]["evaluated"] == 8
     best = max(grid_rows, key=lambda r: r["score"])
