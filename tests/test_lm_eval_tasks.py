@@ -239,6 +239,7 @@ def test_eval_command_scores_lm_eval_tasks(setup, tmp_path):
     _, direct = ours(setup, "toy_mc", split="heldout")
     assert data["lm_eval:toy_mc"]["acc"] == pytest.approx(direct.metrics["acc"], abs=1e-12)
     assert data["lm_eval:toy_mc"]["items"] == 20 and data["lm_eval:toy_gen"]["items"] == 12
+    assert data["lm_eval:toy_mc"]["documents"] == direct.documents and len(direct.documents) == 20
     assert "exact_match,first_word" in data["lm_eval:toy_gen"]
 
 
@@ -322,3 +323,6 @@ def test_search_on_an_lm_eval_objective_reports_its_heldout_split(tiny_models, s
         assert 0 <= entry["heldout"]["lm_eval:toy_mc"]["acc"] <= 1
         assert "exact_match,first_word" in entry["heldout"]["lm_eval:toy_gen"]
     assert "exact_match,first_word" in (run / "report.md").read_text()
+    splits = report["lm_eval_splits"]["lm_eval:toy_mc"]
+    assert splits["seed"] == 2 and len(splits["search"]) == 10 and len(splits["heldout"]) == 12
+    assert not set(splits["search"]) & set(splits["heldout"])

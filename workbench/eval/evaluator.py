@@ -52,6 +52,7 @@ class TaskResult:
     stopped_early: bool = False
     samples: list[dict] = field(default_factory=list)
     tokens: int | None = None  # perplexity/kl: scored tokens
+    documents: list[int] | None = None  # lm_eval: the evaluation documents of the split (lm-eval's indices)
 
     @property
     def score(self) -> float:
@@ -66,6 +67,8 @@ class TaskResult:
                    stopped_early=self.stopped_early, split=self.split, type=self.type)
         if self.tokens is not None:
             out["tokens"] = self.tokens
+        if self.documents is not None:
+            out["documents"] = self.documents
         return out
 
 
@@ -180,8 +183,9 @@ def _evaluate_task(model, tokenizer, task: Task, split: str, limit: int | None, 
             break
     metrics, stderr = _aggregate(task, records)
     tokens = int(sum(r["weight"] for r in records)) if not bounded else None
+    documents = sorted(u.line for u in units) if task.type == "lm_eval" else None
     return TaskResult(task.name, task.type, split, metrics, stderr, len(records), n,
-                      time.perf_counter() - t0, race.stopped, samples, tokens)
+                      time.perf_counter() - t0, race.stopped, samples, tokens, documents)
 
 
 def _cost(task: Task, u: Unit) -> int:

@@ -96,6 +96,12 @@ def heldout_report(search, top: int = 3, on_entry=None, on_grid=None) -> dict:
         if on_entry:
             on_entry(row)
     report = {"tasks": [t.name for t in tasks], "entries": rows, "quantize": spec.quantize, "grid": grid}
+    lm_tasks = [t for t in tasks if t.type == "lm_eval"]
+    if lm_tasks:  # which documents each split holds, and the seed that cut them
+        from workbench.eval.lm_eval_tasks import doc_ids
+
+        report["lm_eval_splits"] = {t.name: {"seed": spec.lm_eval.seed, "search": doc_ids(t, "search"),
+                                             HELDOUT: doc_ids(t, HELDOUT)} for t in lm_tasks}
     with atomic_file(search.run_dir / "report.json") as f:
         f.write(json.dumps(report, indent=2))
     with atomic_file(search.run_dir / "report.md") as f:
