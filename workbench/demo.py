@@ -27,14 +27,12 @@ QUESTION = "What is the capital of France?"
 def run_demo() -> int:
     from workbench.merge.executor import execute_merge
     from workbench.merge.plan import plan_merge
-    from workbench.merge.recipe import DEMO_VARIANTS, parse_recipe
-    from workbench.models.default_model import prepare_default
-    from workbench.models.variants import ensure_variants
+    from workbench.merge.recipe import parse_recipe
+    from workbench.ops.variants import ensure_default_variants
 
     console = Console(stderr=True)
-    base = prepare_default()
     with console.status("making two variants of the default model (once)..."):
-        ensure_variants(base, list(DEMO_VARIANTS))
+        ensure_default_variants()
     out = workbench_home() / "merges" / "demo-ties"
     plan = plan_merge(parse_recipe(DEMO_RECIPE, source="<demo recipe>"))
     try:

@@ -21,6 +21,8 @@ validate a recipe        ``ops.merge.validate``
 export a run's recipe    ``ops.merge.export_recipe`` (``ops.merge.recipe_source``: file or run)
 evaluate                 ``ops.evaluate.evaluate``
 build the zoo            ``ops.zoo.build``, ``ops.zoo.status``
+seeded variants          ``ops.variants.ensure_default_variants``, ``ops.variants.variant_search_spec``
+                         (the default model's variants and a search over them that needs no zoo)
 search (start, resume)   ``ops.search.open_search`` (merge or quantization), ``ops.search.front``
 recover front points     ``ops.qsearch.recover_points``
 quantize                 ``ops.quant.quantize``

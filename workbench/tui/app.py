@@ -2,7 +2,10 @@
 
 Run ``workbench`` (no arguments) or ``workbench tui``. F1-F7 or the tabs switch screens,
 ctrl+p lists every action, ctrl+q quits. Every action calls the same library functions as the
-CLI, so anything done here can be done headless.
+CLI, so anything done here can be done headless. ctrl+e on Search and Quant search composes a
+search spec in a form (:mod:`workbench.tui.screens.builder`). On a first start a welcome names the
+keys, and one keystroke starts a live search even before the zoo is built
+(:mod:`workbench.tui.first_run`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from textual.worker import WorkerState
 
 from workbench.tui.commands import WorkbenchCommands
 from workbench.tui.config import TuiConfig, load_config
+from workbench.tui.first_run import FirstRun, mark_welcomed, should_welcome
 from workbench.tui.jobs import error_text
 from workbench.tui.screens import (
     ExportScreen,
@@ -44,11 +48,15 @@ class WorkbenchApp(App):
     ]
     COMMANDS = App.COMMANDS | {WorkbenchCommands}
 
-    def __init__(self, config: TuiConfig | None = None, search_options: dict | None = None) -> None:
-        """``search_options`` go to ``open_search`` as keyword arguments (e.g. ``device``)."""
+    def __init__(self, config: TuiConfig | None = None, search_options: dict | None = None,
+                 first_run: FirstRun | None = None) -> None:
+        """``search_options`` go to ``open_search`` as keyword arguments (e.g. ``device``).
+        ``first_run``: what one keystroke starts on a fresh machine, and the welcome of a first start
+        (``workbench tui`` passes the default; None: Start needs a spec, no welcome)."""
         super().__init__()
         self.config = config if config is not None else load_config()
         self.search_options = dict(search_options or {})
+        self.first_run = first_run
 
     def search_kwargs(self) -> dict:
         return {"backend": self.config.backend, "workers": self.config.workers} | self.search_options
@@ -61,6 +69,28 @@ class WorkbenchApp(App):
                                         f"{', '.join(sorted(self.available_themes))}")
         for warning in self.config.warnings:
             self.notify(warning, title="config", severity="warning", markup=False, timeout=10)
+        if self.first_run is not None and self.first_run.welcome and should_welcome(self.home, self.config.runs_dir):
+            from workbench.tui.screens.welcome import WelcomeScreen
+
+            self.push_screen(WelcomeScreen(), self._welcome_closed)
+
+    @property
+    def home(self):
+        from workbench.home import workbench_home
+
+        return workbench_home()
+
+    def _welcome_closed(self, start: bool | None) -> None:
+        try:
+            mark_welcomed(self.home)
+        except OSError as e:
+            self.error(f"{self.home}: cannot remember the welcome was seen ({e})")
+        if start:
+            self.call_later(self._first_search)
+
+    async def _first_search(self) -> None:
+        await self.switch_mode("search")
+        self.screen.start_first_search()
 
     def error(self, message: str, title: str = "error") -> None:
         """Every error ends here: a notification, never a crash."""
@@ -73,5 +103,5 @@ class WorkbenchApp(App):
 
 
 def run_app(config: TuiConfig | None = None) -> int:
-    WorkbenchApp(config).run()
+    WorkbenchApp(config, first_run=FirstRun()).run()
     return 0

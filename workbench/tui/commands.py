@@ -21,6 +21,8 @@ COMMANDS: tuple[tuple[str, str, str | None, str], ...] = (
     ("Search: resume", "search", "resume", "resume the run directory (ctrl+n)"),
     ("Search: stop", "search", "stop", "stop after the current candidate (ctrl+b)"),
     ("Search: save recipe", "search", "save_recipe", "write the incumbent recipe (ctrl+s)"),
+    ("Search: build spec", "search", "build_spec", "compose a search spec in a form, open one into it (ctrl+e)"),
+    ("Search: first search", "search", "first_search", "the quick search, or the no-zoo one and the zoo's build"),
     ("Models: refresh", "models", "refresh_models", "list the models again (ctrl+r)"),
     ("Models: prepare default model", "models", "prepare_default", "SmolLM2-135M-Instruct into the home (ctrl+g)"),
     ("Models: build zoo", "models", "build_zoo", "train the zoo's missing experts (ctrl+b)"),
@@ -39,6 +41,7 @@ COMMANDS: tuple[tuple[str, str, str | None, str], ...] = (
     ("Quant search: resume", "qsearch", "resume", "resume the run directory (ctrl+n)"),
     ("Quant search: stop", "qsearch", "stop", "stop and score the front (ctrl+b)"),
     ("Quant search: build point", "qsearch", "build_point", "quantize, recover, export the selected point (ctrl+g)"),
+    ("Quant search: build spec", "qsearch", "build_spec", "compose a quantization search spec in a form (ctrl+e)"),
 )
 
 

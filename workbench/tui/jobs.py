@@ -27,10 +27,13 @@ def error_line(message: str, source: str | None = None) -> int | None:
 
 
 def recipe_dirs() -> list[Path]:
-    """``recipes/`` of the working directory and of the source checkout, if they exist."""
+    """``recipes/`` of the working directory, of the source checkout and of the workbench home (the
+    search over the default model's variants is written there), if they exist."""
+    from workbench.home import workbench_home
+
     here = Path.cwd() / "recipes"
     repo = Path(__file__).resolve().parents[2] / "recipes"
-    return [d for d in dict.fromkeys([here, repo]) if d.is_dir()]
+    return [d for d in dict.fromkeys([here, repo, workbench_home() / "recipes"]) if d.is_dir()]
 
 
 def example_specs() -> list[Path]:

@@ -113,3 +113,10 @@ class ModelsLoaded(Message):
         super().__init__()
         self.models = models
         self.zoo = zoo
+
+
+@dataclass(eq=False)  # Message.__post_init__ sets up the message; identity hash
+class ModelsKnown(Message):
+    """The model references a search builder offers: home model names, then paths."""
+
+    models: list[str]

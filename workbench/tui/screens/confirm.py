@@ -15,16 +15,17 @@ class ConfirmScreen(ModalScreen[bool]):
 
     BINDINGS = [Binding("y", "answer(True)", "Yes"), Binding("n,escape", "answer(False)", "No")]
 
-    def __init__(self, question: str, yes: str = "Replace") -> None:
+    def __init__(self, question: str, yes: str = "Replace", no: str = "Cancel", danger: bool = True) -> None:
+        """``danger``: the yes button in the error colour (it replaces something)."""
         super().__init__()
-        self.question, self.yes = question, yes
+        self.question, self.yes, self.no, self.danger = question, yes, no, danger
 
     def compose(self) -> ComposeResult:
         with Vertical(id="confirm-box"):
             yield Label(self.question, id="confirm-question")
             with Horizontal(classes="controls"):
-                yield Button(self.yes, id="confirm-yes", variant="error")
-                yield Button("Cancel", id="confirm-no", variant="primary")
+                yield Button(f"{self.yes} (y)", id="confirm-yes", variant="error" if self.danger else "success")
+                yield Button(f"{self.no} (n)", id="confirm-no", variant="primary")
 
     def action_answer(self, answer: bool) -> None:
         self.dismiss(answer)

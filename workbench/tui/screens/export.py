@@ -70,7 +70,7 @@ class ExportScreen(WorkbenchScreen):
     @on(Select.Changed, "#export-select")
     @guarded
     def _picked(self, event: Select.Changed) -> None:
-        if event.value is not Select.BLANK:
+        if not event.select.is_blank():
             self.query_one("#export-source", Input).value = str(event.value)
 
     @on(Button.Pressed, "#goto-quantize")

@@ -80,6 +80,8 @@ class QuantSearchScreen(WorkbenchScreen):
         Binding("ctrl+b", "stop", "Stop", id="qsearch.stop", tooltip="stop after this generation and score the front"),
         Binding("ctrl+g", "build_point", "Build point", id="qsearch.build",
                 tooltip="quantize the selected front point, recover it, export it"),
+        Binding("ctrl+e", "build_spec", "Build spec", id="qsearch.build_spec",
+                tooltip="compose a quantization search spec in a form (the spec chosen opens into it)"),
     ]
 
     def __init__(self) -> None:
@@ -105,6 +107,7 @@ class QuantSearchScreen(WorkbenchScreen):
                 yield Button("Pause", id="qs-pause")
                 yield Button("Resume", id="qs-resume")
                 yield Button("Stop", id="qs-stop", variant="error")
+                yield Button("Build spec", id="qs-build-spec")
             yield JobStatus(idle="no quantization search running", id="qs-job")
         with Vertical(id="qs-front", classes="panel"):
             yield Label("Quality vs size", classes="section")
@@ -133,8 +136,8 @@ class QuantSearchScreen(WorkbenchScreen):
         return self.query_one(selector, Input).value.strip()
 
     def _spec(self) -> Path | None:
-        picked = self.query_one("#qs-spec-select", Select).value
-        raw = self._value("#qs-spec") or ("" if picked is Select.BLANK else str(picked))
+        select = self.query_one("#qs-spec-select", Select)
+        raw = self._value("#qs-spec") or ("" if select.is_blank() else str(select.value))
         if not raw:
             self.error("choose a quantization search spec or give a spec file")
             return None
@@ -172,6 +175,25 @@ class QuantSearchScreen(WorkbenchScreen):
             self.error(f"{run_dir}: nothing to resume (no checkpoint.json)")
             return
         self._launch(None, run_dir, resume=True)
+
+    @on(Button.Pressed, "#qs-build-spec")
+    @guarded
+    def action_build_spec(self) -> None:
+        """Open the quantization search builder on the spec chosen (if any)."""
+        from workbench.tui.screens.builder import QuantBuilderScreen
+
+        select = self.query_one("#qs-spec-select", Select)
+        raw = self._value("#qs-spec") or ("" if select.is_blank() else str(select.value))
+        path = Path(raw).expanduser() if raw and Path(raw).expanduser().is_file() else None
+        self.app.push_screen(QuantBuilderScreen(path), self._built)
+
+    def _built(self, result: tuple[Path, bool] | None) -> None:
+        if result is None:
+            return
+        path, start = result
+        self.query_one("#qs-spec", Input).value = str(path)
+        if start:
+            self.action_start()
 
     def _launch(self, spec: Path | None, run_dir: Path, resume: bool) -> None:
         self.running, self.request, self.run_dir, self.front = True, None, run_dir, None

@@ -150,8 +150,8 @@ class QuantizeScreen(WorkbenchScreen):
         except WorkbenchError as e:
             self.error(str(e))
             return None
-        picked = self.query_one("#quant-config-select", Select).value
-        raw_config = self._value("#quant-config") or ("" if picked is Select.BLANK else str(picked))
+        select = self.query_one("#quant-config-select", Select)
+        raw_config = self._value("#quant-config") or ("" if select.is_blank() else str(select.value))
         if not raw_config:
             self.error("choose a quantization config or give a config file")
             return None

@@ -116,7 +116,7 @@ class RecipeScreen(WorkbenchScreen):
     @on(Select.Changed, "#recipe-select")
     @guarded
     def _picked(self, event: Select.Changed) -> None:
-        if event.value is not Select.BLANK:
+        if not event.select.is_blank():
             self.query_one("#recipe-path", Input).value = str(event.value)
             self.action_open()
 

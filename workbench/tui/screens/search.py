@@ -36,6 +36,7 @@ from textual.widgets import (
 from textual.worker import get_current_worker
 
 from workbench.tui.config import apply_threads
+from workbench.tui.first_run import FirstRun
 from workbench.tui.heat import incumbent_heat
 from workbench.tui.jobs import (
     default_spec,
@@ -54,9 +55,9 @@ from workbench.tui.messages import (
 )
 from workbench.tui.runs import generation_stats
 from workbench.tui.screens.base import WorkbenchScreen, guarded
-from workbench.tui.widgets import CandidateTable, FitnessChart, HeatMap, NavBar
+from workbench.tui.widgets import CandidateTable, FitnessChart, HeatMap, JobStatus, NavBar, ReportChart
 
-BUSY = ("loading", "running", "pausing", "stopping", "reporting")
+BUSY = ("preparing", "loading", "running", "pausing", "stopping", "reporting")
 
 
 class Interrupted(Exception):
@@ -91,6 +92,8 @@ class SearchScreen(WorkbenchScreen):
         Binding("ctrl+b", "stop", "Stop", id="search.stop", tooltip="stop after the current candidate"),
         Binding("ctrl+s", "save_recipe", "Save recipe", id="search.save_recipe",
                 tooltip="write the incumbent recipe (mergekit YAML)"),
+        Binding("ctrl+e", "build_spec", "Build spec", id="search.build_spec",
+                tooltip="compose a search spec in a form (the spec shown opens into it)"),
     ]
 
     phase: reactive[str] = reactive("idle")
@@ -111,11 +114,14 @@ class SearchScreen(WorkbenchScreen):
         self._control: SearchControl | None = None
         self._started_at = 0.0
         self.message_lag: deque[float] = deque(maxlen=1000)  # seconds from a worker's post to its handling
+        self.pending_spec: Path | None = None  # started when the search running now ends (the zoo's quick one)
+        self.zoo_offered = False
 
     # --- layout -----------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
         specs = [str(p) for p in example_specs()]
-        default = default_spec()
+        first = self.wb.first_run
+        default = default_spec() if first is None else (first.zoo_spec() if first.zoo_built() else None)
         yield NavBar("search")
         with Horizontal(classes="controls"):
             yield Select([(Path(p).name, p) for p in specs], prompt="example specs", id="spec-select")
@@ -129,6 +135,7 @@ class SearchScreen(WorkbenchScreen):
             yield Button("Pause", id="pause", variant="warning")
             yield Button("Resume", id="resume", variant="primary")
             yield Button("Stop", id="stop", variant="error")
+            yield Button("Build spec", id="build-spec")
             yield Input(id="save-path", placeholder="recipe path (blank: recipes/<name>-best.yml)")
             yield Button("Save recipe", id="save")
         with Horizontal(id="search-progress"):
@@ -137,6 +144,8 @@ class SearchScreen(WorkbenchScreen):
             yield Label("candidates", classes="caption")
             yield ProgressBar(total=1, show_eta=False, show_percentage=False, id="cand-progress")
         yield Label(Text("idle: pick a spec and press Start"), id="search-status")
+        yield JobStatus(idle="", id="prep-job", classes="first-run-job")
+        yield JobStatus(idle="", id="zoo-job", classes="first-run-job")
         with Horizontal(id="search-main"):
             yield CandidateTable(id="candidates")
             with VerticalScroll(id="search-side"):
@@ -148,12 +157,19 @@ class SearchScreen(WorkbenchScreen):
                 yield RichLog(id="search-log", max_lines=5000, wrap=True)
             with TabPane("Held-out report", id="tab-report"):
                 yield DataTable(id="report", zebra_stripes=True, cursor_type="row")
+            with TabPane("Held-out chart", id="tab-report-chart"):
+                yield ReportChart(id="report-chart")
         yield Footer(compact=True)
 
     @guarded
     def on_mount(self) -> None:
         self.watch_phase(self.phase)
-        if not self.query_one("#spec-path", Input).value:
+        if self.query_one("#spec-path", Input).value:
+            return
+        if self.wb.first_run is not None:
+            self.log_line("no zoo built: press ctrl+r for a search over the default model's seeded variants now "
+                          "(KL and perplexity; the app offers to build the zoo meanwhile), ctrl+e to compose a spec")
+        else:
             self.log_line("no zoo built: give a search spec path (see recipes/*-search.yml), or build the zoo "
                           "on the Models screen (F2) to use recipes/zoo-quick-search.yml")
 
@@ -171,6 +187,8 @@ class SearchScreen(WorkbenchScreen):
         except NoMatches:  # not composed yet: on_mount calls this again
             return
         running = phase in ("running", "loading")
+        if phase in ("finished", "failed") and self.pending_spec is not None:
+            self.call_later(self._start_pending)
         self.query_one("#start", Button).disabled = self.busy
         self.query_one("#pause", Button).disabled = not running
         self.query_one("#resume", Button).disabled = self.busy
@@ -209,7 +227,7 @@ class SearchScreen(WorkbenchScreen):
     @on(Select.Changed, "#spec-select")
     @guarded
     def _spec_selected(self, event: Select.Changed) -> None:
-        if event.value is not Select.BLANK:
+        if not event.select.is_blank():
             self.query_one("#spec-path", Input).value = str(event.value)
 
     @on(Button.Pressed, "#start")
@@ -244,6 +262,9 @@ class SearchScreen(WorkbenchScreen):
             self.warn("a search is running: pause or stop it first")
             return
         spec = self.query_one("#spec-path", Input).value.strip()
+        if not spec and self.wb.first_run is not None:
+            self.start_first_search()
+            return
         if not spec:
             self.error("give a search spec path first (e.g. recipes/zoo-quick-search.yml)")
             return
@@ -326,6 +347,125 @@ class SearchScreen(WorkbenchScreen):
         self.info(f"incumbent recipe saved: {out}")
         self.log_line(f"incumbent recipe saved to {out}")
 
+    # --- the builder ------------------------------------------------------------------------
+    @on(Button.Pressed, "#build-spec")
+    @guarded
+    def action_build_spec(self) -> None:
+        """Open the search builder; the spec shown (a merge spec file) opens into it."""
+        from workbench.tui.screens.builder import MergeBuilderScreen
+
+        raw = self.query_one("#spec-path", Input).value.strip()
+        path = Path(raw).expanduser() if raw else None
+        if path is not None and not path.is_file():
+            path = None
+        self.app.push_screen(MergeBuilderScreen(path), self._built)
+
+    def _built(self, result: tuple[Path, bool] | None) -> None:
+        if result is None:
+            return
+        path, start = result
+        self.query_one("#spec-select", Select).set_options([(p.name, str(p)) for p in example_specs()])
+        self.query_one("#spec-path", Input).value = str(path)
+        self.query_one("#run-dir", Input).value = ""
+        self.log_line(f"search spec saved: {path}")
+        if start:
+            self.action_start()
+
+    # --- the first run: one keystroke to a live search ----------------------------------------
+    def show_job(self, selector: str) -> None:
+        self.query_one(selector, JobStatus).add_class("-shown")
+
+    @property
+    def first_run(self) -> FirstRun:
+        """The app's first-run steps (the defaults when the app was given none)."""
+        if self.wb.first_run is None:
+            self.wb.first_run = FirstRun(welcome=False)
+        return self.wb.first_run
+
+    @guarded
+    def action_first_search(self) -> None:
+        self.start_first_search()
+
+    def start_first_search(self) -> None:
+        """The zoo's quick search when the zoo is built; else the search over the default model's
+        variants at once, and the offer to build the zoo (whose quick search follows)."""
+        first = self.first_run
+        if self.busy:
+            self.warn("a search is running: pause or stop it first")
+            return
+        if first.zoo_built():
+            spec = first.zoo_spec()
+            if spec is not None:
+                self._start_spec(spec)
+                return
+        if self.job_running("prepare search"):
+            return
+        self.phase = "preparing"
+        self.show_job("#prep-job")
+        self.log_line("no zoo yet: preparing a search over the default model's seeded variants...")
+        self.run_job("prepare search", first.no_zoo_spec, status="#prep-job",
+                     start_text="preparing the default model and its seeded variants (once)...",
+                     done_text=lambda path: f"search spec ready: {path}")
+        if not self.zoo_offered and not self.job_running("build zoo"):
+            self.zoo_offered = True
+            self.offer_zoo()
+
+    def offer_zoo(self) -> None:
+        from workbench.tui.screens.confirm import ConfirmScreen
+
+        question = ("The default zoo (two experts fine-tuned from SmolLM2-135M-Instruct: arithmetic, French "
+                    "numbers) is not built. Build it now? It takes about 11 minutes here; its quick search "
+                    "starts when it is done. Meanwhile the search over the default model's variants runs.")
+        self.app.push_screen(ConfirmScreen(question, yes="Build the zoo", no="Not now", danger=False),
+                             lambda yes: self.build_zoo() if yes else self.log_line(
+                                 "zoo not built; build it later on Models (F2, ctrl+b)"))
+
+    def build_zoo(self) -> None:
+        first = self.first_run
+        if self.job_running("build zoo"):
+            return
+        self.show_job("#zoo-job")
+        self.log_line("building the zoo (about 11 minutes here); its quick search starts when it is done")
+        self.run_job("build zoo", first.build_zoo, status="#zoo-job",
+                     start_text="building the zoo: preparing the base model...",
+                     done_text=lambda _: "zoo built")
+
+    def job_finished(self, message) -> None:
+        if message.job == "prepare search":
+            self.query_one("#prep-job", JobStatus).remove_class("-shown")
+            self.log_line(message.text)
+            self.phase = "idle"
+            self._start_spec(Path(message.result))
+        elif message.job == "build zoo":
+            self.info(message.text, title="zoo")
+            spec = self.first_run.zoo_spec()
+            if spec is None:
+                self.warn("zoo built, but no quick search spec (recipes/zoo-quick-search.yml) was found")
+                return
+            self.pending_spec = Path(spec)
+            if self.busy:
+                self.log_line(f"zoo built: {Path(spec).name} starts when the search running now ends")
+            else:
+                self._start_pending()
+        else:
+            super().job_finished(message)
+
+    def job_failed(self, message) -> None:
+        if message.job == "prepare search":
+            self.phase = "failed"
+        self.log_line(f"{message.job} failed: {message.error}", "red")
+        super().job_failed(message)
+
+    def _start_pending(self) -> None:
+        spec, self.pending_spec = self.pending_spec, None
+        if spec is not None and not self.busy:
+            self._start_spec(spec)
+
+    def _start_spec(self, spec: Path) -> None:
+        self.query_one("#spec-path", Input).value = str(spec)
+        self.query_one("#run-dir", Input).value = ""
+        self.action_start()
+
     # --- the worker -------------------------------------------------------------------------
     @work(thread=True, exclusive=True, group="search", exit_on_error=False, description="merge search")
     def run_search(self, spec: Path | None, run_dir: Path, resume: bool, control: SearchControl) -> None:
@@ -401,6 +541,9 @@ class SearchScreen(WorkbenchScreen):
         chart.reset()
         for _, best, mean in generation_stats(message.history):
             chart.add(best, mean)
+        for row in message.history:
+            chart.add_candidate(row["generation"], row.get("score"))
+        self.query_one(ReportChart).reset()
         self.query_one(HeatMap).show(message.heat)
         self.query_one("#gen-progress", ProgressBar).update(total=self.total_generations, progress=state.generation)
         self.query_one("#cand-progress", ProgressBar).update(total=self.population + 1, progress=0)
@@ -420,6 +563,7 @@ class SearchScreen(WorkbenchScreen):
         self.query_one(CandidateTable).add_candidate(ev.generation, ev.index, ev.kind, ev.score, ev.tasks, ev.seconds,
                                                      ev.merge_seconds, ev.error)
         self.in_generation += 1
+        self.query_one(FitnessChart).add_candidate(ev.generation, ev.score)
         self.query_one("#cand-progress", ProgressBar).update(progress=self.in_generation)
         if ev.error:
             self.log_line(f"gen {ev.generation} #{ev.index} failed: {ev.error}", "red")
@@ -476,6 +620,7 @@ class SearchScreen(WorkbenchScreen):
             name, value = main_metric(row["heldout"][t])
             cells.append(Text(f"{_fmt(value)} {name}", justify="right"))
         table.add_row(*cells)
+        self.query_one(ReportChart).add_row(row)
         self.log_line(f"report: {row['name']} scored")
 
     @guarded
@@ -490,6 +635,8 @@ class SearchScreen(WorkbenchScreen):
 
     @guarded
     def on_job_failed(self, message: JobFailed) -> None:
+        if message.job in self.jobs:  # a run_job job (the first run's preparation, the zoo build):
+            return                      # WorkbenchScreen's handler (called after this one) ends it
         self._search = None
         if message.job == "report" and self._control is not None and self._control.request:
             self.phase = "finished"  # stopped by the user during the report: the search itself is done
