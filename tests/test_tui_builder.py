@@ -45,6 +45,26 @@ def test_every_example_spec_goes_round_the_form(path):
     assert again == spec
 
 
+def test_lm_eval_options_and_the_grid_switch_go_round_the_form(tmp_path):
+    (tmp_path / "tasks").mkdir()
+    data = {"models": ["a", "b"], "merge_method": "linear", "evolve": {"weight": [0.0, 1.0]},
+            "objective": [{"task": "lm_eval:my_task"}], "report_tasks": ["lm_eval:other"], "grid_baseline": False,
+            "lm_eval": {"include_path": [str(tmp_path / "tasks")], "seed": 7, "search_docs": 30, "heldout_docs": 40,
+                        "num_fewshot": 2, "chat_template": True}}
+    spec = spec_from_dict(data)
+    form = sf.merge_form_from_spec(spec)
+    assert form.lm_eval_seed == "7" and form.lm_eval_chat_template and not form.grid_baseline
+    assert spec_from_dict(sf.merge_form_dict(form)) == spec
+    bad = dataclasses.replace(form, lm_eval_seed="x")
+    assert sf.check_merge_form(bad, check_files=False)[1].field == "lm_eval_seed"
+    q = quant_search_spec_from_dict({"kind": "quantization", "model": "m", "options": {"formats": [{"bits": 2, "group_size": 64}],
+                                     "ranks": [0]}, "targets": [2.5], "fitness": {"task": "lm_eval:my_task"},
+                                     "lm_eval": {"include_path": [str(tmp_path / "tasks")], "seed": 3}})
+    assert quant_search_spec_from_dict(sf.quant_form_dict(sf.quant_form_from_spec(q))) == q
+    bad = dataclasses.replace(sf.quant_form_from_spec(q), lm_eval_search_docs="0")
+    assert sf.check_quant_form(bad, check_files=False)[1].field == "lm_eval_search_docs"
+
+
 def test_form_errors_name_the_field_the_checker_names():
     form = sf.MergeForm(name="x", base_model="base", models=["a", "b"], params=sf.default_params("ties"),
                         objective=[sf.ObjectiveRow("zoo-kl", "1")])

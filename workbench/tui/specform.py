@@ -164,6 +164,35 @@ class MergeForm:
     eval_dtype: str = "bfloat16"
     batch_size: str = "32"
     quantize: str = ""
+    grid_baseline: bool = True
+    # how lm_eval:NAME tasks load and split (the spec's `lm_eval:` mapping)
+    lm_eval_include_path: str = ""   # comma-separated directories of lm-eval task YAMLs
+    lm_eval_seed: str = "0"
+    lm_eval_search_docs: str = ""
+    lm_eval_heldout_docs: str = ""
+    lm_eval_num_fewshot: str = ""
+    lm_eval_chat_template: bool = False
+
+
+LM_EVAL_KEYS = ("include_path", "seed", "search_docs", "heldout_docs", "num_fewshot", "chat_template")
+
+
+def lm_eval_dict(form) -> dict | None:
+    """The spec's ``lm_eval:`` mapping from a form's lm_eval_* fields (None when all are defaults)."""
+    data = {"include_path": split_list(form.lm_eval_include_path), "seed": number(form.lm_eval_seed),
+            "search_docs": number(form.lm_eval_search_docs), "heldout_docs": number(form.lm_eval_heldout_docs),
+            "num_fewshot": number(form.lm_eval_num_fewshot), "chat_template": form.lm_eval_chat_template}
+    defaults = {"include_path": [], "seed": 0, "chat_template": False}
+    data = {k: v for k, v in data.items() if v is not None and not (k in defaults and v == defaults[k]
+                                                                     and type(v) is type(defaults[k]))}
+    return data or None
+
+
+def lm_eval_fields(options) -> dict:
+    """The form's lm_eval_* fields showing a spec's :class:`LmEvalOptions`."""
+    return {"lm_eval_include_path": ", ".join(options.include_path), "lm_eval_seed": show(options.seed),
+            "lm_eval_search_docs": show(options.search_docs), "lm_eval_heldout_docs": show(options.heldout_docs),
+            "lm_eval_num_fewshot": show(options.num_fewshot), "lm_eval_chat_template": options.chat_template}
 
 
 @dataclass(frozen=True)
@@ -230,6 +259,8 @@ def merge_form_dict(form: MergeForm) -> dict:
         "eval_dtype": form.eval_dtype,
         "batch_size": number(form.batch_size),
         "quantize": form.quantize.strip() or None,
+        "grid_baseline": form.grid_baseline,
+        "lm_eval": lm_eval_dict(form),
     }
     return {k: v for k, v in data.items() if v is not None}
 
@@ -252,12 +283,13 @@ def merge_form_from_spec(spec) -> MergeForm:
         report_tasks=", ".join(spec.report_tasks), generations=show(b.generations), population=show(b.population),
         max_evaluations=show(b.max_evaluations), max_minutes=show(b.max_minutes), seed=show(spec.seed),
         limit=show(spec.limit), racing=spec.racing, sigma0=show(spec.sigma0), dtype=spec.dtype,
-        eval_dtype=spec.eval_dtype, batch_size=show(spec.batch_size), quantize=spec.quantize or "")
+        eval_dtype=spec.eval_dtype, batch_size=show(spec.batch_size), quantize=spec.quantize or "",
+        grid_baseline=spec.grid_baseline, **lm_eval_fields(spec.lm_eval))
 
 
 MERGE_FIELDS = ("name", "base_model", "models", "merge_method", "granularity", "split_attention_mlp",
                 "report_tasks", "seed", "limit", "racing", "sigma0", "dtype", "eval_dtype", "batch_size",
-                "quantize")
+                "quantize", "grid_baseline")
 
 
 def merge_error_field(path: tuple[str, ...] | None, form: MergeForm) -> str:
@@ -273,6 +305,8 @@ def merge_error_field(path: tuple[str, ...] | None, form: MergeForm) -> str:
         return f"objective.{path[1]}" if len(path) > 1 and path[1].isdigit() else "objective"
     if head == "budget":
         return path[1] if len(path) > 1 else "generations"
+    if head == "lm_eval":
+        return f"lm_eval_{path[1]}" if len(path) > 1 and path[1] in LM_EVAL_KEYS else "lm_eval_include_path"
     return head if head in MERGE_FIELDS else "spec"
 
 
@@ -322,6 +356,12 @@ class QuantForm:
     seed: str = "0"
     heldout_windows: str = "16"
     heldout_task: str = "zoo-perplexity"
+    lm_eval_include_path: str = ""   # for a fitness task named lm_eval:NAME (the spec's `lm_eval:`)
+    lm_eval_seed: str = "0"
+    lm_eval_search_docs: str = ""
+    lm_eval_heldout_docs: str = ""
+    lm_eval_num_fewshot: str = ""
+    lm_eval_chat_template: bool = False
 
 
 def _format_dict(text: str) -> Any:
@@ -360,6 +400,8 @@ def quant_form_dict(form: QuantForm) -> dict:
         "heldout_windows": number(form.heldout_windows),
         "heldout_task": form.heldout_task.strip(),
     }
+    if (lm_eval := lm_eval_dict(form)) is not None:
+        data["lm_eval"] = lm_eval
     if data["lora"]["alpha"] is None:
         del data["lora"]["alpha"]
     return data
@@ -378,7 +420,8 @@ def quant_form_from_spec(spec) -> QuantForm:
         fitness=spec.fitness, seq_len=show(spec.seq_len),
         stages=", ".join(f"{s.windows}:{s.keep}" for s in spec.stages), generations=show(spec.generations),
         offspring=show(spec.offspring), max_minutes=show(spec.max_minutes), optimizer=spec.optimizer,
-        seed=show(spec.seed), heldout_windows=show(spec.heldout_windows), heldout_task=spec.heldout_task)
+        seed=show(spec.seed), heldout_windows=show(spec.heldout_windows), heldout_task=spec.heldout_task,
+        **lm_eval_fields(spec.lm_eval))
 
 
 QUANT_PATHS = {("options", "formats"): "formats", ("options", "ranks"): "ranks", ("options",): "formats",
@@ -395,6 +438,8 @@ def quant_error_field(path: tuple[str, ...] | None) -> str:
     for n in (2, 1):
         if path[:n] in QUANT_PATHS:
             return QUANT_PATHS[path[:n]]
+    if path[0] == "lm_eval":
+        return f"lm_eval_{path[1]}" if len(path) > 1 and path[1] in LM_EVAL_KEYS else "lm_eval_include_path"
     return path[0] if path[0] in QUANT_FIELDS else "spec"
 
 

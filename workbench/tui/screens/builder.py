@@ -287,6 +287,22 @@ class SpecBuilderScreen(ModalScreen[tuple[Path, bool] | None]):
             write()
 
 
+# the spec's `lm_eval:` mapping, for tasks named lm_eval:NAME (in both builders)
+LM_EVAL_SIMPLE = (("lm_eval_include_path", "lm-eval task dirs", "input", ()),
+                  ("lm_eval_seed", "lm-eval split seed", "input", ()),
+                  ("lm_eval_search_docs", "lm-eval search docs", "input", ()),
+                  ("lm_eval_heldout_docs", "lm-eval held-out docs", "input", ()),
+                  ("lm_eval_num_fewshot", "lm-eval few-shot", "input", ()),
+                  ("lm_eval_chat_template", "lm-eval chat template", "check", ()))
+LM_EVAL_KEYS = tuple(key for key, *_ in LM_EVAL_SIMPLE)
+
+
+def lm_eval_section(builder) -> ComposeResult:
+    with Collapsible(title="lm-eval tasks: your task directories, splits, few-shot, chat template", collapsed=True):
+        for key in LM_EVAL_KEYS:
+            yield builder.simple_box(key)
+
+
 class MergeBuilderScreen(SpecBuilderScreen):
     TITLE_TEXT = "Merge search builder: sources, method, what evolves, objective, budget"
     SIMPLE = (("name", "name", "input", ()),
@@ -299,7 +315,8 @@ class MergeBuilderScreen(SpecBuilderScreen):
               ("racing", "racing", "check", ()), ("sigma0", "sigma0", "input", ()),
               ("dtype", "merge dtype", "select", ("float32", "bfloat16", "float16", "float64")),
               ("eval_dtype", "scoring dtype", "select", ("bfloat16", "float32")),
-              ("batch_size", "batch size", "input", ()), ("quantize", "quantize (joint)", "input", ()))
+              ("batch_size", "batch size", "input", ()), ("quantize", "quantize (joint)", "input", ()),
+              ("grid_baseline", "grid baseline in the report", "check", ()), *LM_EVAL_SIMPLE)
 
     def __init__(self, spec_path: str | Path | None = None) -> None:
         super().__init__(spec_path)
@@ -348,9 +365,10 @@ class MergeBuilderScreen(SpecBuilderScreen):
         yield Button("Add task", id="b-add-task")
         for key in ("report_tasks", "generations", "population", "max_evaluations", "max_minutes", "seed", "limit"):
             yield self.simple_box(key)
-        with Collapsible(title="more: racing, step size, dtypes, batch, joint quantization", collapsed=True):
-            for key in ("racing", "sigma0", "dtype", "eval_dtype", "batch_size", "quantize"):
+        with Collapsible(title="more: racing, step size, dtypes, batch, joint quantization, grid", collapsed=True):
+            for key in ("racing", "sigma0", "dtype", "eval_dtype", "batch_size", "quantize", "grid_baseline"):
                 yield self.simple_box(key)
+        yield from lm_eval_section(self)
 
     # --- rows ---------------------------------------------------------------------------------
     def param_row(self, row: sf.ParamRow, info: sf.ParamInfo | None) -> Vertical:
@@ -479,7 +497,8 @@ class QuantBuilderScreen(SpecBuilderScreen):
               ("generations", "generations", "input", ()), ("offspring", "offspring", "input", ()),
               ("max_minutes", "max minutes", "input", ()),
               ("optimizer", "optimizer", "select", ("levelswitch", "cma")), ("seed", "seed", "input", ()),
-              ("heldout_windows", "held-out windows", "input", ()), ("heldout_task", "held-out task", "input", ()))
+              ("heldout_windows", "held-out windows", "input", ()), ("heldout_task", "held-out task", "input", ()),
+              *LM_EVAL_SIMPLE)
 
     def new_form(self) -> sf.QuantForm:
         from workbench.home import DEFAULT_MODEL_NAME
@@ -507,7 +526,9 @@ class QuantBuilderScreen(SpecBuilderScreen):
         yield field_box("model", "model", Select([], prompt="choose a model", id="f-model"))
         yield from add_model_row()
         for key, *_ in self.SIMPLE[1:]:
-            yield self.simple_box(key)
+            if key not in LM_EVAL_KEYS:
+                yield self.simple_box(key)
+        yield from lm_eval_section(self)
 
     def read(self) -> sf.QuantForm:
         form = sf.QuantForm()
