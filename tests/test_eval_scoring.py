@@ -302,6 +302,43 @@ def test_batched_greedy_generation_matches_a_naive_loop(model_dirs, arch):
     assert cut_at_stop("w5 w6. w7\nw8", ["\n", "."]) == "w5 w6"
 
 
+def hf_greedy(model, tok, prompts, n: int, stop, batch_size: int) -> list[str]:
+    """transformers' own batched generate (left padding, every row computed until the batch ends)."""
+    from transformers import GenerationConfig
+
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    cfg = GenerationConfig(max_new_tokens=n, do_sample=False, num_beams=1, eos_token_id=2, pad_token_id=2)
+    out = [""] * len(prompts)
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), 2)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[r, width - len(prompts[i]):] = 1
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+        for i, t in zip(idx, tok.batch_decode(gen[:, width:], skip_special_tokens=True)):
+            out[i] = cut_at_stop(t, stop)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2"])
+def test_greedy_generation_with_rows_leaving_equals_transformers_generate(model_dirs, arch):
+    """Rows leave the batch when they end; the texts are transformers' generate's (stop strings cut)."""
+    model, tok = load(model_dirs[arch]), tiny_tokenizer()
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, 96) for _ in range(rng.randint(1, 12))] for _ in range(23)]
+    ref = hf_greedy(model, tok, prompts, 9, [], batch_size=8)
+    stops = sorted({t.split()[1] for t in ref if len(t.split()) > 2})[:3]   # words some rows reach early
+    assert stops, "no row long enough to stop early"
+    for stop in ([], stops):
+        got = greedy_generate(model, tok, prompts, max_new_tokens=9, stop=stop, batch_size=8)
+        assert got == hf_greedy(model, tok, prompts, 9, stop, batch_size=8)
+    assert any(t != cut_at_stop(t, stops) for t in ref)   # some rows did stop early
+
+
 def test_exact_match_task(model_dirs, tmp_path):
     model, tok = load(model_dirs["llama"]), tiny_tokenizer()
     rng = random.Random(5)
