@@ -34,9 +34,15 @@ test: model
 LLAMA_CPP_CMAKE ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
 	-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DLLAMA_CURL=OFF
 
+# the NEON kernels' tests (tests/bench/test_kernels_arm.py): an aarch64 cross compiler and qemu-user
+ARM_TEST_TOOLS ?= g++-aarch64-linux-gnu qemu-user
+
 $(VENV)/.bench-installed: $(VENV)/.installed
 	DISABLE_CUDA=1 $(PY) -m pip install -q -e ".[dev,bench]"
 	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(PY) -m pip install -q --no-cache-dir llama-cpp-python==0.3.36
+	command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null || \
+		$$([ "$$(id -u)" = 0 ] || echo sudo) apt-get install -y -q $(ARM_TEST_TOOLS) || \
+		echo "make bench: could not install $(ARM_TEST_TOOLS); tests/bench/test_kernels_arm.py will skip"
 	touch $@
 
 bench: model $(VENV)/.bench-installed

@@ -30,14 +30,16 @@ class GemmSpy:
 
 
 def _fake_ops(spy: GemmSpy) -> SimpleNamespace:
-    return SimpleNamespace(lowbit_gemm=SimpleNamespace(default=spy),
+    return SimpleNamespace(lowbit_gemm=SimpleNamespace(default=spy), lowbit_gemm_q8=SimpleNamespace(default=spy),
                            lowbit_lora_add=SimpleNamespace(default=lambda y, *a: y))
 
 
-@pytest.fixture
-def cpu_spy(monkeypatch) -> GemmSpy:
+@pytest.fixture(params=["1", "exact"])
+def cpu_spy(monkeypatch, request) -> GemmSpy:
+    """The CPU kernel replaced by a spy, in the integer (default) and the float mode."""
     spy = GemmSpy()
-    monkeypatch.setenv("WORKBENCH_KERNELS", "1")
+    monkeypatch.setenv("WORKBENCH_KERNELS", request.param)
+    monkeypatch.setenv("WORKBENCH_KERNELS_CROSSOVER", "16")  # 3-row inputs take the kernel; nothing measured
     monkeypatch.setattr(kernels, "_cpu", {})  # no cached op: the dispatch goes through cpu_ops()
     monkeypatch.setattr(kernels, "cpu_ops", lambda: _fake_ops(spy))
     return spy

@@ -1,4 +1,6 @@
-"""Fused low-bit kernels (`workbench.quant.kernels`) against the pure-torch dequantize + matmul.
+"""Fused low-bit kernels (`workbench.quant.kernels`) against the pure-torch dequantize + matmul: the
+float kernels (``WORKBENCH_KERNELS=exact``, set for every test here) and the exact dequantization
+above `MAX_ROWS` rows. The integer kernels (the default mode) are in test_kernels_int8.py.
 
 The CPU extension compiles on first use into the workbench home (about a minute on 2 cores, once);
 every ISA path this CPU has (avx512bf16, avx512, avx2, scalar) is checked. Triton tests need CUDA.
@@ -40,6 +42,11 @@ def make_layer(n: int, k: int, group: int, kind: str, seed: int = 0, bias: bool 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+
+
+@pytest.fixture(autouse=True)
+def exact_mode(monkeypatch):
+    monkeypatch.setenv("WORKBENCH_KERNELS", "exact")
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +113,23 @@ def test_noncontiguous_input_and_bf16_scales(ops):
         assert rel_err(kernels.fused_matmul(layer, x), kernels.reference_matmul(layer, x)) < 1e-5
 
 
+@pytest.mark.parametrize("mode", ["exact", "1"])
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_above_max_rows_gives_the_pure_torch_result_exactly(ops, monkeypatch, mode, kind, dtype):
+    monkeypatch.setenv("WORKBENCH_KERNELS", mode)
+    for n, k, group in [(70, 576, 16), (33, 200, 40), (48, 128, 64)]:
+        layer = make_layer(n, k, group, kind)
+        x = torch.randn(kernels.MAX_ROWS + 7, k).to(dtype)
+        with torch.no_grad():
+            y = kernels.fused_matmul(layer, x)
+            assert y is not None and torch.equal(y, kernels.reference_matmul(layer, x)), (n, k, group)
+            assert torch.equal(kernels.dequantized(layer, dtype), layer.dequantized_weight(dtype))
+
+
 def test_declines_what_it_does_not_cover(ops):
     layer = make_layer(16, 64, 32, "asym")
     with torch.no_grad():
-        assert kernels.fused_matmul(layer, torch.randn(kernels.MAX_ROWS + 1, 64)) is None
         assert kernels.fused_matmul(layer, torch.randn(kernels.MAX_ROWS, 64)) is not None
         assert kernels.fused_matmul(layer, torch.randn(0, 64)) is None
         assert kernels.fused_matmul(layer, torch.randn(1, 64).half()) is None
@@ -133,6 +153,7 @@ def test_build_failure_falls_back_once(monkeypatch):
 
     monkeypatch.setattr(kernels, "_cpu", {})  # as in a fresh process
     monkeypatch.setattr(kernels, "_build_cpu", broken_build)
+    monkeypatch.setenv("WORKBENCH_KERNELS", "1")
     layer = make_layer(24, 128, 64, "ternary")
     x = torch.randn(2, 128)
     with torch.no_grad():
@@ -197,8 +218,8 @@ def test_greedy_decoding_with_kernels_gives_the_pure_torch_tokens(ops, tmp_path,
     quantize_model(model, quant_config_from_dict({"bits": bits, "group_size": 16, "lora": {"rank": 2}}))
     prompt = torch.tensor([[1, 5, 9, 13, 17]])
     runs = {}
-    for flag in ("1", "0"):
+    for flag in ("exact", "0"):
         monkeypatch.setenv("WORKBENCH_KERNELS", flag)
         with torch.no_grad():
             runs[flag] = model.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=0)
-    assert torch.equal(runs["1"], runs["0"])
+    assert torch.equal(runs["exact"], runs["0"])

@@ -21,15 +21,23 @@
 // Each tile prefetches the next tile's rows (see NextTile).
 // Rows are split over torch's intra-op threads (at::parallel_for, OpenMP).
 //
-// The ISA is chosen at run time (__builtin_cpu_supports); ISA-specific code is compiled with
-// `#pragma GCC target`, so the library itself needs no -march flag and runs on any x86-64.
+// The integer path (lowbit_gemm_q8: int8 activations, integer dot products, AVX-512 VNNI / AVX-VNNI /
+// AVX2 / NEON dotprod / scalar) lives in lowbit_q8.h; lowbit_dequant writes W for torch's matmul
+// (batches). The ISA is chosen at run time (__builtin_cpu_supports); ISA-specific code is compiled
+// with `#pragma GCC target`, so the library itself needs no -march flag and runs on any x86-64. On
+// other CPUs (aarch64) the x86 sections compile out: the float ops take the generic path, the
+// integer op NEON.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#if defined(__x86_64__)
 #include <immintrin.h>
+#endif
+
+#include "lowbit_q8.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -93,7 +101,13 @@ struct NextTile {
 
   // asm, not _mm_prefetch: GCC's loop distribution moves __builtin_prefetch calls into a loop of
   // their own, which it then deletes as having no effect.
-  static inline void prefetch(const char* p) { asm volatile("prefetcht0 %0" : : "m"(*p)); }
+  static inline void prefetch(const char* p) {
+#if defined(__x86_64__)
+    asm volatile("prefetcht0 %0" : : "m"(*p));
+#else
+    __builtin_prefetch(p);
+#endif
+  }
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -133,8 +147,9 @@ float dot_scalar(const float* a, const float* b, int64_t n) {
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
-// AVX-512
+// AVX-512 (this section to the dispatch: x86-64 only)
 
+#if defined(__x86_64__)
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")
 namespace {
@@ -560,6 +575,7 @@ void tile_avx2(const Problem& p, int64_t n0, int64_t b0) {
 
 }  // namespace
 #pragma GCC pop_options
+#endif  // __x86_64__
 
 // ---------------------------------------------------------------------------------------------
 // Dispatch
@@ -567,12 +583,16 @@ void tile_avx2(const Problem& p, int64_t n0, int64_t b0) {
 namespace {
 
 Isa detect_isa() {
+#if !defined(__x86_64__)
+  return Isa::Scalar;
+#else
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma"))
     return __builtin_cpu_supports("avx512bf16") ? Isa::Avx512Bf16 : Isa::Avx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::Avx2;
   return Isa::Scalar;
+#endif
 }
 
 const Isa kDetected = detect_isa();
@@ -582,6 +602,10 @@ const char* isa_name(Isa isa) {
   return isa == Isa::Avx512Bf16 ? "avx512bf16" : isa == Isa::Avx512 ? "avx512" : isa == Isa::Avx2 ? "avx2" : "scalar";
 }
 
+// Activation rows up to which AVX-512 uses gemv_avx512 (decode-bound); above, tile_avx512 is FMA-bound.
+constexpr int64_t kGemvMaxB = 2;
+
+#if defined(__x86_64__)
 using TileFn = void (*)(const Problem&, int64_t, int64_t);
 
 // One kernel family: tiles of R rows x up to BT activation rows; `full[bt - 1]` takes R rows and
@@ -591,8 +615,6 @@ struct Tiles {
   TileFn full[4], one[4];
 };
 
-// Activation rows up to which AVX-512 uses gemv_avx512 (decode-bound); above, tile_avx512 is FMA-bound.
-constexpr int64_t kGemvMaxB = 2;
 
 const Tiles& pick_tiles(Isa isa, bool bf16_dot, bool g8, int64_t B) {
   static const Tiles t8{4, 4, {tile8_avx512<4, 1>, tile8_avx512<4, 2>, tile8_avx512<4, 3>, tile8_avx512<4, 4>},
@@ -630,8 +652,15 @@ void run_tiles(const Problem& p, const Tiles& t) {
   });
 }
 
+#endif  // __x86_64__
+
 void run_generic(const Problem& p, Isa isa) {
+#if defined(__x86_64__)
   auto dot = isa >= Isa::Avx512 ? dot_avx512 : isa == Isa::Avx2 ? dot_avx2 : dot_scalar;
+#else
+  (void)isa;
+  auto dot = dot_scalar;
+#endif
   const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, p.K * p.B));
   at::parallel_for(0, p.N, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> w(p.K);
@@ -642,26 +671,33 @@ void run_generic(const Problem& p, Isa isa) {
   });
 }
 
-at::Tensor lowbit_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
-                       const at::Tensor& zero, int64_t group_size, int64_t K) {
+// The argument checks of lowbit_gemm and lowbit_gemm_q8.
+void check_gemm_args(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& zero,
+                     int64_t group_size, int64_t K) {
   TORCH_CHECK(x.dim() == 2, "lowbit_gemm: x must be [B, K]");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "lowbit_gemm: x must be float32 or bfloat16");
   TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kByte, "lowbit_gemm: qweight must be uint8 [N, Kp/4]");
   TORCH_CHECK(group_size > 0 && K > 0 && K % group_size == 0, "lowbit_gemm: group_size must divide K");
   TORCH_CHECK(x.size(1) == K, "lowbit_gemm: x has ", x.size(1), " columns, expected K = ", K);
-  const int64_t N = qweight.size(0), Kp = qweight.size(1) * 4, NG = K / group_size, B = x.size(0);
+  const int64_t N = qweight.size(0), Kp = qweight.size(1) * 4, NG = K / group_size;
   TORCH_CHECK(Kp % 64 == 0 && Kp >= K && Kp - K < 64, "lowbit_gemm: qweight has ", qweight.size(1),
               " bytes per row, which does not hold K = ", K, " in the block-64 layout");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 2 && scale.size(0) == N && scale.size(1) == NG,
               "lowbit_gemm: scale must be float32 [N, K / group_size]");
-  const bool has_zero = zero.numel() > 0;
-  TORCH_CHECK(!has_zero || (zero.scalar_type() == at::kFloat && zero.dim() == 2 && zero.size(0) == N &&
+  TORCH_CHECK(zero.numel() == 0 || (zero.scalar_type() == at::kFloat && zero.dim() == 2 && zero.size(0) == N &&
                             zero.size(1) == NG),
               "lowbit_gemm: zero must be empty or float32 [N, K / group_size]");
   TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu() && scale.device().is_cpu() && zero.device().is_cpu(),
               "lowbit_gemm: CPU tensors expected");
 
+}
+
+at::Tensor lowbit_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                       const at::Tensor& zero, int64_t group_size, int64_t K) {
+  check_gemm_args(x, qweight, scale, zero, group_size, K);
+  const int64_t N = qweight.size(0), Kp = qweight.size(1) * 4, NG = K / group_size, B = x.size(0);
+  const bool has_zero = zero.numel() > 0;
   at::Tensor y = at::empty({B, N}, x.options());
   if (B == 0 || N == 0) return y;
   const at::Tensor q = qweight.contiguous(), s = scale.contiguous();
@@ -697,7 +733,11 @@ at::Tensor lowbit_gemm(const at::Tensor& x, const at::Tensor& qweight, const at:
     if (static_cast<int64_t>(xpairs.size()) < B * Kp2) xpairs.resize(B * Kp2);
     xc = x.contiguous();
     const uint16_t* src = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+#if defined(__x86_64__)
     for (int64_t b = 0; b < B; ++b) bf16_pairs(src + b * K, K, Kp2, xpairs.data() + b * Kp2);
+#else
+    (void)src;
+#endif
   }
   // group sums of x, for the zero correction of gemv_avx512 and dp_avx512bf16
   const bool gemv = tiled && !g8 && !bf16_dot && isa >= Isa::Avx512 && B <= kGemvMaxB;
@@ -710,10 +750,13 @@ at::Tensor lowbit_gemm(const at::Tensor& x, const at::Tensor& qweight, const at:
   Problem p{bf16_dot ? reinterpret_cast<const float*>(xpairs.data()) : xp, q.data_ptr<uint8_t>(), s.data_ptr<float>(),
             has_zero ? z.data_ptr<float>() : nullptr, xsum.data(), y.data_ptr(), y.scalar_type() == at::kBFloat16,
             B, N, K, Kp, group_size, NG};
-  if (tiled)
+#if defined(__x86_64__)
+  if (tiled) {
     run_tiles(p, pick_tiles(isa, bf16_dot, g8, B));
-  else
-    run_generic(p, isa);
+    return y;
+  }
+#endif
+  run_generic(p, isa);
   return y;
 }
 
@@ -731,6 +774,182 @@ std::string lowbit_set_isa(const std::string& isa) {
 }
 
 std::string lowbit_isa() { return isa_name(g_isa); }
+
+// ---------------------------------------------------------------------------------------------
+// Integer path (lowbit_q8.h): int8 activations per block of 64, integer dot products. Chosen once
+// (AVX-512 VNNI > AVX-VNNI > AVX2 > NEON > scalar); lowbit_set_int_isa lowers it (tests).
+
+using lowbit_q8::IntIsa;
+constexpr IntIsa kIntOrder[] = {IntIsa::Avx512Vnni, IntIsa::AvxVnni, IntIsa::Avx2, IntIsa::Neon, IntIsa::Scalar};
+
+IntIsa detect_int_isa() {
+  for (IntIsa isa : kIntOrder)
+    if (lowbit_q8::cpu_has(isa)) return isa;
+  return IntIsa::Scalar;
+}
+
+const IntIsa kIntDetected = detect_int_isa();
+IntIsa g_int_isa = kIntDetected;
+
+// x @ W^T with x quantized to int8 per block of 64 (the error bound is in lowbit_q8.h). Group sizes
+// the ISA's tiles do not cover (a lane's groups must fit one vector: G a multiple of 4, at least 12
+// on AVX-512) take the float kernels of lowbit_gemm.
+at::Tensor lowbit_gemm_q8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale,
+                          const at::Tensor& zero, int64_t group_size, int64_t K) {
+  check_gemm_args(x, qweight, scale, zero, group_size, K);
+  const IntIsa isa = g_int_isa;
+  thread_local lowbit_q8::Tables tables;
+  if (!lowbit_q8::supports(isa, K, group_size, tables)) return lowbit_gemm(x, qweight, scale, zero, group_size, K);
+  const int64_t N = qweight.size(0), Kp = qweight.size(1) * 4, NG = K / group_size, B = x.size(0);
+  at::Tensor y = at::empty({B, N}, x.options());
+  if (B == 0 || N == 0) return y;
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const at::Tensor xc = x.contiguous(), q = qweight.contiguous(), s = scale.contiguous();
+  const at::Tensor z = zero.numel() > 0 ? zero.contiguous() : zero;
+  thread_local lowbit_q8::Acts acts;
+  lowbit_q8::quantize_acts(xc.data_ptr(), bf16, B, K, K, group_size, lowbit_q8::chunk_blocks(isa), acts,
+                           lowbit_q8::quant_block_fn(isa));
+  const lowbit_q8::Problem p{q.data_ptr<uint8_t>(), s.data_ptr<float>(), z.numel() > 0 ? z.data_ptr<float>() : nullptr,
+                             &acts, &tables, y.data_ptr(), bf16, N, K, Kp, group_size, NG};
+  const lowbit_q8::TileSet& ts = lowbit_q8::tiles(isa, group_size % 64 != 0, B);
+  const int64_t ntiles = (N + ts.R - 1) / ts.R;
+  // a task holds at least 2^20 weight-rows: SmolLM2's layers (under 1M weights, ~10 us on one core)
+  // stay on one thread, where a second saves a few microseconds but waits for a descheduled sibling
+  // whenever the CPUs are shared (measured: 1.4 against 33 tokens/s decoding on 2 loaded cores)
+  const int64_t grain = std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(1, ts.R * K * B));
+  at::parallel_for(0, ntiles, grain, [&](int64_t begin, int64_t end) { lowbit_q8::run_tiles(p, ts, begin, end); });
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dequantization for batches (torch's matmul then multiplies): the values of
+// workbench.quant.quantizers.dequantize bit for bit, (code - zero) * scale in the output dtype (for
+// bfloat16: each operand and each result rounded to bfloat16, as torch's bfloat16 ops do).
+
+inline uint32_t bf16_round_bits(float v) {  // float -> the float bits of its bfloat16 rounding
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return u & 0xFFFF0000u;
+}
+
+inline float bf16_round(float v) {
+  const uint32_t u = bf16_round_bits(v);
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+#if defined(__x86_64__)
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
+void dequant_row_out(const uint8_t* q, const float* s, const float* z, int64_t K, int64_t G, bool bf16, float* codes,
+                 void* out) {
+  for (int64_t j = 0; j < K / 64 + (K % 64 != 0); ++j)
+    for (int qq = 0; qq < 4; ++qq)
+      for (int m = 0; m < 16; ++m) codes[j * 64 + qq * 16 + m] = static_cast<float>((q[j * 16 + m] >> (2 * qq)) & 3);
+  for (int64_t g = 0; g < K / G; ++g) {
+    const float* c = codes + g * G;
+    if (bf16) {
+      const float zb = z ? bf16_round(z[g]) : 1.0f, sb = bf16_round(s[g]);
+      uint16_t* o = static_cast<uint16_t*>(out) + g * G;
+      for (int64_t i = 0; i < G; ++i) o[i] = static_cast<uint16_t>(bf16_round_bits(bf16_round(c[i] - zb) * sb) >> 16);
+    } else {
+      const float zf = z ? z[g] : 1.0f, sf = s[g];
+      float* o = static_cast<float*>(out) + g * G;
+      for (int64_t i = 0; i < G; ++i) o[i] = (c[i] - zf) * sf;
+    }
+  }
+}
+
+#if defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")
+// dequant_row_out for group sizes that are multiples of 16 (a run of 16 codes lies in one group).
+void dequant_row_avx512(const uint8_t* q, const float* s, const float* z, int64_t K, int64_t G, bool bf16,
+                        void* out) {
+  const __m512i m3 = _mm512_set1_epi32(3), r7 = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
+  auto round_bits = [&](__m512 v) __attribute__((always_inline)) {  // as bf16_round_bits
+    const __m512i u = _mm512_castps_si512(v);
+    return _mm512_add_epi32(u, _mm512_add_epi32(r7, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+  };
+  for (int64_t j = 0; j * 64 < K; ++j) {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j * 16)));
+    for (int qq = 0; qq < 4; ++qq) {
+      const int64_t k = j * 64 + qq * 16, g = k / G;
+      if (k >= K) break;
+      const __m512 c = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srl_epi32(v, _mm_cvtsi32_si128(2 * qq)), m3));
+      if (bf16) {
+        const __m512 zb = _mm512_set1_ps(z ? bf16_round(z[g]) : 1.0f), sb = _mm512_set1_ps(bf16_round(s[g]));
+        const __m512 t = _mm512_castsi512_ps(
+            _mm512_and_si512(round_bits(_mm512_sub_ps(c, zb)), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+        const __m256i w = _mm512_cvtepi32_epi16(_mm512_srli_epi32(round_bits(_mm512_mul_ps(t, sb)), 16));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + k), w);
+      } else {
+        const __m512 w = _mm512_mul_ps(_mm512_sub_ps(c, _mm512_set1_ps(z ? z[g] : 1.0f)), _mm512_set1_ps(s[g]));
+        _mm512_storeu_ps(static_cast<float*>(out) + k, w);
+      }
+    }
+  }
+}
+#pragma GCC pop_options
+#endif
+
+// out [N, K] (float32 or bfloat16, contiguous) = W from the packed codes, scales and zeros.
+at::Tensor lowbit_dequant(at::Tensor out, const at::Tensor& qweight, const at::Tensor& scale, const at::Tensor& zero,
+                          int64_t group_size, int64_t K) {
+  const at::ScalarType dtype = out.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "lowbit_dequant: out must be float32 or bfloat16");
+  check_gemm_args(at::empty({0, K}, qweight.options().dtype(at::kFloat)), qweight, scale, zero, group_size, K);
+  const int64_t N = qweight.size(0), row_bytes = qweight.size(1), NG = K / group_size;
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == N && out.size(1) == K && out.is_contiguous(),
+              "lowbit_dequant: out must be contiguous [N, K]");
+  const at::Tensor q = qweight.contiguous(), s = scale.contiguous();
+  const at::Tensor z = zero.numel() > 0 ? zero.contiguous() : zero;
+  const bool bf16 = dtype == at::kBFloat16;
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float* sp = s.data_ptr<float>();
+  const float* zp = z.numel() > 0 ? z.data_ptr<float>() : nullptr;
+  char* wp = static_cast<char*>(out.data_ptr());
+  const int64_t esize = bf16 ? 2 : 4;
+#if defined(__x86_64__)
+  const bool avx512 = g_isa >= Isa::Avx512 && group_size % 16 == 0;
+#endif
+  at::parallel_for(0, N, std::max<int64_t>(1, (1 << 16) / K), [&](int64_t begin, int64_t end) {
+    std::vector<float> codes(row_bytes * 4);
+    for (int64_t n = begin; n < end; ++n) {
+      const float* z_n = zp ? zp + n * NG : nullptr;
+#if defined(__x86_64__)
+      if (avx512) {
+        dequant_row_avx512(qp + n * row_bytes, sp + n * NG, z_n, K, group_size, bf16, wp + n * K * esize);
+        continue;
+      }
+#endif
+      dequant_row_out(qp + n * row_bytes, sp + n * NG, z_n, K, group_size, bf16, codes.data(), wp + n * K * esize);
+    }
+  });
+  return out;
+}
+
+// "auto" restores the detected ISA; one this CPU lacks is lowered to the best it has below it in
+// kIntOrder. Returns the ISA in use.
+std::string lowbit_set_int_isa(const std::string& name) {
+  if (name == "auto") {
+    g_int_isa = kIntDetected;
+    return lowbit_q8::isa_name(g_int_isa);
+  }
+  bool below = false;
+  for (IntIsa isa : kIntOrder) {
+    below = below || name == lowbit_q8::isa_name(isa);
+    if (below && lowbit_q8::cpu_has(isa)) {
+      g_int_isa = isa;
+      return lowbit_q8::isa_name(isa);
+    }
+  }
+  TORCH_CHECK(false, "lowbit_set_int_isa: expected auto, avx512vnni, avxvnni, avx2, neon or scalar, got ", name);
+}
+
+std::string lowbit_int_isa() { return lowbit_q8::isa_name(g_int_isa); }
 
 // y += scaling * (x @ A^T) @ B^T for the LoRA adapters of a layer, in place (float32 only). At decode
 // sizes (a few rows, rank 4-64) two torch matmuls cost tens of microseconds of dispatch each; these
@@ -754,6 +973,7 @@ inline void lora_loops(const float* xp, const float* ap, const float* bp, float*
     }
 }
 
+#if defined(__x86_64__)
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 void lora_avx2(const float* xp, const float* ap, const float* bp, float* yp, float* tp, int64_t R, int64_t K,
@@ -761,6 +981,7 @@ void lora_avx2(const float* xp, const float* ap, const float* bp, float* yp, flo
   lora_loops<true>(xp, ap, bp, yp, tp, R, K, r, N, scaling);
 }
 #pragma GCC pop_options
+#endif
 
 void lora_scalar(const float* xp, const float* ap, const float* bp, float* yp, float* tp, int64_t R, int64_t K,
                  int64_t r, int64_t N, float scaling) {
@@ -779,7 +1000,11 @@ at::Tensor lowbit_lora_add(at::Tensor y, const at::Tensor& x, const at::Tensor& 
   const at::Tensor xc = x.contiguous(), ac = A.contiguous(), bc = B.contiguous();
   thread_local std::vector<float> t;
   if (static_cast<int64_t>(t.size()) < R * r) t.resize(R * r);
+#if defined(__x86_64__)
   auto loops = g_isa >= Isa::Avx2 ? lora_avx2 : lora_scalar;
+#else
+  auto loops = lora_scalar;
+#endif
   loops(xc.data_ptr<float>(), ac.data_ptr<float>(), bc.data_ptr<float>(), y.data_ptr<float>(), t.data(), R, K, r, N,
         static_cast<float>(scaling));
   return y;
@@ -791,10 +1016,16 @@ TORCH_LIBRARY(workbench_lowbit, m) {
   m.def("lowbit_gemm(Tensor x, Tensor qweight, Tensor scale, Tensor zero, int group_size, int K) -> Tensor");
   m.def("lowbit_set_isa(str isa) -> str", &lowbit_set_isa);
   m.def("lowbit_isa() -> str", &lowbit_isa);
+  m.def("lowbit_gemm_q8(Tensor x, Tensor qweight, Tensor scale, Tensor zero, int group_size, int K) -> Tensor");
+  m.def("lowbit_set_int_isa(str isa) -> str", &lowbit_set_int_isa);
+  m.def("lowbit_dequant(Tensor(a!) out, Tensor qweight, Tensor scale, Tensor zero, int group_size, int K) -> Tensor(a!)");
+  m.def("lowbit_int_isa() -> str", &lowbit_int_isa);
   m.def("lowbit_lora_add(Tensor(a!) y, Tensor x, Tensor A, Tensor B, float scaling) -> Tensor(a!)");
 }
 
 TORCH_LIBRARY_IMPL(workbench_lowbit, CPU, m) {
   m.impl("lowbit_gemm", &lowbit_gemm);
+  m.impl("lowbit_gemm_q8", &lowbit_gemm_q8);
+  m.impl("lowbit_dequant", &lowbit_dequant);
   m.impl("lowbit_lora_add", &lowbit_lora_add);
 }

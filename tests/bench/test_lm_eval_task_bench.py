@@ -2,8 +2,9 @@
 
 On SmolLM2-135M-Instruct (float32, the same model object for both), two local lm-eval tasks over
 real text (license texts the OS ships): ``bench_mc``, multiple choice (the true continuation of
-a GPL-3 passage among three taken from elsewhere), and ``bench_gen``, generate_until (the next
-words of an Apache-2.0 passage, stopped at a newline or after 12 tokens).
+a GPL-3 passage among three taken from elsewhere), and ``bench_gen``, generate_until (the rest of
+the sentence an Apache-2.0 passage breaks off in: stopped at the sentence's end or a newline, at
+most 24 tokens; the answers' lengths vary, as in gsm8k-like tasks).
 
     ours:   load_task("lm_eval:NAME") + evaluate(split="all")   (lm-eval builds the requests)
     theirs: simple_evaluate(HFLM(pretrained=<the model>, batch_size=32), tasks=[NAME])
@@ -80,8 +81,8 @@ def write_tasks(d: Path) -> Path:
     (tasks / "bench_gen.yaml").write_text(
         f"task: bench_gen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {d / 'gen.jsonl'}\n"
         "test_split: test\noutput_type: generate_until\ndoc_to_text: \"{{passage}}\"\n"
-        "doc_to_target: \"{{answer}}\"\ngeneration_kwargs:\n  until: [\"\\n\"]\n  do_sample: false\n"
-        "  max_gen_toks: 12\nfilter_list:\n  - name: two_words\n    filter:\n"
+        "doc_to_target: \"{{answer}}\"\ngeneration_kwargs:\n  until: [\".\", \"\\n\"]\n  do_sample: false\n"
+        "  max_gen_toks: 24\nfilter_list:\n  - name: two_words\n    filter:\n"
         "      - function: regex\n        regex_pattern: \"^\\\\s*(\\\\S+\\\\s+\\\\S+)\"\n      - function: take_first\n"
         "metric_list:\n  - metric: exact_match\n")
     return tasks

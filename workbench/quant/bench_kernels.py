@@ -1,14 +1,22 @@
 """`workbench bench-kernels`: the fused low-bit kernels against torch dense matmuls of the same shape.
 
 For each shape N x K (out x in), format (2-bit asymmetric, ternary), activation rows and dtype, the
-time per call of `kernels.fused_matmul` is compared with torch's `x @ W.T` for a float32 and a
-bfloat16 W. A figure is the least of 3 rounds' medians, so a round slowed by other work on the CPUs
-does not count. Weights are random (seeded), quantized with `quantize_weight` (2-bit: rtn, ternary:
-absmean; the method does not change the speed) and packed by `QuantLinear.from_quantized`.
+time per call of `kernels.fused_matmul` (the path the kernels' mode and crossover pick: the int8
+kernel, or dequantize + bf16 matmul) is compared with torch's `x @ W.T` for a float32 and a bfloat16
+W. Weights are random (seeded), quantized with `quantize_weight` (2-bit: rtn, ternary: absmean; the
+method does not change the speed) and packed by `QuantLinear.from_quantized`.
 
-``--cold`` cycles through enough copies of every weight to overflow the last-level cache, so each
-call reads its weights from memory, as a whole model's decode step does; by default a layer's
-packed weights (a few MB) stay in cache between calls while large dense weights do not.
+Stable figures:
+
+* interleaved: each of `rounds` rounds times the three contenders one after another (the order
+  rotating), `per_round` calls each; a figure is the median over rounds of each round's median, and
+  its spread is (max - min) / median over the rounds, so a burst of other work on the CPUs shows up
+  as spread instead of moving one contender only;
+* threads pinned: ``torch.set_num_threads(threads)``, which the kernels' OpenMP loops
+  (`at::parallel_for`) share;
+* caches flushed (unless ``--no-flush``): a buffer of max(128 MB, 4 x L3) is written between timed
+  calls, so every call reads its weights from memory as a model's decode step does (a 64 MB float32
+  matrix fits a 105 MB L3 and would otherwise flatter the dense baseline in a loop).
 
 Also runnable as ``python -m workbench.quant.bench_kernels``.
 """
@@ -16,9 +24,8 @@ Also runnable as ``python -m workbench.quant.bench_kernels``.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
+import os
 import statistics
 import sys
 import time
@@ -32,8 +39,7 @@ DEFAULT_BATCHES = [1, 4, 16]
 QUICK_BATCHES = [1, 16]
 FORMATS = {"2bit": (2, "rtn"), "ternary": (1.58, "absmean")}
 DTYPES = ("float32", "bfloat16")  # activation dtypes
-COLD_BYTES = 96 << 20  # more than the last-level cache of the machines we run on
-MAX_COPIES = 256
+FLUSH_MIN_BYTES = 128 << 20
 
 
 @dataclass
@@ -42,44 +48,75 @@ class Measurement:
     shape: str
     batch: int
     dtype: str
-    seconds: float
+    seconds: float  # median over rounds
     speedup_vs_fp32: float
     speedup_vs_bf16: float
     device: str
     fp32_seconds: float
     bf16_seconds: float
+    spread: float  # (max - min) / median of the rounds' medians, ours
+    fp32_spread: float
+    bf16_spread: float
+    path: str  # what fused_matmul ran: int8, dequant+bf16, float (exact mode), dequant
     isa: str
     threads: int
-    cold: bool
+    flushed: bool
+    rounds: int
+    mode: str
 
 
-def time_call(fn: Callable[[int], object], min_time: float = 0.03, rounds: int = 3, min_repeats: int = 5,
-              max_repeats: int = 200) -> float:
-    """Seconds per call of fn(i) (i counts calls): the median of each round of at least `min_time`
-    seconds, and the least of the rounds' medians (a round slowed by other work on the CPUs loses)."""
-    for i in range(3):
-        fn(i)
-    medians = []
-    i = 0
-    for _ in range(rounds):
-        times: list[float] = []
-        start = time.perf_counter()
-        while len(times) < min_repeats or (time.perf_counter() - start < min_time and len(times) < max_repeats):
-            t0 = time.perf_counter()
-            fn(i)
-            times.append(time.perf_counter() - t0)
-            i += 1
-        medians.append(statistics.median(times))
-    return min(medians)
+def l3_bytes() -> int:
+    """The last-level cache size from sysfs (0 when unknown)."""
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (index / "level").read_text().strip() == "3":
+                text = (index / "size").read_text().strip().upper()
+                mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
+                return int(text.rstrip("KMG")) * mult
+        except (OSError, ValueError):
+            continue
+    return 0
 
 
-def _copies(nbytes: int, cold: bool) -> int:
-    return min(MAX_COPIES, max(1, math.ceil(COLD_BYTES / max(1, nbytes)))) if cold else 1
+class Flusher:
+    """Writes a buffer larger than the last-level cache, evicting whatever a timed call left there."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.nbytes = max(FLUSH_MIN_BYTES, 4 * l3_bytes())
+        self.buf = torch.zeros(self.nbytes, dtype=torch.uint8)
+
+    def __call__(self) -> None:
+        self.buf.add_(1)
 
 
-def _layer_bytes(layer) -> int:
-    tensors = [layer.qweight, layer.scale] + ([] if layer.zero is None else [layer.zero])
-    return sum(t.numel() * t.element_size() for t in tensors)
+def time_interleaved(calls: dict[str, Callable[[], object]], rounds: int = 7, per_round: int = 5,
+                     flush: Callable[[], None] | None = None, min_time: float = 0.0) -> dict[str, tuple[float, float]]:
+    """name -> (median seconds per call, spread) over `rounds` interleaved rounds (see the module doc).
+    Each round runs a call `per_round` times (or for at least `min_time` seconds), flushing before
+    each timed call when `flush` is given."""
+    names = list(calls)
+    for fn in calls.values():  # warm: first-touch pages, oneDNN's kernel choice
+        fn()
+        fn()
+    per: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            times: list[float] = []
+            start = time.perf_counter()
+            while len(times) < per_round or (time.perf_counter() - start < min_time and len(times) < 500):
+                if flush:
+                    flush()
+                t0 = time.perf_counter()
+                calls[name]()
+                times.append(time.perf_counter() - t0)
+            per[name].append(statistics.median(times))
+    out = {}
+    for name, values in per.items():
+        med = statistics.median(values)
+        out[name] = (med, (max(values) - min(values)) / med if med > 0 else 0.0)
+    return out
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -87,8 +124,18 @@ def parse_shape(text: str) -> tuple[int, int]:
     return int(n), int(k)
 
 
+def _path(kernels, rows: int) -> str:
+    mode = kernels.mode()
+    if rows > kernels.MAX_ROWS:
+        return "dequant"
+    if mode == "exact":
+        return "float"
+    return "int8" if rows == 1 or rows <= kernels.crossover() else "dequant+bf16"
+
+
 def run_bench(shapes: list[str], batches: list[int], formats: list[str], dtypes: list[str], group_size: int = 64,
-              cold: bool = False, min_time: float = 0.03, rounds: int = 3, seed: int = 0,
+              flush: bool = True, rounds: int = 7, per_round: int = 5, min_time: float = 0.01, seed: int = 0,
+              threads: int | None = None,
               on_result: Callable[[Measurement], None] | None = None) -> list[Measurement]:
     """Measure every combination; `on_result` sees each measurement as it is made."""
     import torch
@@ -97,12 +144,14 @@ def run_bench(shapes: list[str], batches: list[int], formats: list[str], dtypes:
     from workbench.quant.linear import QuantLinear
     from workbench.quant.quantizers import quantize_weight
 
+    if threads:
+        torch.set_num_threads(threads)
     status = kernels.available()
     if status["cpu"]["status"] != "ready" or not status["enabled"]:
         raise RuntimeError(f"the CPU low-bit kernels are not usable: {status}")
-    if max(batches) > kernels.MAX_ROWS:
-        raise ValueError(f"batches above kernels.MAX_ROWS={kernels.MAX_ROWS} take the dequantize + matmul path")
-    isa, threads = status["cpu"]["isa"], torch.get_num_threads()
+    isa = status["cpu"]["int_isa"] if status["mode"] == "int8" else status["cpu"]["isa"]
+    nthreads = torch.get_num_threads()
+    flusher = Flusher() if flush else None
     results: list[Measurement] = []
     gen = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
@@ -110,36 +159,36 @@ def run_bench(shapes: list[str], batches: list[int], formats: list[str], dtypes:
             n, k = parse_shape(shape)
             w = torch.randn(n, k, generator=gen) * 0.02
             dense = {"float32": w, "bfloat16": w.bfloat16()}
-            layers = {}
-            for fmt in formats:
-                bits, method = FORMATS[fmt]
-                layer = QuantLinear.from_quantized(quantize_weight(w, bits, group_size, method))
-                copies = _copies(_layer_bytes(layer), cold)
-                layers[fmt] = [layer] + [copy.deepcopy(layer) for _ in range(copies - 1)]
-            dense_copies = {name: [t] + [t.clone() for _ in range(_copies(t.numel() * t.element_size(), cold) - 1)]
-                            for name, t in dense.items()}
-            del w
+            layers = {fmt: QuantLinear.from_quantized(quantize_weight(w, FORMATS[fmt][0], group_size, FORMATS[fmt][1]))
+                      for fmt in formats}
             for batch in batches:
                 xs = {name: torch.randn(batch, k, generator=gen).to(getattr(torch, name)) for name in DTYPES}
-                base = {}
-                for name, ws in dense_copies.items():
-                    x = xs[name]
-                    base[name] = time_call(lambda i, x=x, ws=ws: x @ ws[i % len(ws)].T, min_time, rounds)
                 for fmt in formats:
-                    ls = layers[fmt]
+                    layer = layers[fmt]
                     for dname in dtypes:
                         x = xs[dname]
-                        if kernels.fused_matmul(ls[0], x) is None:
+                        if kernels.fused_matmul(layer, x) is None:
                             raise RuntimeError(f"fused_matmul declined {fmt} {shape} batch {batch} {dname}")
-                        call = lambda i, x=x, ls=ls: kernels.fused_matmul(ls[i % len(ls)], x)
-                        sec = time_call(call, min_time, rounds)
-                        m = Measurement(fmt, f"{n}x{k}", batch, dname, sec, base["float32"] / sec,
-                                        base["bfloat16"] / sec, "cpu", base["float32"], base["bfloat16"], isa,
-                                        threads, cold)
+                        calls = {"ours": lambda x=x, layer=layer: kernels.fused_matmul(layer, x),
+                                 "fp32": lambda x=xs["float32"]: x @ dense["float32"].T,
+                                 "bf16": lambda x=xs["bfloat16"]: x @ dense["bfloat16"].T}
+                        t = time_interleaved(calls, rounds, per_round, flusher, 0.0 if flush else min_time)
+                        m = Measurement(fmt, f"{n}x{k}", batch, dname, t["ours"][0],
+                                        t["fp32"][0] / t["ours"][0], t["bf16"][0] / t["ours"][0], "cpu", t["fp32"][0],
+                                        t["bf16"][0], t["ours"][1], t["fp32"][1], t["bf16"][1],
+                                        _path(kernels, batch), isa, nthreads, flush, rounds, status["mode"])
                         results.append(m)
                         if on_result:
                             on_result(m)
     return results
+
+
+def describe(flush: bool, threads: int) -> str:
+    """What was done to make the figures stable, in one line."""
+    how = (f"caches flushed between timed calls ({max(FLUSH_MIN_BYTES, 4 * l3_bytes()) >> 20} MB written; "
+           f"L3 {l3_bytes() >> 20} MB)" if flush else "caches not flushed (weights may stay in L3)")
+    return (f"medians of interleaved rounds, spread = (max - min) / median; {threads} threads pinned "
+            f"(torch.set_num_threads, shared by the kernels' OpenMP loops); {how}")
 
 
 def print_table(results: list[Measurement]) -> None:
@@ -149,14 +198,16 @@ def print_table(results: list[Measurement]) -> None:
     if not results:
         return
     r0 = results[0]
-    table = Table(title=f"low-bit kernels vs torch dense ({r0.device}, {r0.isa}, {r0.threads} threads"
-                        f"{', cold cache' if r0.cold else ''})")
-    for col in ("format", "N x K", "batch", "dtype", "ours ms", "fp32 ms", "bf16 ms", "x fp32", "x bf16"):
-        table.add_column(col, justify="left" if col in ("format", "N x K", "dtype") else "right", no_wrap=True)
+    table = Table(title=f"low-bit kernels vs torch dense ({r0.device}, {r0.mode}, {r0.isa}, {r0.threads} threads"
+                        f"{', caches flushed' if r0.flushed else ''})")
+    for col in ("format", "N x K", "batch", "dtype", "path", "ours ms", "spread", "fp32 ms", "bf16 ms", "x fp32",
+                "x bf16"):
+        table.add_column(col, justify="left" if col in ("format", "N x K", "dtype", "path") else "right", no_wrap=True)
     for m in results:
-        table.add_row(m.format, m.shape, str(m.batch), m.dtype, f"{m.seconds * 1e3:.3f}", f"{m.fp32_seconds * 1e3:.3f}",
-                      f"{m.bf16_seconds * 1e3:.3f}", f"{m.speedup_vs_fp32:.2f}", f"{m.speedup_vs_bf16:.2f}")
-    Console(width=max(100, Console().width)).print(table)
+        table.add_row(m.format, m.shape, str(m.batch), m.dtype, m.path, f"{m.seconds * 1e3:.3f}", f"{m.spread:.0%}",
+                      f"{m.fp32_seconds * 1e3:.3f}", f"{m.bf16_seconds * 1e3:.3f}", f"{m.speedup_vs_fp32:.2f}",
+                      f"{m.speedup_vs_bf16:.2f}")
+    Console(width=max(110, Console().width)).print(table)
 
 
 def add_bench_kernels_parser(sub) -> argparse.ArgumentParser:
@@ -168,10 +219,12 @@ def add_bench_kernels_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS))
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--cold", action="store_true", help="rotate weight copies so every call reads from memory")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--min-time", type=float, default=0.03, help="seconds per timing round (default 0.03)")
-    p.add_argument("--rounds", type=int, default=3, help="timing rounds per figure; the least median counts")
+    p.add_argument("--mode", choices=["int8", "exact"], default=None,
+                   help="the kernels' mode (default: WORKBENCH_KERNELS, int8 unless set to exact)")
+    p.add_argument("--no-flush", action="store_true", help="do not flush caches between timed calls")
+    p.add_argument("--threads", type=int, default=None, help="threads for torch and the kernels (default: torch's)")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds per figure (default 7)")
+    p.add_argument("--per-round", type=int, default=5, help="timed calls per contender and round (default 5)")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write one JSON line per measurement")
     p.set_defaults(func=run_bench_kernels_cli)
     return p
@@ -180,21 +233,26 @@ def add_bench_kernels_parser(sub) -> argparse.ArgumentParser:
 def run_bench_kernels_cli(args: argparse.Namespace) -> int:
     import torch
 
+    if args.mode:
+        os.environ["WORKBENCH_KERNELS"] = "exact" if args.mode == "exact" else "1"
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = args.shapes or (QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
     batches = args.batches or (QUICK_BATCHES if args.quick else DEFAULT_BATCHES)
+    flush = not args.no_flush
+    print(f"workbench bench-kernels: {describe(flush, torch.get_num_threads())}", file=sys.stderr, flush=True)
     out = args.json.open("w") if args.json else None
     try:
         def emit(m: Measurement) -> None:
-            print(f"{m.format:8s} {m.shape:>11s} batch {m.batch:2d} {m.dtype:9s} {m.seconds * 1e3:9.3f} ms  "
-                  f"x{m.speedup_vs_fp32:.2f} vs fp32  x{m.speedup_vs_bf16:.2f} vs bf16", file=sys.stderr, flush=True)
+            print(f"{m.format:8s} {m.shape:>11s} batch {m.batch:2d} {m.dtype:9s} {m.path:13s} {m.seconds * 1e3:9.3f} ms "
+                  f"(spread {m.spread:.0%})  x{m.speedup_vs_fp32:.2f} vs fp32  x{m.speedup_vs_bf16:.2f} vs bf16",
+                  file=sys.stderr, flush=True)
             if out:
                 out.write(json.dumps(asdict(m)) + "\n")
                 out.flush()
 
-        results = run_bench(shapes, batches, args.formats, args.dtypes, args.group_size, args.cold, args.min_time,
-                            args.rounds, on_result=emit)
+        results = run_bench(shapes, batches, args.formats, args.dtypes, args.group_size, flush, args.rounds,
+                            args.per_round, on_result=emit)
     finally:
         if out:
             out.close()

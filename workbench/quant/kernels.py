@@ -3,15 +3,33 @@
 `fused_matmul(layer, x)` returns x @ W.T for a `QuantLinear`'s quantized base weight (no bias, no
 LoRA), or None when no kernel applies, in which case `QuantLinear` dequantizes and multiplies.
 
-Kernels exist for 2-bit codes in the block-64 layout (2-bit asymmetric and ternary) and inputs of at
-most `MAX_ROWS` rows (decode; prefill is left to dequantize + matmul):
+Kernels exist for 2-bit codes in the block-64 layout (2-bit asymmetric and ternary). On the CPU
+(``WORKBENCH_KERNELS``, default ``1``):
 
-* CPU: `kernels/cpu/lowbit.cpp`, a torch op compiled on first use with `torch.utils.cpp_extension`
-  and cached under ``$WORKBENCH_HOME/kernels`` (15-60 s on 2 cores, once per source version).
-* CUDA: `kernels/triton/lowbit.py`, imported only when an input is on a CUDA device.
+* up to `crossover()` rows (decode): the integer kernel `lowbit_gemm_q8`, activations quantized to
+  int8 per block of 64 (the error bound: `INT8_ERROR_BOUND`; relative output error about 0.6% for
+  Gaussian activations);
+* from there up to `MAX_ROWS` rows: W dequantized to bfloat16 by `lowbit_dequant`, then torch's
+  bfloat16 matmul (the result cast back to x's dtype);
+* above `MAX_ROWS` rows (prefill): W dequantized in x's dtype by `lowbit_dequant` (the values of the
+  pure-torch path bit for bit, faster), then torch's matmul: the pure-torch result exactly.
 
-``WORKBENCH_KERNELS=0`` turns both off. A kernel that cannot be built or imported is reported once
-(a `RuntimeWarning`) and the pure-torch path is used from then on.
+``WORKBENCH_KERNELS=exact`` keeps float arithmetic: the float kernel `lowbit_gemm` up to `MAX_ROWS`
+rows (products in fp32), the exact dequantize + matmul above. ``WORKBENCH_KERNELS=0`` turns the
+kernels off. ``WORKBENCH_KERNELS_ISA`` (avx512vnni, avxvnni, avx2, neon, scalar; avx512bf16, avx512
+for the float kernels) lowers the instruction set the kernels use, chosen once at build time as the
+best the CPU has. The crossover is measured once per machine and kernel build (`measure_crossover`,
+well under a second) and cached as ``crossover.json`` beside the build; ``WORKBENCH_KERNELS_CROSSOVER``
+overrides it, and `DEFAULT_CROSSOVER` stands when it cannot be measured.
+
+* CPU: `kernels/cpu/lowbit.cpp` (and its headers), a torch op compiled on first use with
+  `torch.utils.cpp_extension` and cached under ``$WORKBENCH_HOME/kernels`` (15-60 s on 2 cores, once
+  per source version).
+* CUDA: `kernels/triton/lowbit.py`, imported only when an input is on a CUDA device (up to
+  `MAX_ROWS` rows).
+
+A kernel that cannot be built or imported is reported once (a `RuntimeWarning`) and the pure-torch
+path is used from then on.
 
 `kernel_path(kind, bits, group_size)` says which kernel a layer format dispatches to (None: unfused),
 and `unfused_layers(model)` lists the layers that run unfused.
@@ -21,9 +39,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -32,12 +52,23 @@ from typing import Any
 
 import torch
 
-# Rows (after flattening leading dims) up to which the kernels are used; above, dequantize + matmul.
-# Measured on 2 cores: the CPU kernel beats dequantize + matmul at 64 rows for every benchmark shape
-# (1.1x at 576x576 bf16, 5x at 4096x4096); at 128 rows it loses on SmolLM2-sized layers.
+# Rows (after flattening leading dims) up to which the float kernel (exact mode), the LoRA loops and
+# the Triton kernel are used. Measured on 2 cores: the float CPU kernel beats dequantize + matmul at 64
+# rows for every benchmark shape (1.1x at 576x576 bf16, 5x at 4096x4096); at 128 it loses on SmolLM2.
 MAX_ROWS = 64
+# Rows up to which the integer kernel runs when the crossover is not measured (measured on a Zen 5
+# core at 2048x2048: the integer kernel wins up to 16-32 rows, dequantize + bf16 matmul above).
+DEFAULT_CROSSOVER = 16
+CROSSOVER_FILE = "crossover.json"
+CROSSOVER_LADDER = (1, 2, 4, 8, 16, 32, 64)
+# |y - y_float|[b, n] <= INT8_ERROR_BOUND * sum over blocks j of 64 of max|x[b, j]| * sum_{k in j} |W[n, k]|:
+# rounding x / dx to an integer moves each activation by at most dx / 2 = max|x_j| / 254.
+INT8_ERROR_BOUND = 1 / 254
+INT_ISAS = ("avx512vnni", "avxvnni", "avx2", "neon", "scalar")
+FLOAT_ISAS = ("avx512bf16", "avx512", "avx2", "scalar")
 KERNEL_DIR = Path(__file__).resolve().parents[2] / "kernels"
 CPU_SOURCE = KERNEL_DIR / "cpu" / "lowbit.cpp"
+CPU_HEADERS = (KERNEL_DIR / "cpu" / "lowbit_q8.h", KERNEL_DIR / "cpu" / "lowbit_q8_256.inc")
 TRITON_SOURCE = KERNEL_DIR / "triton" / "lowbit.py"
 # ISA-specific code carries its own `#pragma GCC target`, so no -march: the cache may be shared
 CPU_CFLAGS = ["-O3", "-std=c++17", "-fopenmp"]
@@ -49,9 +80,15 @@ _triton: dict[str, Any] = {}  # "module" once imported, or "error"
 _EMPTY = torch.empty(0)
 
 
+def mode() -> str:
+    """``off`` (``WORKBENCH_KERNELS`` 0/false/off/no), ``exact`` (float kernels) or ``int8`` (the default)."""
+    value = os.environ.get("WORKBENCH_KERNELS", "1").strip().lower()
+    return "off" if value in ("0", "false", "off", "no") else "exact" if value == "exact" else "int8"
+
+
 def enabled() -> bool:
     """False when ``WORKBENCH_KERNELS`` is 0/false/off/no."""
-    return os.environ.get("WORKBENCH_KERNELS", "1").strip().lower() not in ("0", "false", "off", "no")
+    return mode() != "off"
 
 
 def kernel_cache_dir() -> Path:
@@ -62,7 +99,8 @@ def kernel_cache_dir() -> Path:
 
 def _cpu_build_name() -> str:
     """Build name keyed by the source, flags, torch and Python, so a change never loads a stale build."""
-    key = CPU_SOURCE.read_bytes() + repr((CPU_CFLAGS, torch.__version__, sys.version_info[:2])).encode()
+    key = b"".join(p.read_bytes() for p in (CPU_SOURCE, *CPU_HEADERS))
+    key += repr((CPU_CFLAGS, torch.__version__, sys.version_info[:2])).encode()
     return "workbench_lowbit_" + hashlib.sha1(key).hexdigest()[:12]
 
 
@@ -77,7 +115,31 @@ def _build_cpu() -> Any:
               file=sys.stderr, flush=True)
     cpp_extension.load(name=name, sources=[str(CPU_SOURCE)], extra_cflags=CPU_CFLAGS, extra_ldflags=CPU_LDFLAGS,
                        build_directory=str(build_dir), is_python_module=False, verbose=False)
-    return torch.ops.workbench_lowbit
+    ops = torch.ops.workbench_lowbit
+    apply_isa_env(ops)
+    return ops
+
+
+def apply_isa_env(ops: Any) -> None:
+    """Applies ``WORKBENCH_KERNELS_ISA`` (done once, when the kernels are loaded); a bad value warns."""
+    try:
+        set_isa(os.environ.get("WORKBENCH_KERNELS_ISA", "auto"), ops)
+    except ValueError as e:
+        warnings.warn(f"workbench: {e}; using the best instruction set this CPU has", RuntimeWarning, stacklevel=2)
+
+
+def set_isa(name: str, ops: Any = None) -> dict[str, str]:
+    """Lowers the kernels' instruction set (``auto``: the best this CPU has; a name from `INT_ISAS` or
+    `FLOAT_ISAS`; one the CPU lacks is lowered to the best below it). Returns the ISAs in use."""
+    ops = ops if ops is not None else cpu_ops()
+    name = name.strip().lower() or "auto"
+    if name not in ("auto", *INT_ISAS, *FLOAT_ISAS):
+        raise ValueError(f"WORKBENCH_KERNELS_ISA={name!r}: expected auto or one of {', '.join(INT_ISAS + FLOAT_ISAS)}")
+    if name == "auto" or name in INT_ISAS:
+        ops.lowbit_set_int_isa(name)
+    if name == "auto" or name in FLOAT_ISAS:
+        ops.lowbit_set_isa(name)
+    return {"int": ops.lowbit_int_isa(), "float": ops.lowbit_isa()}
 
 
 def _report_unavailable(what: str, err: BaseException) -> None:
@@ -130,10 +192,11 @@ def _status(state: dict[str, Any], key: str) -> str:
 
 
 def available(build: bool = True) -> dict[str, Any]:
-    """Kernel status: ``{"enabled", "max_rows", "cpu": {"status", "isa"}, "triton": {"status"}}``.
+    """Kernel status: ``{"enabled", "mode", "max_rows", "crossover", "cpu": {"status", "isa", "int_isa"},
+    "triton": {"status"}}``.
 
-    With `build`, compiles (or loads) the CPU kernels first; the Triton kernels are imported only where
-    CUDA is available.
+    With `build`, compiles (or loads) the CPU kernels first (and measures the crossover if it is not
+    cached); the Triton kernels are imported only where CUDA is available.
     """
     if build and enabled():
         cpu_ops()
@@ -142,8 +205,11 @@ def available(build: bool = True) -> dict[str, Any]:
     cpu: dict[str, Any] = {"status": _status(_cpu, "ops")}
     if "ops" in _cpu:
         cpu["isa"] = _cpu["ops"].lowbit_isa()
+        cpu["int_isa"] = _cpu["ops"].lowbit_int_isa()
     triton = {"status": _status(_triton, "module") if torch.cuda.is_available() else "no CUDA device"}
-    return {"enabled": enabled(), "max_rows": MAX_ROWS, "cpu": cpu, "triton": triton}
+    cross = crossover() if build and "ops" in _cpu else _cpu.get("crossover")
+    return {"enabled": enabled(), "mode": mode(), "max_rows": MAX_ROWS, "crossover": cross, "cpu": cpu,
+            "triton": triton}
 
 
 def _float32(t: torch.Tensor | None) -> torch.Tensor:
@@ -154,6 +220,141 @@ def _float32(t: torch.Tensor | None) -> torch.Tensor:
 
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
 _CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_scratch = threading.local()  # per thread and dtype, a dequantization buffer reused between calls
+SCRATCH_MAX_BYTES = 64 << 20  # larger weights get a fresh buffer each call
+
+
+def _weight_buffer(n: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised [n, k] tensor; up to SCRATCH_MAX_BYTES a view of this thread's reused buffer
+    (a fresh 32 MB tensor costs milliseconds of page faults per call)."""
+    numel = n * k
+    if numel * torch.finfo(dtype).bits // 8 > SCRATCH_MAX_BYTES:
+        return torch.empty(n, k, dtype=dtype)
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = {}
+    buf = bufs.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = bufs[dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel].view(n, k)
+
+
+def dequantized(layer, dtype: torch.dtype, ops: Any = None) -> torch.Tensor:
+    """The layer's weight in `dtype` (float32 or bfloat16) by the CPU kernel: the values of
+    `QuantLinear.dequantized_weight(dtype)` bit for bit. Valid until this thread's next call."""
+    ops = ops if ops is not None else cpu_ops()
+    scale, zero = layer._parameters["scale"], layer._parameters.get("zero")
+    k = layer.in_features
+    return ops.lowbit_dequant(_weight_buffer(layer.out_features, k, dtype), layer._buffers["qweight"],
+                              _float32(scale), _float32(zero), layer.group_size, k)
+
+
+# -- the crossover between the integer kernel and dequantize + bf16 matmul --------------------------
+
+def _crossover_path() -> Path:
+    return kernel_cache_dir() / _cpu_build_name() / CROSSOVER_FILE
+
+
+def measure_crossover(ops: Any = None, n: int = 2048, k: int = 2048, repeats: int = 15) -> dict[str, Any]:
+    """Times the integer kernel against dequantize + bfloat16 matmul at 1-64 rows of an n x k 2-bit layer
+    (group 64, bfloat16 activations), interleaved, the least of `repeats` runs each (the least, as other
+    work on the CPUs only ever adds time). The crossover is the last row count of `CROSSOVER_LADDER` up
+    to which the kernel wins at every count. Under a second on one Zen 5 core."""
+    ops = ops if ops is not None else cpu_ops()
+    gen = torch.Generator().manual_seed(0)
+    qweight = torch.randint(0, 256, (n, k // 4), dtype=torch.uint8, generator=gen)
+    scale = torch.rand(n, k // 64, generator=gen) * 0.01 + 0.005
+    zero = torch.rand(n, k // 64, generator=gen) + 1.0
+    w = torch.empty(n, k, dtype=torch.bfloat16)
+    times: dict[int, list[float]] = {}
+    # one thread: both paths scale alike over threads, and a call split over threads waits for the
+    # slowest, so on CPUs shared with other work two threads measure the scheduler (8 ms stalls)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _time_paths(ops, qweight, scale, zero, w, k, repeats, gen, times)
+    finally:
+        torch.set_num_threads(threads)
+    cross = 0
+    for rows in CROSSOVER_LADDER:
+        if times[rows][0] > times[rows][1]:
+            break
+        cross = rows
+    return {"crossover": max(1, cross), "isa": ops.lowbit_int_isa(), "threads": 1, "shape": f"{n}x{k}",
+            "int8_ms": {r: round(t[0] * 1e3, 4) for r, t in times.items()},
+            "dequant_bf16_matmul_ms": {r: round(t[1] * 1e3, 4) for r, t in times.items()}}
+
+
+def _time_paths(ops: Any, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, w: torch.Tensor, k: int,
+                repeats: int, gen: torch.Generator, times: dict[int, list[float]]) -> None:
+    """times[rows] = [int8 kernel, dequantize + bf16 matmul] least seconds, interleaved."""
+    with torch.inference_mode():
+        for rows in CROSSOVER_LADDER:
+            x = torch.randn(rows, k, generator=gen).bfloat16()
+            calls = (lambda: ops.lowbit_gemm_q8(x, qweight, scale, zero, 64, k),
+                     lambda: x @ ops.lowbit_dequant(w, qweight, scale, zero, 64, k).T)
+            for call in calls:
+                call()  # warm: first-touch pages, oneDNN's kernel selection
+            best = [float("inf"), float("inf")]
+            for _ in range(repeats):
+                for i, call in enumerate(calls):
+                    t0 = time.perf_counter()
+                    call()
+                    best[i] = min(best[i], time.perf_counter() - t0)
+            times[rows] = best
+
+
+def crossover(remeasure: bool = False) -> int:
+    """Rows up to which the integer kernel runs (int8 mode): ``WORKBENCH_KERNELS_CROSSOVER``, else the
+    cached measurement for this build and ISA, else measured now and cached; `DEFAULT_CROSSOVER` when
+    the kernels are unavailable or the measurement fails."""
+    env = os.environ.get("WORKBENCH_KERNELS_CROSSOVER", "").strip()
+    if env:
+        return int(env)
+    if not remeasure and "crossover" in _cpu:
+        return _cpu["crossover"]
+    ops = cpu_ops()
+    if ops is None:
+        return DEFAULT_CROSSOVER
+    path = _crossover_path()
+    value = None
+    if not remeasure:
+        try:
+            data = json.loads(path.read_text())
+            if data.get("isa") == ops.lowbit_int_isa():
+                value = int(data["crossover"])
+        except (OSError, ValueError, KeyError, TypeError):
+            value = None
+    if value is None:
+        try:
+            data = measure_crossover(ops)
+            value = data["crossover"]
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data, indent=1) + "\n")
+            os.replace(tmp, path)
+        except Exception as e:  # noqa: BLE001 -- a read-only cache, a failed run: the default, said once
+            warnings.warn(f"workbench: could not measure the low-bit kernel crossover ({type(e).__name__}: {e}); "
+                          f"using {DEFAULT_CROSSOVER} rows", RuntimeWarning, stacklevel=2)
+            value = DEFAULT_CROSSOVER
+    _cpu["crossover"] = value
+    return value
+
+
+def _cpu_matmul(layer, x2: torch.Tensor, rows: int, ops: Any) -> torch.Tensor:
+    qweight = layer._buffers["qweight"]
+    scale, zero = layer._parameters["scale"], layer._parameters.get("zero")
+    k = layer.in_features
+    exact = mode() == "exact"
+    if rows <= MAX_ROWS and (exact or rows == 1 or rows <= crossover()):
+        key = "gemm" if exact else "gemm_q8"
+        gemm = _cpu.get(key)
+        if gemm is None:
+            gemm = _cpu[key] = getattr(ops, f"lowbit_{key}").default
+        return gemm(x2, qweight, _float32(scale), _float32(zero), layer.group_size, k)
+    if rows <= MAX_ROWS:  # int8 mode above the crossover: bfloat16 matmul
+        y = torch.nn.functional.linear(x2.to(torch.bfloat16), dequantized(layer, torch.bfloat16, ops))
+        return y if x2.dtype == torch.bfloat16 else y.to(x2.dtype)
+    return torch.nn.functional.linear(x2, dequantized(layer, x2.dtype, ops))  # prefill: exact
 
 
 def fused_matmul(layer, x: torch.Tensor) -> torch.Tensor | None:
@@ -165,24 +366,21 @@ def fused_matmul(layer, x: torch.Tensor) -> torch.Tensor | None:
         return None
     # straight from the module's dicts: nn.Module.__getattr__ costs about a microsecond per tensor
     qweight = layer._buffers["qweight"]
-    scale, zero = layer._parameters["scale"], layer._parameters.get("zero")
     shape, k = x.shape, layer.in_features
     rows = x.numel() // k if k else 0
-    if shape[-1] != k or rows == 0 or rows > MAX_ROWS:
+    if shape[-1] != k or rows == 0:
         return None
     device = x.device
     if device.type == "cpu" and qweight.device.type == "cpu" and x.dtype in _CPU_DTYPES:
-        gemm = _cpu.get("gemm")
-        if gemm is None:
-            ops = cpu_ops()
-            if ops is None:
-                return None
-            gemm = _cpu["gemm"] = ops.lowbit_gemm.default
-        y = gemm(x.reshape(rows, k), qweight, _float32(scale), _float32(zero), layer.group_size, k)
-    elif device.type == "cuda" and qweight.device == device and x.dtype in _CUDA_DTYPES:
+        ops = _cpu.get("ops") or cpu_ops()
+        if ops is None:
+            return None
+        y = _cpu_matmul(layer, x.reshape(rows, k), rows, ops)
+    elif device.type == "cuda" and qweight.device == device and x.dtype in _CUDA_DTYPES and rows <= MAX_ROWS:
         module = triton_module()
         if module is None:
             return None
+        scale, zero = layer._parameters["scale"], layer._parameters.get("zero")
         y = module.lowbit_gemm(x.reshape(rows, k), qweight, _float32(scale), None if zero is None else _float32(zero),
                                layer.group_size, k)
     else:
@@ -227,8 +425,8 @@ def kernel_path(kind: str, bits: int, group_size: int, device: str = "cpu") -> s
     """The fused kernel `fused_matmul` dispatches a (kind, bits, group_size) layer to on `device`, or
     None when that layer runs unfused (dequantize + matmul) even at decode sizes.
 
-    Pure: it assumes the kernels are enabled and built, and a decode-sized input (at most `MAX_ROWS`
-    rows) of a dtype the kernel takes; inputs beyond that fall back for every format. The kernels
+    Pure: it assumes the kernels are enabled and built, and an input of a dtype the kernel takes (on
+    CUDA at most `MAX_ROWS` rows; on the CPU larger inputs take the kernel's dequantization). The kernels
     cover the 2-bit block-64 layout only (2-bit asymmetric and ternary), at any group size that
     divides the row; 1-, 3- and 4-bit codes (a plain bit stream) have no kernel.
     """
