@@ -142,7 +142,18 @@ class ObjectiveRow:
 
 
 @dataclass
-class MergeForm:
+class LmEvalFields:
+    """How lm_eval:NAME tasks load and split (a spec's `lm_eval:` mapping), in both forms."""
+    lm_eval_include_path: str = ""   # comma-separated directories of lm-eval task YAMLs
+    lm_eval_seed: str = "0"
+    lm_eval_search_docs: str = ""
+    lm_eval_heldout_docs: str = ""
+    lm_eval_num_fewshot: str = ""
+    lm_eval_chat_template: bool = False
+
+
+@dataclass
+class MergeForm(LmEvalFields):
     name: str = "my-search"
     base_model: str = ""  # blank: none
     models: list[str] = field(default_factory=list)
@@ -165,13 +176,6 @@ class MergeForm:
     batch_size: str = "32"
     quantize: str = ""
     grid_baseline: bool = True
-    # how lm_eval:NAME tasks load and split (the spec's `lm_eval:` mapping)
-    lm_eval_include_path: str = ""   # comma-separated directories of lm-eval task YAMLs
-    lm_eval_seed: str = "0"
-    lm_eval_search_docs: str = ""
-    lm_eval_heldout_docs: str = ""
-    lm_eval_num_fewshot: str = ""
-    lm_eval_chat_template: bool = False
 
 
 LM_EVAL_KEYS = ("include_path", "seed", "search_docs", "heldout_docs", "num_fewshot", "chat_template")
@@ -336,7 +340,7 @@ def check_merge_form(form: MergeForm, check_files: bool = True):
 # --- the quantization search spec -------------------------------------------------------------
 
 @dataclass
-class QuantForm:
+class QuantForm(LmEvalFields):
     name: str = "my-quant-search"
     model: str = ""
     formats: str = "ternary/64, 2/64, 4/64"  # bits/group_size[/method], comma-separated
@@ -356,12 +360,6 @@ class QuantForm:
     seed: str = "0"
     heldout_windows: str = "16"
     heldout_task: str = "zoo-perplexity"
-    lm_eval_include_path: str = ""   # for a fitness task named lm_eval:NAME (the spec's `lm_eval:`)
-    lm_eval_seed: str = "0"
-    lm_eval_search_docs: str = ""
-    lm_eval_heldout_docs: str = ""
-    lm_eval_num_fewshot: str = ""
-    lm_eval_chat_template: bool = False
 
 
 def _format_dict(text: str) -> Any:
