@@ -47,22 +47,11 @@ def _words(name: str) -> list[str]:
 
 
 def write_tasks(d: Path) -> Path:
+    from workbench.eval.bench import license_mc_items
+
     rng = random.Random(0)
-    words = _words("GPL-3")
-    rows, used = [], set()
-    while len(rows) < MC_DOCS:
-        start = rng.randrange(0, len(words) - 120)
-        if start in used:
-            continue
-        used.add(start)
-        n_ctx, n_ch = rng.randint(25, 50), rng.randint(3, 8)
-        others = []
-        for _ in range(3):
-            o = rng.randrange(0, len(words) - 10)
-            others.append(" ".join(words[o:o + rng.randint(3, 8)]))
-        g = rng.randrange(4)
-        choices = others[:g] + [" ".join(words[start + n_ctx:start + n_ctx + n_ch])] + others[g:]
-        rows.append({"question": " ".join(words[start:start + n_ctx]), "choices": choices, "label": g})
+    rows = [{"question": it["context"], "choices": it["choices"], "label": it["gold"]}
+            for it in license_mc_items(MC_DOCS, rng)]
     (d / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     words = _words("Apache-2.0")
     gen = []

@@ -28,10 +28,10 @@ import torch
 LICENSE = Path("/usr/share/common-licenses/GPL-3")
 
 
-def build_task(out_dir: Path, n_items: int, seed: int = 0) -> Path:
-    """Write a multiple_choice task of ``n_items`` 4-choice items from a license text."""
+def license_mc_items(n_items: int, rng: random.Random) -> list[dict]:
+    """``n_items`` 4-choice items ``{context, choices, gold}`` from a license text: the gold choice is
+    the text that follows the context, the others continuations from elsewhere in it."""
     words = re.sub(r"\s+", " ", LICENSE.read_text()).split(" ")
-    rng = random.Random(seed)
     items, used = [], set()
     while len(items) < n_items:
         start = rng.randrange(0, len(words) - 120)
@@ -48,7 +48,13 @@ def build_task(out_dir: Path, n_items: int, seed: int = 0) -> Path:
         choices = others[:]
         g = rng.randrange(4)
         choices.insert(g, gold)
-        items.append({"split": "search", "context": ctx, "choices": choices, "gold": g})
+        items.append({"context": ctx, "choices": choices, "gold": g})
+    return items
+
+
+def build_task(out_dir: Path, n_items: int, seed: int = 0) -> Path:
+    """Write a multiple_choice task of ``n_items`` 4-choice items from a license text."""
+    items = [{"split": "search", **it} for it in license_mc_items(n_items, random.Random(seed))]
     (out_dir / "bench_mc.jsonl").write_text("".join(json.dumps(x) + "\n" for x in items))
     (out_dir / "bench_mc.yml").write_text("name: bench_mc\ntype: multiple_choice\nitems: bench_mc.jsonl\n"
                                           "description: continuations of GPL-3 text (speed benchmark)\n")
