@@ -293,7 +293,7 @@ def prepare_lm_eval(task: Task, split: str, tokenizer) -> list[LmEvalUnit]:
         by_doc.setdefault(inst.doc_id, []).append(inst)
     units = [LmEvalUnit(k, ids[k], src.docs[ids[k]], sorted(by_doc.get(k, []), key=lambda x: x.idx))
              for k in range(len(ids))]
-    pairs, owners = [], []
+    pairs, owners, gen_prompts = [], [], []
     delim = lm.get_config("target_delimiter") if lm.get_config("target_delimiter") is not None else " "
     for u in units:
         if not u.instances:
@@ -305,7 +305,13 @@ def prepare_lm_eval(task: Task, split: str, tokenizer) -> list[LmEvalUnit]:
                 u.loglik.append((pos, req))
                 pairs.append((ctx, cont))
                 owners.append(req)
-            elif inst.request_type != "generate_until":
+            elif inst.request_type == "generate_until":
+                gk = dict(inst.args[1] or {})
+                until = gk.get("until") or []
+                until = [until] if isinstance(until, str) else list(until)
+                u.generate.append([pos, None, until, int(gk.get("max_gen_toks", 256))])   # prompt ids below
+                gen_prompts.append((u.generate[-1], inst.args[0]))
+            else:
                 raise TaskError(f"{task.name}: request type {inst.request_type!r} is not supported")
         if src.output_type == "multiple_choice":
             choices = lm.doc_to_choice(u.doc)
@@ -322,18 +328,8 @@ def prepare_lm_eval(task: Task, split: str, tokenizer) -> list[LmEvalUnit]:
     encoded, _ = encode_pairs(tokenizer, pairs)
     for req, (c, k) in zip(owners, encoded):
         req.context, req.continuation = c, k
-    gen_prompts = []
-    for u in units:
-        for pos, inst in enumerate(u.instances):
-            if inst.request_type == "generate_until":
-                gk = dict(inst.args[1] or {})
-                until = gk.get("until") or []
-                until = [until] if isinstance(until, str) else list(until)
-                u.generate.append([pos, None, until, int(gk.get("max_gen_toks", 256))])
-                gen_prompts.append((u, len(u.generate) - 1, inst.args[0]))
-    if gen_prompts:
-        for (u, j, _), ids_ in zip(gen_prompts, encode_texts(tokenizer, [p for _, _, p in gen_prompts])):
-            u.generate[j][1] = ids_
+    for (entry, _), prompt_ids in zip(gen_prompts, encode_texts(tokenizer, [p for _, p in gen_prompts])):
+        entry[1] = prompt_ids
     return units
 
 
