@@ -195,9 +195,9 @@ def load_task(ref: str | Path, lm_eval: Any = None) -> Task:
 
     ``lm_eval:NAME`` loads an lm-evaluation-harness task (``lm_eval``: its
     :class:`~workbench.eval.lm_eval_tasks.LmEvalOptions`)."""
-    if isinstance(ref, str) and ref.startswith("lm_eval:"):
-        from workbench.eval.lm_eval_tasks import load_lm_eval_task
+    from workbench.eval.lm_eval_tasks import is_lm_eval, load_lm_eval_task  # it imports this module
 
+    if is_lm_eval(ref):
         return load_lm_eval_task(ref, lm_eval)
     path = resolve_task_path(ref)
     head, lines = parse_with_lines(path.read_text(encoding="utf-8"), str(path), TaskError)

@@ -19,7 +19,6 @@ import yaml
 from workbench.errors import WorkbenchError
 
 SOURCE = "<builder>"  # the spec checker's file name for a form (its errors start with it)
-LM_EVAL_PREFIX = "lm_eval:"
 
 
 # --- shared helpers ----------------------------------------------------------------------------
@@ -87,9 +86,11 @@ class FieldError:
 
 def task_problem(ref: str) -> str | None:
     """Why a built-in task name or task file does not resolve (lm_eval:NAME is left to the checker)."""
-    if ref.startswith(LM_EVAL_PREFIX):
-        return None
+    from workbench.eval.lm_eval_tasks import is_lm_eval
     from workbench.eval.taskfile import resolve_task_path
+
+    if is_lm_eval(ref):
+        return None
 
     try:
         resolve_task_path(ref)
