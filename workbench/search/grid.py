@@ -15,7 +15,6 @@ was killed part way scores only what is left when it runs again.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -87,20 +86,15 @@ def point_label(point: dict) -> dict:
 
 
 def read_grid(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / GRID_FILE
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a row cut short by a kill
-    return rows
+    from workbench.search.run import read_jsonl_rows
+
+    return read_jsonl_rows(Path(run_dir) / GRID_FILE)
 
 
 def run_grid(search, on_point=None) -> dict:
     """Score the grid baseline of a search (its local worker, its objective, the search split);
-    returns ``{"points", "evaluated", "seed", "rows", "best"}``."""
+    returns ``{"points", "evaluated", "seed", "step", "best"}`` (the grid's size, the points scored,
+    the sampling seed, the step and the best row)."""
     from workbench.search.run import write_jsonl_rows
 
     spec = search.spec

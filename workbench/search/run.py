@@ -99,8 +99,8 @@ def write_jsonl_rows(path: Path, rows: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
-def read_history(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "history.jsonl"
+def read_jsonl_rows(path: Path) -> list[dict]:
+    """The whole rows :func:`write_jsonl_rows` wrote (none when the file is missing)."""
     if not path.is_file():
         return []
     rows = []
@@ -108,8 +108,12 @@ def read_history(run_dir: Path) -> list[dict]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            break  # a row cut short by a kill: it and anything after belong to an unfinished generation
+            break  # a row cut short by a kill: it and anything after belong to unfinished work
     return rows
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    return read_jsonl_rows(Path(run_dir) / "history.jsonl")
 
 
 def _cma_options(spec: SearchSpec) -> dict:
