@@ -203,6 +203,8 @@ def test_bad_references_get_one_line_errors(setup, tmp_path):
         load_task("lm_eval:toy_mc", LmEvalOptions(include_path=(str(tmp_path / "nope"),)))
     with pytest.raises(TaskError, match="search_docs 30 \\+ heldout_docs 20"):
         load_task("lm_eval:toy_mc", LmEvalOptions(include_path=inc, search_docs=30, heldout_docs=20))
+    with pytest.raises(TaskError, match="num_fewshot: expected an integer >= 0, got -1"):
+        load_task("lm_eval:toy_mc", LmEvalOptions(include_path=inc, num_fewshot=-1))
     with pytest.raises(TaskError, match="expected lm_eval:TASK_NAME"):
         load_task("lm_eval:")
 

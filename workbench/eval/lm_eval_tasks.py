@@ -168,6 +168,8 @@ def load_lm_eval_task(ref: str, options: LmEvalOptions | None = None) -> Task:
     if not name:
         raise TaskError(f"{ref}: expected lm_eval:TASK_NAME")
     _require_lm_eval()
+    if opts.num_fewshot is not None and opts.num_fewshot < 0:
+        raise TaskError(f"{ref}: num_fewshot: expected an integer >= 0, got {opts.num_fewshot}")
     for d in opts.include_path:
         if not Path(d).expanduser().is_dir():
             raise TaskError(f"include_path: {d} is not a directory of lm-eval task YAMLs")
