@@ -16,7 +16,8 @@ from conftest import VOCAB, save_tiny_model, tiny_tokenizer
 from workbench.errors import WorkbenchError
 from workbench.eval import evaluate, load_task, scoring
 from workbench.eval import kl as kl_mod
-from workbench.eval.generate import cut_at_stop, greedy_generate
+from workbench.eval import generate as generate_mod
+from workbench.eval.generate import cut_at_stop, generate_and_score, greedy_generate
 from workbench.eval.metrics import mean_stderr, multiple_choice_unit, token_mean_metrics
 from workbench.eval.requests import encode_pairs, prepare
 
@@ -337,6 +338,57 @@ def test_greedy_generation_with_rows_leaving_equals_transformers_generate(model_
         got = greedy_generate(model, tok, prompts, max_new_tokens=9, stop=stop, batch_size=8)
         assert got == hf_greedy(model, tok, prompts, 9, stop, batch_size=8)
     assert any(t != cut_at_stop(t, stops) for t in ref)   # some rows did stop early
+
+
+def _count_steps(model) -> list[int]:
+    """Record the rows of every one-token (decode) forward of ``model``."""
+    steps, forward = [], model.forward
+
+    def counting(*args, **kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if kwargs.get("past_key_values") is not None and ids.shape[1] == 1:
+            steps.append(ids.shape[0])
+        return forward(*args, **kwargs)
+
+    model.forward = counting
+    return steps
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_generation_refills_free_rows_and_scores_continuations_in_the_prefill(model_dirs, arch, monkeypatch):
+    """Queued prompts take the slots of rows that ended, so a few long rows no longer hold a batch
+    each (fewer decode steps than batch after batch, same texts), and a continuation riding in a
+    prompt's prefill scores as a plain full forward of prompt + continuation."""
+    model, tok = load(model_dirs[arch]), tiny_tokenizer()
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, 96) for _ in range(rng.randint(1, 12))] for _ in range(24)]
+    conts = [[rng.randrange(3, 96) for _ in range(rng.randint(1, 4))] if i % 3 else None for i in range(24)]
+    want = [tok.decode(naive_greedy(model, p, 10), skip_special_tokens=True) for p in prompts]
+    long_rows = [t for i, t in enumerate(want) if i % 6 == 0]   # one row in six runs all 10 tokens
+    stops = sorted({t.split()[0] for i, t in enumerate(want) if i % 6 and t.split()}
+                   - {w for w in {t.split()[0] for t in want if t.split()} if any(w in t for t in long_rows)})
+    assert len(stops) >= 6
+    steps = _count_steps(model)
+    texts, scores = generate_and_score(model, tok, prompts, 10, stops, batch_size=6, continuations=conts)
+    assert texts == [cut_at_stop(t, stops) for t in want]
+    for p, c, v in zip(prompts, conts, scores):
+        if c is None:
+            assert v is None
+            continue
+        ref = ref_logprobs(model, p, c)
+        assert v.dtype == torch.float64 and v.shape == (len(c), 2)
+        np.testing.assert_allclose(v[:, 0].numpy(), ref, atol=1e-5)
+        with torch.no_grad():
+            argmax = model(torch.tensor([p + c])).logits[0, len(p) - 1:-1].argmax(-1)
+        assert v[:, 1].tolist() == (argmax == torch.tensor(c)).double().tolist()
+    refilled = len(steps)
+    # a cache that cannot be joined: batch after batch, the same texts and scores
+    monkeypatch.setattr(generate_mod, "_plain_layers", lambda cache: None)
+    steps.clear()
+    texts2, scores2 = generate_and_score(model, tok, prompts, 10, stops, batch_size=6, continuations=conts)
+    assert texts2 == texts
+    assert all((a is None and b is None) or torch.allclose(a, b, atol=1e-5) for a, b in zip(scores, scores2))
+    assert refilled < len(steps), (refilled, len(steps))
 
 
 def test_exact_match_task(model_dirs, tmp_path):

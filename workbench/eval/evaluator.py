@@ -20,7 +20,7 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.eval import kl as kl_mod
-from workbench.eval.generate import greedy_generate
+from workbench.eval.generate import generate_and_score
 from workbench.eval.lm_eval_tasks import aggregate_lm_eval, score_lm_eval_units
 from workbench.eval.metrics import aggregate, multiple_choice_unit, token_mean_metrics
 from workbench.eval.racing import BOUNDS, Race, race_order
@@ -188,10 +188,18 @@ def _evaluate_task(model, tokenizer, task: Task, split: str, limit: int | None, 
                       time.perf_counter() - t0, race.stopped, samples, tokens, documents)
 
 
+def _score_rides(u: Unit) -> bool:
+    """exact_match: the gold answer's context is the prompt, so generation scores it in the prompt's
+    prefill instead of a pass of its own."""
+    return list(u.requests[0].context) == list(u.prompt)
+
+
 def _cost(task: Task, u: Unit) -> int:
     if task.type == "lm_eval":
         return len(u.requests) + len(u.generate)
-    return 2 if task.type == "exact_match" else len(u.requests)
+    if task.type == "exact_match":
+        return 1 if _score_rides(u) else 2
+    return len(u.requests)
 
 
 def _advance(opts: _Options):
@@ -226,9 +234,14 @@ def _score_mc(model, tokenizer, task, prep, part, opts, samples, teacher) -> lis
 
 
 def _score_em(model, tokenizer, task, prep, part, opts, samples, teacher) -> list[dict]:
-    gens = greedy_generate(model, tokenizer, [u.prompt for u in part], task.max_new_tokens, task.stop,
-                           batch_size=opts.batch_size, progress=_advance(opts))
-    vals = _score(model, [u.requests[0] for u in part], opts)
+    rides = [_score_rides(u) for u in part]
+    gens, vals = generate_and_score(model, tokenizer, [u.prompt for u in part], task.max_new_tokens, task.stop,
+                                    batch_size=opts.batch_size, progress=_advance(opts),
+                                    continuations=[u.requests[0].continuation if r else None
+                                                   for u, r in zip(part, rides)])
+    alone = [u.requests[0] for u, r in zip(part, rides) if not r]
+    rest = iter(_score(model, alone, opts) if alone else [])
+    vals = [v if r else next(rest) for v, r in zip(vals, rides)]
     recs = []
     for u, g, v in zip(part, gens, vals):
         norm = normalize_text(g, task.normalize)
@@ -273,9 +286,9 @@ def _score_kl(model, tokenizer, task, prep: Prepared, part, opts, samples, teach
 
 
 def _score_lm_eval(model, tokenizer, task, prep, part, opts, samples, teacher) -> list[dict]:
-    def generate(prompts, max_new_tokens, stop):
-        return greedy_generate(model, tokenizer, prompts, max_new_tokens, stop, batch_size=opts.batch_size,
-                               progress=_advance(opts))
+    def generate(prompts, max_new_tokens, stop, continuations):
+        return generate_and_score(model, tokenizer, prompts, max_new_tokens, stop, batch_size=opts.batch_size,
+                                  continuations=continuations, progress=_advance(opts))
 
     return score_lm_eval_units(task, part, lambda reqs: _score(model, reqs, opts), generate,
                                opts.log_samples, samples)

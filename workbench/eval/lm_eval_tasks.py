@@ -110,9 +110,17 @@ class LmEvalUnit:
     gold: list[int] = field(default_factory=list)
 
     @property
+    def score_rides(self) -> bool:
+        """The score request's context is the first generation prompt, so generation scores it in
+        that prompt's prefill (``generate_and_score``) instead of a pass of its own."""
+        return (bool(self.generate) and self.score_request is not None
+                and list(self.score_request.context) == list(self.generate[0][1]))
+
+    @property
     def requests(self) -> list:
+        """The requests scored by the log-likelihood pass (a riding score request is not)."""
         out = [r for _, r in self.loglik]
-        if self.score_request is not None and all(r is not self.score_request for r in out):
+        if self.score_request is not None and not self.score_rides and all(r is not self.score_request for r in out):
             out.append(self.score_request)
         return out
 
@@ -360,7 +368,7 @@ def _target_text(lm, doc: dict) -> str:
 def score_lm_eval_units(task: Task, part: list[LmEvalUnit], loglik: Callable, generate: Callable,
                         log_samples: bool, samples: list) -> list[dict]:
     """Score ``part``: ``loglik(requests)`` gives per-token (logprob, greedy) arrays, ``generate(prompts,
-    max_new_tokens, stop)`` greedy texts. Returns one record per document: lm-eval's metric values
+    max_new_tokens, stop, continuations)`` greedy texts and the continuations' arrays (None where none). Returns one record per document: lm-eval's metric values
     (``metric,filter`` keys, ``,none`` dropped), ``score`` and ``unit`` (the continuous fitness)."""
     lm = task.source.task
     reqs = [r for u in part for r in u.requests]
@@ -370,10 +378,15 @@ def score_lm_eval_units(task: Task, part: list[LmEvalUnit], loglik: Callable, ge
     groups: dict[tuple, list] = {}
     for u in part:
         for j, (pos, prompt, until, max_toks) in enumerate(u.generate):
-            groups.setdefault((tuple(until), max_toks), []).append((u, j, prompt))
+            ride = u.score_request if j == 0 and u.score_rides else None
+            groups.setdefault((tuple(until), max_toks), []).append((u, j, prompt, ride))
     for (until, max_toks), members in groups.items():
-        for (u, j, _), text in zip(members, generate([p for _, _, p in members], max_toks, list(until))):
+        texts, scored = generate([m[2] for m in members], max_toks, list(until),
+                                 [m[3].continuation if m[3] is not None else None for m in members])
+        for (u, j, _, ride), text, v in zip(members, texts, scored):
             gens[(u.index, j)] = text
+            if ride is not None:
+                by_req[id(ride)] = v
     records = []
     for u in part:
         copies = [dataclasses.replace(inst, resps=[], filtered_resps={}) for inst in u.instances]
