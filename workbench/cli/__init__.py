@@ -61,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--overwrite", action="store_true", help="with --recover: replace built points")
     se.add_argument("--out", type=Path, help="run directory to create")
     se.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its last generation")
-    se.add_argument("--device", default="cpu")
+    se.add_argument("--device", default="cpu", help="where candidates are merged and scored: cpu, cuda, cuda:N, "
+                                                     "auto (default: cpu)")
+    se.add_argument("--plan", action="store_true", help="print the memory the search needs per device and "
+                                                        "whether it fits, then stop")
     se.add_argument("--backend", default="local", choices=["local", "processes", "ray"],
                     help="where candidates are evaluated (default: in this process)")
     se.add_argument("--workers", type=int, default=2, help="worker processes or Ray actors (default 2)")
@@ -97,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", type=Path, default=None, help="write {task: {metric, metric_stderr, ...}} here")
     ev.add_argument("--log-samples", type=Path, default=None, help="write one JSON line per scored request")
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ev.add_argument("--device", default="auto", help="where the model runs: cpu, cuda, cuda:N, auto (default: auto, "
+                                                     "CUDA when present)")
     ev.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ev.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default 32)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")

@@ -82,10 +82,9 @@ def keep_freed_memory() -> None:
 
 
 def check_device(device: str) -> torch.device:
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise WorkbenchError(f"--device {device}: CUDA is not available here; use --device cpu")
-    return dev
+    from workbench.devices import resolve_device
+
+    return resolve_device(device)
 
 
 def tensor_seed(seed: int, name: str) -> int:
