@@ -276,3 +276,69 @@ async def test_quant_builder_opens_checks_saves_and_starts(env, tmp_path, monkey
         await app.workers.wait_for_complete()
         assert json.loads((tmp_path / "qrun" / "spec.yml").read_text())["name"] == "tiny-q2"
         assert not notifications(app, "error")
+
+
+@pytest.mark.asyncio
+async def test_a_spec_of_the_other_kind_opens_in_the_builder_of_its_kind(env, tmp_path, monkeypatch):
+    """A quantization spec opened in the merge builder goes to the quantization builder, on the Quant
+    search screen that runs it, filled from the spec; a merge spec opened there comes back."""
+    from workbench.tui.screens.quant_search import QuantSearchScreen
+    from workbench.tui.screens.search import SearchScreen
+
+    monkeypatch.setenv("WORKBENCH_KERNELS", "0")
+    quant, merge = RECIPES / "smollm2-quant-short-search.yml", RECIPES / "zoo-quick-search.yml"
+    app = WorkbenchApp(env.config)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+e")
+        await wait_until(pilot, lambda: isinstance(app.screen, MergeBuilderScreen), what="the merge builder")
+        app.screen.query_one("#b-open-path", Input).value = str(quant)
+        await click(pilot, "#b-open")
+        await wait_until(pilot, lambda: isinstance(app.screen, QuantBuilderScreen), what="the quantization builder")
+        await pilot.pause()
+        assert isinstance(app.screen_stack[-2], QuantSearchScreen)
+        assert app.screen.read() == sf.quant_form_from_spec(load_quant_search_spec(quant))
+        app.screen.query_one("#b-open-path", Input).value = str(merge)
+        await click(pilot, "#b-open")
+        await wait_until(pilot, lambda: isinstance(app.screen, MergeBuilderScreen), what="the merge builder again")
+        await pilot.pause()
+        assert isinstance(app.screen_stack[-2], SearchScreen)
+        assert app.screen.read() == sf.merge_form_from_spec(load_spec(merge))
+        assert not notifications(app, "error")
+
+
+@pytest.mark.asyncio
+async def test_lm_eval_tasks_are_checked_at_their_field_off_the_ui_thread(env, tmp_path, monkeypatch):
+    """An lm_eval:NAME objective is loaded through lm-eval in a worker; one that does not load shows
+    lm-eval's reason under its field and Save is refused; a task that loads clears it."""
+    pytest.importorskip("lm_eval")
+    from test_lm_eval_tasks import write_tasks
+
+    monkeypatch.chdir(tmp_path)
+    include = write_tasks(tmp_path)
+    data = {"name": "lm", "base_model": str(env.base), "models": [str(env.b), str(env.a)], "merge_method": "linear",
+            "evolve": {"weight": [0.1, 0.9]}, "objective": [{"task": "lm_eval:toy_mc"}],
+            "lm_eval": {"include_path": [str(include)]}, "budget": {"generations": 1, "population": 2}}
+    path = tmp_path / "lm-search.yml"
+    path.write_text(yaml.safe_dump(data))
+    app = WorkbenchApp(env.config)
+    async with app.run_test(size=SIZE) as pilot:
+        app.screen.query_one("#spec-path", Input).value = str(path)
+        await pilot.press("ctrl+e")
+        await wait_until(pilot, lambda: isinstance(app.screen, MergeBuilderScreen), what="the builder")
+        b = app.screen
+        await wait_until(pilot, lambda: b.lm_eval_checked and not b.lm_eval_pending(), what="the lm-eval check")
+        assert b.validate() is None
+        b.query_one("#o-0 .o-task", Input).value = "lm_eval:toy_mcq"
+        await wait_until(pilot, lambda: len(b.lm_eval_checked) == 2 and not b.lm_eval_pending(), timeout=60,
+                         what="the second lm-eval check")
+        error = b.validate()
+        assert error is not None and error.field == "objective.0" and "no lm-eval task 'toy_mcq'" in error.text
+        assert "no lm-eval task 'toy_mcq'" in str(b.query_one("#e-objective-0", Label).render())
+        await pilot.press("ctrl+s")
+        assert not (tmp_path / "recipes").exists()
+        b.query_one("#o-0 .o-task", Input).value = "lm_eval:toy_gen"
+        await wait_until(pilot, lambda: len(b.lm_eval_checked) == 3 and not b.lm_eval_pending(), what="the third")
+        assert b.validate() is None
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: not isinstance(app.screen, MergeBuilderScreen), what="the save")
+        assert load_spec(tmp_path / "recipes" / "lm-search.yml").objective[0].task == "lm_eval:toy_gen"

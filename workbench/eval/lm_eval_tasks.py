@@ -38,6 +38,7 @@ import numpy as np
 
 from workbench.eval.metrics import gold_probability, mean_stderr
 from workbench.eval.requests import Request, encode_pairs, encode_texts, move_whitespace
+from workbench.errors import WorkbenchError
 from workbench.eval.taskfile import HELDOUT_SPLIT, Item, Task, TaskError
 from workbench.schema import Field
 
@@ -167,6 +168,17 @@ def _manager(include_path: tuple[str, ...], defaults: bool):
         _MANAGERS[key] = TaskManager(include_path=[str(Path(d).expanduser()) for d in include_path] or None,
                                      include_defaults=defaults, verbosity="ERROR")
     return _MANAGERS[key]
+
+
+def lm_eval_problem(ref: str, options: LmEvalOptions | None = None) -> str | None:
+    """Why ``lm_eval:NAME`` does not load as a task with these options (None: it loads). A spec's
+    lm-eval tasks are checked so before any model loads; the first call indexes lm-eval's registry
+    (about 10 s) unless the name is in the include path."""
+    try:
+        load_lm_eval_task(ref, options)
+    except WorkbenchError as e:
+        return str(e)
+    return None
 
 
 def load_lm_eval_task(ref: str, options: LmEvalOptions | None = None) -> Task:

@@ -94,9 +94,11 @@ def tensor_seed(seed: int, name: str) -> int:
 
 def merge_tensor(plan: MergePlan, job: TensorJob, inputs: tuple[torch.Tensor | None, list[torch.Tensor]],
                  device: torch.device, seed: int) -> torch.Tensor:
+    """The merged tensor of ``job``; random methods draw from a CPU generator seeded by (seed, name),
+    so the result does not depend on ``device`` (where the inputs lie)."""
     base, others = inputs
     if plan.method.random:
-        job.params.generator = torch.Generator(device=device).manual_seed(tensor_seed(seed, job.out_name))
+        job.params.generator = torch.Generator().manual_seed(tensor_seed(seed, job.out_name))
     out = plan.method.fn(base, others, job.params)
     job.params.generator = None
     if tuple(out.shape) != job.shape:

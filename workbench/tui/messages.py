@@ -120,3 +120,11 @@ class ModelsKnown(Message):
     """The model references a search builder offers: home model names, then paths."""
 
     models: list[str]
+
+
+@dataclass(eq=False)
+class LmEvalChecked(Message):
+    """A builder's lm-eval task checked off the UI thread: why it does not load (None: it loads)."""
+
+    key: tuple[str, str]   # (lm_eval:NAME, the spec's lm_eval options as JSON)
+    problem: str | None

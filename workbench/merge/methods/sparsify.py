@@ -55,11 +55,6 @@ def magnitudes(x: torch.Tensor) -> torch.Tensor:
     return w.float() if w.device.type == "cpu" and w.dtype in (torch.float16, torch.bfloat16) else w
 
 
-def _draw_dtype(x: torch.Tensor) -> torch.dtype:
-    # torch.bernoulli lacks float16 on CPU; mergekit draws in float32 there, so do we.
-    return x.dtype if x.device.type != "cpu" or x.dtype == torch.bfloat16 else torch.float32
-
-
 SELECT_SAMPLE = 65_536  # entries sampled to bracket the k-th largest value of a big tensor
 
 
@@ -73,8 +68,8 @@ def kth_largest(w: torch.Tensor, k: int) -> torch.Tensor:
     n = w.numel()
     if n <= 4 * SELECT_SAMPLE:
         return torch.kthvalue(w, n - k + 1).values
-    g = torch.Generator(device=w.device).manual_seed(n)
-    sample = w[torch.randint(n, (SELECT_SAMPLE,), generator=g, device=w.device)].float()
+    g = torch.Generator().manual_seed(n)  # drawn on the CPU: the same sample on every device
+    sample = w[torch.randint(n, (SELECT_SAMPLE,), generator=g).to(w.device)].float()
     q = 1 - k / n
     margin = 4 / SELECT_SAMPLE**0.5 + 1e-3  # ~8 standard errors of a sample quantile
     # sample order statistics around q (kthvalue is a selection; torch.quantile sorts the sample)
@@ -141,31 +136,44 @@ def magnitude_outliers(x: torch.Tensor, density: float, gamma: float, rescale: b
     return apply_mask(x, magnitude_outliers_mask(magnitudes(x), density, gamma), rescale)
 
 
-def bernoulli_mask(x: torch.Tensor, density: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """DARE: keep each entry independently with probability ``density``.
+# -- random masks: drawn on the CPU from (shape, probabilities, seed) alone, then copied to the
+# tensor's device, so a seed gives the same mask on every device. --------------------------------
 
-    On CPU each entry draws 32 random bits from numpy's PCG64 (seeded by one draw from
-    ``generator``) and is kept when they are below ``density * 2**32``: the probability is
-    exact to 2**-32, and it is about 5x faster than ``torch.rand`` (torch's CPU generator is a
-    scalar Mersenne Twister). Elsewhere uniform draws are compared with ``density``."""
-    n = x.numel()
-    if x.device.type != "cpu":
-        mask = torch.empty(n, dtype=torch.bool, device=x.device)
-        for start in range(0, n, MASK_CHUNK):
-            part = mask[start:start + MASK_CHUNK]
-            torch.lt(torch.rand(part.numel(), generator=generator, device=x.device), density, out=part)
-        return mask.view(x.shape)
-    bits = np.random.PCG64(int(torch.randint(2**62, (1,), generator=generator)))
-    threshold = np.uint32(min(round(density * 2**32), 2**32 - 1))
+MASK_CHUNK = 1 << 20
+
+
+def mask_seed(generator: torch.Generator | None) -> int:
+    """One draw from ``generator`` (the global CPU generator when None) seeding a mask's bits; a
+    CPU generator (what the merge executor passes) gives the same seed on every device."""
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(2**62, (1,), generator=generator, device=device))
+
+
+def _threshold(p: np.ndarray | float) -> np.ndarray:
+    """``p * 2**32`` rounded, as uint32: a 32-bit draw below it has probability p to within 2**-33."""
+    return np.minimum(np.round(np.asarray(p, dtype=np.float64) * 2.0**32), 2**32 - 1).astype(np.uint32)
+
+
+def draw_bernoulli(shape: tuple[int, ...], density: float, seed: int) -> torch.Tensor:
+    """A CPU bool tensor of ``shape``, each entry True independently with probability ``density``.
+
+    Each entry takes 32 bits from numpy's PCG64 seeded with ``seed`` and is True when they are
+    below ``density * 2**32``; about 5x faster than ``torch.rand`` (torch's CPU generator is a
+    scalar Mersenne Twister)."""
+    n = math.prod(shape)
+    bits = np.random.PCG64(seed)
+    threshold = _threshold(density)
     mask = np.empty(n, dtype=np.bool_)
     for start in range(0, n, MASK_CHUNK):
         k = min(MASK_CHUNK, n - start)
         draws = bits.random_raw((k + 1) // 2).view(np.uint32)[:k]   # two 32-bit draws per 64-bit output
         np.less(draws, threshold, out=mask[start:start + k])
-    return torch.from_numpy(mask).view(x.shape)
+    return torch.from_numpy(mask).view(shape)
 
 
-MASK_CHUNK = 1 << 20
+def bernoulli_mask(x: torch.Tensor, density: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """DARE: keep each entry independently with probability ``density`` (`draw_bernoulli`), on x's device."""
+    return draw_bernoulli(tuple(x.shape), density, mask_seed(generator)).to(x.device)
 
 
 def bernoulli(
@@ -176,11 +184,41 @@ def bernoulli(
     return apply_mask(x, bernoulli_mask(x, density, generator), rescale)
 
 
+def della_probabilities(n: int, density: float, epsilon: float) -> np.ndarray:
+    """Keep probability by ascending magnitude rank 0..n-1 within a row: ``density - epsilon`` for the
+    smallest, rising linearly to ``density + epsilon`` for the largest (float64). A row of one entry
+    has no spread: it is kept with probability ``density`` (mergekit fails there)."""
+    if n == 1:
+        return np.array([density], dtype=np.float64)
+    return (density - epsilon) + np.arange(n, dtype=np.float64) / (n - 1) * (2 * epsilon)
+
+
+def draw_della(shape: tuple[int, ...], density: float, epsilon: float, seed: int) -> torch.Tensor:
+    """A CPU bool tensor of ``shape`` (at least 2-d) in rank order: entry ``[i, r, ...]`` True
+    independently with probability ``della_probabilities(shape[1], ...)[r]`` (32-bit PCG64 draws
+    below ``p * 2**32``, as `draw_bernoulli`)."""
+    outer, n = shape[0], shape[1]
+    inner = math.prod(shape[2:])
+    threshold = _threshold(della_probabilities(n, density, epsilon))[None, :, None]
+    bits = np.random.PCG64(seed)
+    mask = np.empty((outer, n, inner), dtype=np.bool_)
+    step = max(1, MASK_CHUNK // max(1, n * inner))
+    for start in range(0, outer, step):
+        rows = min(step, outer - start)
+        k = rows * n * inner
+        draws = bits.random_raw((k + 1) // 2).view(np.uint32)[:k].reshape(rows, n, inner)
+        np.less(draws, threshold, out=mask[start:start + rows])
+    return torch.from_numpy(mask).view(shape)
+
+
 def della_mask(mags: torch.Tensor, density: float, epsilon: float,
                generator: torch.Generator | None = None) -> torch.Tensor:
     """DELLA MagPrune: keep entries at random with probabilities rising linearly with their
     magnitude rank along dim 1 (within each row of a matrix, across a vector), from
-    ``density - epsilon`` for the smallest to ``density + epsilon`` for the largest."""
+    ``density - epsilon`` for the smallest to ``density + epsilon`` for the largest.
+
+    The draws are made in rank order on the CPU (`draw_della`) and scattered back to the entries by
+    a stable sort on mags' device (ties ranked by position), so a seed gives the same mask anywhere."""
     if density <= 0:
         return torch.zeros_like(mags, dtype=torch.bool)
     if density + epsilon >= 1 or density - epsilon <= 0:
@@ -189,13 +227,10 @@ def della_mask(mags: torch.Tensor, density: float, epsilon: float,
             f"epsilon must be below min(density, 1 - density) = {min(density, 1 - density):g}"
         )
     rows = mags.reshape(1, -1) if mags.dim() < 2 else mags
-    n = rows.shape[1]
-    # rank 0 = smallest magnitude in its row (argsort of argsort inverts the permutation)
-    ranks = rows.argsort(dim=1).argsort(dim=1).to(_draw_dtype(mags))
-    # A row of one entry has no spread: keep it with probability density (mergekit fails here).
-    rank_norm = ranks / (n - 1) if n > 1 else torch.full_like(ranks, 0.5)
-    probs = (density - epsilon) + rank_norm * (2 * epsilon)
-    return torch.bernoulli(probs, generator=generator).bool().reshape(mags.shape)
+    order = rows.argsort(dim=1, stable=True)  # order[i, r]: the entry of rank r in row i
+    keep = draw_della(tuple(rows.shape), density, epsilon, mask_seed(generator)).to(mags.device)
+    # scattering the rank-ordered draws inverts the permutation: no second sort (10x cheaper)
+    return torch.empty_like(rows, dtype=torch.bool).scatter_(1, order, keep).reshape(mags.shape)
 
 
 def della_magprune(x: torch.Tensor, density: float, epsilon: float, rescale: bool = False,

@@ -4,11 +4,13 @@ in ``recipes/`` and hands it back to be started. Opening a spec fills the form.
 
 The form <-> spec logic is :mod:`workbench.tui.specform` (plain functions); these screens only move
 values between widgets and a form dataclass. ``MergeBuilderScreen`` serves Search (ctrl+e),
-``QuantBuilderScreen`` Quant search (ctrl+e).
+``QuantBuilderScreen`` Quant search (ctrl+e). A spec of the other kind, given or opened, goes to
+the builder of its kind on the screen that runs it (:func:`open_in_its_builder`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from textual import on, work
@@ -22,11 +24,40 @@ from textual.widgets import Button, Checkbox, Collapsible, Input, Label, Select,
 
 from workbench.tui import specform as sf
 from workbench.tui.jobs import error_text
-from workbench.tui.messages import ModelsKnown
+from workbench.tui.messages import LmEvalChecked, ModelsKnown
 from workbench.tui.screens.base import guarded
 
 # (form attribute, caption, widget kind, choices) of the fields read and written one to one
 Simple = tuple[str, str, str, tuple]
+
+SCREEN_OF_KIND = {"merge": "search", "quantization": "qsearch"}   # the app mode that runs each kind
+
+
+@dataclass
+class OtherKind:
+    """A builder's result: the spec opened is of the other kind (``kind``), for that kind's builder."""
+
+    path: Path
+    kind: str
+
+
+def readable_kind(path: Path) -> str | None:
+    """The spec's kind, or None when it does not read (the form then shows why)."""
+    from workbench.quant.search.spec import spec_kind
+
+    try:
+        return spec_kind(path)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def open_in_its_builder(app, other: OtherKind) -> None:
+    """Switch to the screen that runs ``other``'s kind and open its builder on the spec."""
+    def build() -> None:
+        app.screen.build_from(other.path)
+
+    app.switch_mode(SCREEN_OF_KIND[other.kind])
+    app.call_after_refresh(build)
 
 
 def dom_id(key: str) -> str:
@@ -54,10 +85,12 @@ def add_model_row() -> ComposeResult:
         yield Button("Add model", id="b-add")
 
 
-class SpecBuilderScreen(ModalScreen[tuple[Path, bool] | None]):
-    """Dismissed with (saved spec path, start it) or None (cancelled)."""
+class SpecBuilderScreen(ModalScreen[tuple[Path, bool] | OtherKind | None]):
+    """Dismissed with (saved spec path, start it), ``OtherKind`` (a spec of the other kind was
+    opened) or None (cancelled)."""
 
     TITLE_TEXT = "Search builder"
+    KIND = "merge"
     SIMPLE: tuple[Simple, ...] = ()
     BINDINGS = [Binding("escape", "cancel", "Cancel"), Binding("ctrl+s", "save(False)", "Save", priority=True),
                 Binding("ctrl+r", "save(True)", "Save and start", priority=True)]
@@ -69,6 +102,8 @@ class SpecBuilderScreen(ModalScreen[tuple[Path, bool] | None]):
         self.error: sf.FieldError | None = None
         self.spec = None             # the last form that checked
         self._ready = False
+        self.lm_eval_checked: dict[tuple[str, str], str | None] = {}   # (ref, options) -> problem
+        self._lm_eval_pending: set[tuple[str, str]] = set()
 
     # --- what each kind says ----------------------------------------------------------------
     def new_form(self):
@@ -112,6 +147,8 @@ class SpecBuilderScreen(ModalScreen[tuple[Path, bool] | None]):
     @guarded
     async def on_mount(self) -> None:
         form = self.new_form()
+        if self.spec_path is not None and self.hand_over(self.spec_path):
+            return
         if self.spec_path is not None:
             try:
                 form = self.load_form(self.spec_path)
@@ -182,6 +219,10 @@ class SpecBuilderScreen(ModalScreen[tuple[Path, bool] | None]):
             self.spec, self.error = self.check(form)
         except Exception as e:  # noqa: BLE001 - a checker's own failure is still shown, never raised
             self.spec, self.error = None, sf.FieldError("spec", error_text(e))
+        if self.error is None and self.spec is not None:
+            self.error = self.lm_eval_error(self.spec)
+            if self.error is not None:
+                self.spec = None
         for label in self.query(".field-error").results(Label):
             label.update("")
             label.remove_class("-shown")
@@ -193,6 +234,36 @@ class SpecBuilderScreen(ModalScreen[tuple[Path, bool] | None]):
             label.update(self.error.text)
             label.add_class("-shown")
         return self.error
+
+    def lm_eval_error(self, spec) -> sf.FieldError | None:
+        """The first lm-eval task of ``spec`` known not to load; the ones not checked yet are
+        checked in a worker (the form checks again when each answer comes)."""
+        import json
+
+        options = json.dumps(spec.lm_eval.to_dict(), sort_keys=True)
+        for field_name, ref in sf.lm_eval_refs(spec):
+            key = (ref, options)
+            if key not in self.lm_eval_checked:
+                if key not in self._lm_eval_pending:
+                    self._lm_eval_pending.add(key)
+                    self.check_lm_eval(key, spec.lm_eval)
+            elif self.lm_eval_checked[key] is not None:
+                return sf.FieldError(field_name, self.lm_eval_checked[key])
+        return None
+
+    def lm_eval_pending(self) -> bool:
+        return bool(self._lm_eval_pending)
+
+    @work(thread=True, group="builder-lm-eval", exit_on_error=False, description="check an lm-eval task")
+    def check_lm_eval(self, key: tuple[str, str], options) -> None:
+        from workbench.eval.lm_eval_tasks import lm_eval_problem
+
+        self.post_message(LmEvalChecked(key, lm_eval_problem(key[0], options)))
+
+    def on_lm_eval_checked(self, message: LmEvalChecked) -> None:
+        self._lm_eval_pending.discard(message.key)
+        self.lm_eval_checked[message.key] = message.problem
+        self.validate()
 
     def on_input_changed(self, event: Input.Changed) -> None:
         if event.input.id not in ("b-open-path", "b-save-path", "b-add-model"):
@@ -235,6 +306,8 @@ class SpecBuilderScreen(ModalScreen[tuple[Path, bool] | None]):
         if not raw:
             self.app.error("type the path of a spec to open first")
             return
+        if self.hand_over(Path(raw).expanduser()):
+            return
         try:
             form = self.load_form(Path(raw).expanduser())
         except Exception as e:  # noqa: BLE001
@@ -243,6 +316,14 @@ class SpecBuilderScreen(ModalScreen[tuple[Path, bool] | None]):
         self.spec_path = Path(raw).expanduser()
         await self.fill(form)
         self.app.notify(f"opened {raw}", markup=False)
+
+    def hand_over(self, path: Path) -> bool:
+        """Dismiss with ``OtherKind`` when ``path`` is a spec of the other kind."""
+        kind = readable_kind(path)
+        if kind is None or kind == self.KIND:
+            return False
+        self.dismiss(OtherKind(path, kind))
+        return True
 
     @on(Button.Pressed, "#b-cancel")
     def action_cancel(self) -> None:
@@ -264,6 +345,10 @@ class SpecBuilderScreen(ModalScreen[tuple[Path, bool] | None]):
         error = self.validate()
         if error is not None:
             self.app.error(f"fix the form first: {error.text}", title="spec not saved")
+            return
+        if self.lm_eval_pending():
+            self.app.notify("the lm-eval tasks are being checked; save again in a moment", severity="warning",
+                            markup=False)
             return
         form = self.read()
         raw = self.query_one("#b-save-path", Input).value.strip()
@@ -485,6 +570,7 @@ class MergeBuilderScreen(SpecBuilderScreen):
 
 class QuantBuilderScreen(SpecBuilderScreen):
     TITLE_TEXT = "Quantization search builder: formats, ranks, budgets, fitness"
+    KIND = "quantization"
     SIMPLE = (("name", "name", "input", ()),
               ("formats", "formats (bits/group[/method])", "input", ()),
               ("ranks", "adapter ranks", "input", ()),

@@ -360,8 +360,18 @@ class SearchScreen(WorkbenchScreen):
             path = None
         self.app.push_screen(MergeBuilderScreen(path), self._built)
 
-    def _built(self, result: tuple[Path, bool] | None) -> None:
+    def build_from(self, path: Path) -> None:
+        """Open the builder on ``path`` (a merge spec another screen's builder handed over)."""
+        self.query_one("#spec-path", Input).value = str(path)
+        self.action_build_spec()
+
+    def _built(self, result) -> None:
+        from workbench.tui.screens.builder import OtherKind, open_in_its_builder
+
         if result is None:
+            return
+        if isinstance(result, OtherKind):
+            open_in_its_builder(self.app, result)
             return
         path, start = result
         self.query_one("#spec-select", Select).set_options([(p.name, str(p)) for p in example_specs()])
