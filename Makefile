@@ -11,7 +11,7 @@ export HF_DATASETS_OFFLINE := 1
 
 .PHONY: setup model run test bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	DISABLE_CUDA=1 $(PY) -m pip install -q -e ".[dev]"  # hqq: no CUDA extension build on this CPU machine

@@ -3,12 +3,21 @@ float kernels (``WORKBENCH_KERNELS=exact``, set for every test here) and the exa
 above `MAX_ROWS` rows. The integer kernels (the default mode) are in test_kernels_int8.py.
 
 The CPU extension compiles on first use into the workbench home (about a minute on 2 cores, once);
-every ISA path this CPU has (avx512bf16, avx512, avx2, scalar) is checked. Triton tests need CUDA.
+every ISA path this CPU has (avx512bf16, avx512, avx2, scalar) is checked. The Triton kernels run
+on CPU tensors under ``TRITON_INTERPRET=1`` in every run (tests/test_triton_interpreted.py, in a fresh
+process; triton is in the dev extra), and on CUDA when there is a device.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import re
+import subprocess
+import sys
 import warnings
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -203,6 +212,39 @@ def test_triton_kernel_matches_reference(n, k, group, kind):
                 yh = kernels.fused_matmul(layer, xh)
                 assert yh.dtype == dt
                 assert rel_err(yh, kernels.reference_matmul(layer, xh.float())) < 1e-2, (batch, dt)
+
+
+# -- the Triton kernels under the interpreter, on CPU tensors (every run) -----------------------------
+
+@pytest.mark.timeout(300)
+def test_triton_kernels_under_the_interpreter():
+    """tests/test_triton_interpreted.py in a fresh process with TRITON_INTERPRET=1: the interpreter
+    works only when triton is first imported in that mode, and torch._dynamo imports triton as soon as
+    any test touches it (the interpreted tests skip in this process)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed (pip install -e '.[dev]' installs it)")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-rs", "-p", "no:cacheprovider", "-p", "no:warnings",
+           str(Path(__file__).with_name("test_triton_interpreted.py"))]
+    out = subprocess.run(cmd, cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=280)
+    tail = (out.stdout + out.stderr)[-4000:]
+    assert out.returncode == 0, tail
+    assert re.search(r"\b\d+ passed", tail) and "skipped" not in tail, tail
+
+
+def test_a_triton_launch_failure_falls_back_once(monkeypatch):
+    def failing(*args):
+        raise RuntimeError("triton.runtime.errors.OutOfResources: out of resource: shared memory")
+
+    monkeypatch.setattr(kernels, "_triton", {"module": SimpleNamespace(lowbit_gemm=failing)})
+    layer = make_layer(24, 128, 64, "ternary")
+    x = torch.randn(2, 128)
+    with pytest.warns(RuntimeWarning, match="Triton kernels are unavailable.*pure-torch"):
+        assert kernels.triton_matmul(layer, x) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reported once; not tried again
+        assert kernels.triton_matmul(layer, x) is None
+    assert "module" not in kernels._triton and isinstance(kernels._triton["error"], RuntimeError)
 
 
 @pytest.mark.parametrize("bits", [1.58, 2])

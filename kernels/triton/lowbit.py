@@ -10,11 +10,16 @@ W is given as qweight [N, Kp/4] uint8 (block j of a row = 16 bytes; byte m holds
 * `_gemm_kernel` (more rows): dequantizes a [BLOCK_N, BLOCK_K] weight tile and uses tl.dot; fp32
   inputs use exact ("ieee") products, 16-bit inputs multiply in their dtype with fp32 accumulation.
 
-Imported by `workbench.quant.kernels` only when an input is on a CUDA device. With
-TRITON_INTERPRET=1 the kernels also run on CPU tensors (how they were checked without a GPU).
+Launches run on x's device (`torch.cuda.device`), so a model spread over GPUs works. Imported by
+`workbench.quant.kernels` only when an input is on a CUDA device. With TRITON_INTERPRET=1 the kernels
+also run on CPU tensors (tests/test_kernels.py checks them so in every run); there a bfloat16 GEMM
+takes its dot in float32 (``DOT_F32``) from the same bfloat16-rounded operands, because the
+interpreter (triton 3.9) keeps bfloat16 as raw uint16 bits and its tl.dot multiplies those bits.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
@@ -69,7 +74,7 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, N, K, NG, row_bytes, stride_
 
 @triton.jit
 def _gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, B, N, K, NG, row_bytes, stride_x, stride_y,
-                 G: tl.constexpr, HAS_ZERO: tl.constexpr, IEEE: tl.constexpr,
+                 G: tl.constexpr, HAS_ZERO: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
                  BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -97,10 +102,18 @@ def _gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, B, N, K, NG, row_bytes, stri
             w = (code - 1.0) * sc
         if IEEE:
             acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+        elif DOT_F32:  # the 16-bit products exactly, as on a GPU: only the summation order differs
+            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(x.dtype).to(tl.float32)), input_precision="ieee")
         else:
             acc += tl.dot(x, tl.trans(w.to(x.dtype)))
     tl.store(y_ptr + bs[:, None] * stride_y + rows[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=b_ok[:, None] & row_ok[None, :])
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Makes ``device`` current for a launch (Triton launches on the current CUDA device); nothing for
+    CPU tensors (the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def lowbit_gemm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
@@ -116,18 +129,21 @@ def lowbit_gemm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zer
     if B == 0 or N == 0:
         return y
     z = zero if zero is not None else scale  # never read without HAS_ZERO
-    if B <= GEMV_MAX_ROWS:
-        grouped = group_size & (group_size - 1) == 0 and group_size <= 512
-        block_k = max(128, group_size) if grouped else 128
-        block_n = 16
-        grid = (triton.cdiv(N, block_n), B)
-        _gemv_kernel[grid](x, qweight, scale, z, y, N, K, NG, row_bytes, x.stride(0), y.stride(0),
-                           G=group_size, HAS_ZERO=zero is not None, GROUPED=grouped,
-                           NGT=block_k // group_size if grouped else 1, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
-    else:
-        block_b, block_n, block_k = 16, 64, 64
-        grid = (triton.cdiv(N, block_n), triton.cdiv(B, block_b))
-        _gemm_kernel[grid](x, qweight, scale, z, y, B, N, K, NG, row_bytes, x.stride(0), y.stride(0),
-                           G=group_size, HAS_ZERO=zero is not None, IEEE=x.dtype == torch.float32,
-                           BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    with device_guard(x.device):
+        if B <= GEMV_MAX_ROWS:
+            grouped = group_size & (group_size - 1) == 0 and group_size <= 512
+            block_k = max(128, group_size) if grouped else 128
+            block_n = 16
+            grid = (triton.cdiv(N, block_n), B)
+            _gemv_kernel[grid](x, qweight, scale, z, y, N, K, NG, row_bytes, x.stride(0), y.stride(0),
+                               G=group_size, HAS_ZERO=zero is not None, GROUPED=grouped,
+                               NGT=block_k // group_size if grouped else 1, BLOCK_N=block_n, BLOCK_K=block_k,
+                               num_warps=4)
+        else:
+            block_b, block_n, block_k = 16, 64, 64
+            grid = (triton.cdiv(N, block_n), triton.cdiv(B, block_b))
+            _gemm_kernel[grid](x, qweight, scale, z, y, B, N, K, NG, row_bytes, x.stride(0), y.stride(0),
+                               G=group_size, HAS_ZERO=zero is not None, IEEE=x.dtype == torch.float32,
+                               DOT_F32=x.dtype == torch.bfloat16 and x.device.type != "cuda",
+                               BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
     return y

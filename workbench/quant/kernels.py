@@ -28,8 +28,9 @@ overrides it, and `DEFAULT_CROSSOVER` stands when it cannot be measured.
 * CUDA: `kernels/triton/lowbit.py`, imported only when an input is on a CUDA device (up to
   `MAX_ROWS` rows).
 
-A kernel that cannot be built or imported is reported once (a `RuntimeWarning`) and the pure-torch
-path is used from then on.
+The sources live in the checkout's top-level ``kernels/``; a wheel carries them as
+``workbench/_kernels/`` (`kernel_dir`). A kernel that cannot be built, imported or launched is reported
+once (a `RuntimeWarning`) and the pure-torch path is used from then on.
 
 `kernel_path(kind, bits, group_size)` says which kernel a layer format dispatches to (None: unfused),
 and `unfused_layers(model)` lists the layers that run unfused.
@@ -66,7 +67,17 @@ CROSSOVER_LADDER = (1, 2, 4, 8, 16, 32, 64)
 INT8_ERROR_BOUND = 1 / 254
 INT_ISAS = ("avx512vnni", "avxvnni", "avx2", "neon", "scalar")
 FLOAT_ISAS = ("avx512bf16", "avx512", "avx2", "scalar")
-KERNEL_DIR = Path(__file__).resolve().parents[2] / "kernels"
+
+
+def kernel_dir() -> Path:
+    """The kernel sources: ``workbench/_kernels`` in an installed wheel (setup.py packages the
+    checkout's top-level ``kernels/`` there), else ``kernels/`` beside the package (a checkout)."""
+    here = Path(__file__).resolve().parents[1]
+    packaged = here / "_kernels"
+    return packaged if (packaged / "cpu" / "lowbit.cpp").is_file() else here.parent / "kernels"
+
+
+KERNEL_DIR = kernel_dir()
 CPU_SOURCE = KERNEL_DIR / "cpu" / "lowbit.cpp"
 CPU_HEADERS = (KERNEL_DIR / "cpu" / "lowbit_q8.h", KERNEL_DIR / "cpu" / "lowbit_q8_256.inc")
 TRITON_SOURCE = KERNEL_DIR / "triton" / "lowbit.py"
@@ -113,11 +124,26 @@ def _build_cpu() -> Any:
     if not (build_dir / f"{name}.so").exists():
         print(f"workbench: compiling the low-bit CPU kernels into {build_dir} (once; up to a minute)",
               file=sys.stderr, flush=True)
-    cpp_extension.load(name=name, sources=[str(CPU_SOURCE)], extra_cflags=CPU_CFLAGS, extra_ldflags=CPU_LDFLAGS,
+    source = _stage_sources(build_dir / "src")
+    cpp_extension.load(name=name, sources=[str(source)], extra_cflags=CPU_CFLAGS, extra_ldflags=CPU_LDFLAGS,
                        build_directory=str(build_dir), is_python_module=False, verbose=False)
     ops = torch.ops.workbench_lowbit
     apply_isa_env(ops)
     return ops
+
+
+def _stage_sources(src_dir: Path) -> Path:
+    """Copies the CPU sources into the build's own ``src_dir`` (a file only when it differs) and returns
+    the main source there: ninja's build line then names the same path wherever workbench is installed
+    (a checkout, a wheel, a temporary site), so one build serves them all (the name is the source hash)."""
+    src_dir.mkdir(parents=True, exist_ok=True)
+    for path in (CPU_SOURCE, *CPU_HEADERS):
+        data, dest = path.read_bytes(), src_dir / path.name
+        if not dest.is_file() or dest.read_bytes() != data:
+            tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, dest)
+    return src_dir / CPU_SOURCE.name
 
 
 def apply_isa_env(ops: Any) -> None:
@@ -377,15 +403,32 @@ def fused_matmul(layer, x: torch.Tensor) -> torch.Tensor | None:
             return None
         y = _cpu_matmul(layer, x.reshape(rows, k), rows, ops)
     elif device.type == "cuda" and qweight.device == device and x.dtype in _CUDA_DTYPES and rows <= MAX_ROWS:
-        module = triton_module()
-        if module is None:
+        y = triton_matmul(layer, x.reshape(rows, k))
+        if y is None:
             return None
-        scale, zero = layer._parameters["scale"], layer._parameters.get("zero")
-        y = module.lowbit_gemm(x.reshape(rows, k), qweight, _float32(scale), None if zero is None else _float32(zero),
-                               layer.group_size, k)
     else:
         return None
     return y.view(*shape[:-1], layer.out_features)
+
+
+def triton_matmul(layer, x2: torch.Tensor) -> torch.Tensor | None:
+    """x2 [rows, K] @ W.T by the Triton kernel, or None when it is unusable: a failed import or launch
+    (a compile error, an unsupported GPU) is reported once and turns the Triton kernels off, so the
+    pure-torch path runs from then on. (A fault that poisons the CUDA context cannot be recovered.)"""
+    module = triton_module()
+    if module is None:
+        return None
+    scale, zero = layer._parameters["scale"], layer._parameters.get("zero")
+    try:
+        return module.lowbit_gemm(x2, layer._buffers["qweight"], _float32(scale),
+                                  None if zero is None else _float32(zero), layer.group_size, layer.in_features)
+    except Exception as e:  # noqa: BLE001 -- any launch failure: the torch path, said once
+        with _lock:
+            if "module" in _triton:
+                _triton.pop("module")
+                _triton["error"] = e
+                _report_unavailable("Triton", e)
+        return None
 
 
 def reference_matmul(layer, x: torch.Tensor) -> torch.Tensor:
