@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "whether it fits, then stop")
     se.add_argument("--backend", default="local", choices=["local", "processes", "ray"],
                     help="where candidates are evaluated (default: in this process)")
-    se.add_argument("--workers", type=int, default=2, help="worker processes or Ray actors (default 2)")
+    se.add_argument("--workers", type=int, default=None,
+                    help="worker processes or Ray actors (default: one per GPU with --device cuda/auto, else 2)")
     se.add_argument("--address", default="local", help="Ray cluster: 'auto', an address, or 'local' (start one)")
     se.add_argument("--report-top", type=int, default=3, help="candidates in the held-out report (default 3)")
     se.add_argument("--no-report", action="store_true", help="skip the held-out report at the end")

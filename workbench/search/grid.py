@@ -10,7 +10,8 @@ than that, a seeded sample of them (the spec's seed). The held-out report scores
 beside the search's best.
 
 Rows go to ``grid.jsonl`` as they are scored (whole rows, as ``history.jsonl``), so a report that
-was killed part way scores only what is left when it runs again.
+was killed part way scores only what is left when it runs again. The held-out report scores the
+points on the search's workers (`workbench.search.report.score_grid`).
 """
 
 from __future__ import annotations
@@ -89,32 +90,3 @@ def read_grid(run_dir: Path) -> list[dict]:
     from workbench.search.run import read_jsonl_rows
 
     return read_jsonl_rows(Path(run_dir) / GRID_FILE)
-
-
-def run_grid(search, on_point=None) -> dict:
-    """Score the grid baseline of a search (its local worker, its objective, the search split);
-    returns ``{"points", "evaluated", "seed", "step", "best"}`` (the grid's size, the points scored,
-    the sampling seed, the step and the best row)."""
-    from workbench.search.run import write_jsonl_rows
-
-    spec = search.spec
-    search.merger  # noqa: B018 (the in-process worker: the held-out report's, the same objective)
-    worker = search.backend.worker
-    n = sum(1 for r in search.state.history if r["kind"] in ("candidate", "favorite"))
-    layout = global_layout(spec, worker.layout.num_layers)
-    points, total = grid_points(spec, layout.sources, n)
-    done = {tuple(r["genome"]): r for r in read_grid(search.run_dir)}
-    rows = []
-    for i, point in enumerate(points):
-        genes = point_genes(layout, point)
-        row = done.get(tuple(genes))
-        if row is None:
-            row = {"index": i, "kind": "grid", "genome": genes, "point": point_label(point),
-                   **worker.score_recipe(layout.to_recipe(np.asarray(genes)))}
-            write_jsonl_rows(search.run_dir / GRID_FILE, [row])
-        rows.append(row)
-        if on_point:
-            on_point(i + 1, len(points), row)
-    scored = [r for r in rows if r["score"] is not None]
-    best = max(scored, key=lambda r: r["score"]) if scored else None
-    return {"points": total, "evaluated": len(rows), "seed": spec.seed, "step": STEP, "best": best}

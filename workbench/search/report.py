@@ -6,6 +6,9 @@ would try first (a linear 50/50 of the sources and, with a base, TIES at density
 between a candidate's search score and its held-out scores shows how much the search overfit;
 the grid's best point (``workbench.search.grid``: global parameters in steps of 0.1, as many
 evaluations as the search made) shows what per-layer evolution adds over a well-tuned global merge.
+
+Entries and grid points are scored on the search's own workers (``search.backend``: this process,
+its worker processes or its Ray actors, on their devices), in parallel; the driver loads no model.
 """
 
 from __future__ import annotations
@@ -14,10 +17,8 @@ import json
 from pathlib import Path
 
 from workbench.atomic import atomic_file
-from workbench.eval.evaluator import evaluate
 from workbench.eval.taskfile import load_task
 from workbench.merge.methods import METHODS
-from workbench.merge.recipe import recipe_from_dict
 
 HELDOUT = "heldout"
 
@@ -53,45 +54,60 @@ def top_candidates(history: list[dict], k: int) -> list[dict]:
     return top
 
 
+def score_grid(search, on_grid=None) -> dict:
+    """The grid baseline (:mod:`workbench.search.grid`) scored on the search's workers: as many points
+    as the run evaluated, each row written to ``grid.jsonl`` as it comes (in order), the rows already
+    there taken as they are. Returns ``{"points", "evaluated", "seed", "step", "best"}``."""
+    from workbench.search.grid import GRID_FILE, STEP, global_layout, grid_points, point_genes, point_label, read_grid
+    from workbench.search.run import write_jsonl_rows
+
+    spec = search.spec
+    n = sum(1 for r in search.state.history if r["kind"] in ("candidate", "favorite"))
+    layout = global_layout(spec, search.layout.num_layers)
+    points, total = grid_points(spec, layout.sources, n)
+    done = {tuple(r["genome"]): r for r in read_grid(search.run_dir)}
+    genes = [point_genes(layout, point) for point in points]
+    todo = [i for i, g in enumerate(genes) if tuple(g) not in done]
+    scored = search.backend.call("score_grid_point", [(genes[i],) for i in todo])
+    rows = []
+    for i, point in enumerate(points):
+        row = done.get(tuple(genes[i]))
+        if row is None:
+            row = {"index": i, "kind": "grid", "genome": genes[i], "point": point_label(point), **next(scored)}
+            write_jsonl_rows(search.run_dir / GRID_FILE, [row])
+        rows.append(row)
+        if on_grid:
+            on_grid(i + 1, len(points), row)
+    ok = [r for r in rows if r["score"] is not None]
+    best = max(ok, key=lambda r: r["score"]) if ok else None
+    return {"points": total, "evaluated": len(rows), "seed": spec.seed, "step": STEP, "best": best}
+
+
 def heldout_report(search, top: int = 3, on_entry=None, on_grid=None) -> dict:
     """Score the entries on every report task's held-out split; write report.json and report.md.
 
     With ``spec.grid_baseline`` the grid over the method's global parameters is scored first, on
     the search split for as many evaluations as the run made (``on_grid(done, total, row)``), and
-    its best point joins the entries (see :mod:`workbench.search.grid`)."""
+    its best point joins the entries (see :mod:`workbench.search.grid`). Every entry is merged and
+    scored by the search's workers (``CandidateWorker.heldout``), in parallel."""
     spec = search.spec
     task_refs = list(dict.fromkeys([o.task for o in spec.objective] + list(spec.report_tasks)))
-    tasks = [load_task(t, spec.lm_eval) for t in task_refs]
+    tasks = [load_task(t, spec.lm_eval) for t in task_refs]   # their names, and lm-eval's splits
     entries: list[tuple[str, dict, float | None]] = []
     for i, row in enumerate(top_candidates(search.state.history, top)):
         entries.append((f"search #{i + 1} (gen {row['generation']})", row["recipe"], row["score"]))
     grid = None
     if spec.grid_baseline:
-        from workbench.search.grid import run_grid
-
-        grid = run_grid(search, on_grid)
+        grid = score_grid(search, on_grid)
         if grid["best"] is not None:
             entries.append((f"grid best ({grid['evaluated']} of {grid['points']} points)", grid["best"]["recipe"],
                             grid["best"]["score"]))
             grid["best"] = {"point": grid["best"]["point"], "score": grid["best"]["score"]}
     entries += [(name, recipe, None) for name, recipe in baseline_recipes(search).items()]
     rows = []
-    quant_cfg = None
-    if spec.quantize:  # joint mode: every entry is also scored as it will be deployed, quantized
-        from workbench.quant.config import load_quant_config
-        from workbench.quant.model import quantized_copy
-
-        quant_cfg = load_quant_config(spec.quantize)
-    for name, recipe_dict, search_score in entries:
-        search.merger.apply(recipe_from_dict(recipe_dict, source=spec.source))
-        results = evaluate(search.merger.model, search.merger.tokenizer, tasks, split=HELDOUT,
-                           batch_size=spec.batch_size)
-        row = {"name": name, "search_score": search_score, "recipe": recipe_dict,
-               "heldout": {t: {k: v for k, v in r.metrics.items()} for t, r in results.items()}}
-        if quant_cfg is not None:
-            quantized = evaluate(quantized_copy(search.merger.model, quant_cfg), search.merger.tokenizer, tasks,
-                                 split=HELDOUT, batch_size=spec.batch_size)
-            row["heldout_quantized"] = {t: dict(r.metrics) for t, r in quantized.items()}
+    scored = search.backend.call("heldout", [(recipe_dict, task_refs) for _, recipe_dict, _ in entries])
+    for (name, recipe_dict, search_score), result in zip(entries, scored):
+        row = {"name": name, "search_score": search_score, "recipe": recipe_dict, **result}
         rows.append(row)
         if on_entry:
             on_entry(row)

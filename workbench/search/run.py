@@ -126,7 +126,9 @@ class Search:
     """One search run: set up with :meth:`start` or :meth:`resume`, then :meth:`run`."""
 
     def __init__(self, spec: SearchSpec, run_dir: str | Path, objective=None, device: str = "cpu",
-                 backend: str = "local", workers: int = 2, address: str = "local"):
+                 backend: str = "local", workers: int | None = None, address: str = "local"):
+        """``backend``: local, processes or ray (see :mod:`workbench.search.backends`: with CUDA, one
+        worker per GPU unless ``workers`` is given); the held-out report runs on the same workers."""
         from workbench.merge.plan import plan_merge
         from workbench.search.backends import make_backend
         from workbench.search.genome import GenomeLayout
@@ -145,12 +147,11 @@ class Search:
 
     @property
     def merger(self):
-        """The in-process merger (local backend), used for the held-out report."""
+        """The in-process merger of the local backend (the other backends' mergers live in their workers)."""
         from workbench.search.backends import LocalBackend
 
         if not isinstance(self.backend, LocalBackend):
-            self.backend.close()
-            self.backend = LocalBackend(self.spec, self.layout.num_layers)
+            raise WorkbenchError("the search's candidates are merged in its workers; use search.backend.call")
         return self.backend.worker.merger
 
     # --- set-up ----------------------------------------------------------------------------
