@@ -34,9 +34,11 @@ def run_eval_cli(args) -> int:
     from rich.console import Console
 
     from workbench.cli.progress import progress_bars
+    from workbench.devices import resolve_device
     from workbench.eval.lm_eval_tasks import LmEvalOptions
     from workbench.ops.evaluate import evaluate
 
+    device = resolve_device(getattr(args, "device", "auto"))   # a bad --device: one line, before anything loads
     console = Console(stderr=True)
     lm_eval = LmEvalOptions(tuple(str(p) for p in args.include_path), args.lm_eval_seed, args.search_docs,
                             args.heldout_docs, args.num_fewshot, args.chat_template)
@@ -44,6 +46,6 @@ def run_eval_cli(args) -> int:
         results = evaluate(args.model, args.tasks, split=args.split, limit=args.limit, dtype=args.dtype,
                            batch_size=args.batch_size, threads=args.threads, json_out=args.json,
                            log_samples=args.log_samples, overwrite=args.overwrite, progress=progress,
-                           lm_eval=lm_eval)
+                           lm_eval=lm_eval, device=device)
     print_table(results, console)
     return 0

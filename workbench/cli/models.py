@@ -48,8 +48,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_zoo_build(args: argparse.Namespace) -> int:
     from workbench.ops.zoo import build
 
+    from workbench.devices import resolve_device
+
+    device = resolve_device(args.device)   # a bad --device: one line, before the base model is prepared
     with progress_bars(console, not args.no_progress, lines_when_disabled=True) as progress:
-        paths = build(only=args.only or None, progress=progress)
+        paths = build(only=args.only or None, progress=progress, device=device)
     for path in paths:
         print(path)
     return 0
@@ -144,6 +147,8 @@ def add_parsers(sub) -> None:
     zb = zoo.add_parser("build", help="train the zoo's missing experts (resumable, cached in the home)")
     zb.add_argument("--only", action="append", metavar="EXPERT", help="build only this expert (repeatable)")
     zb.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    zb.add_argument("--device", default="auto", help="where the experts train: cpu, cuda, cuda:N, auto (default: "
+                    "auto, CUDA when present)")
     zb.set_defaults(func=cmd_zoo_build)
     zs = zoo.add_parser("status", help="what of the zoo is built, partly trained or missing")
     zs.add_argument("--json", action="store_true")

@@ -13,8 +13,16 @@ from workbench.errors import WorkbenchError
 
 
 def run_quant_search_cli(args) -> int:
-    from workbench.ops.search import open_search
+    from workbench.ops.qsearch import open_quant_run
 
+    if args.resume is None and args.out is None:
+        raise WorkbenchError("workbench search: give SPEC.yml --out RUN_DIR, or --resume RUN_DIR")
+    if args.backend != "local":
+        raise WorkbenchError(f"workbench search: a quantization search runs in this process; --backend "
+                             f"{args.backend} serves merge searches only")
+    from workbench.devices import resolve_device
+
+    device = resolve_device(args.device)   # before the progress display: a bad --device is one line
     console = Console(stderr=True)
     run_dir = Path(args.resume or args.out or "")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -24,8 +32,7 @@ def run_quant_search_cli(args) -> int:
         def on_build(ev) -> None:
             progress.update(bar, description=f"layer database: {ev.text}"[:70], completed=ev.done, total=ev.total)
 
-        search = open_search(args.spec, args.out, args.resume, device=args.device, backend=args.backend,
-                             progress=on_build)
+        search = open_quant_run(args.spec, run_dir, args.resume is not None, device=device, progress=on_build)
         db = search.db_report
         console.print(f"layer database {db['dir']}: {db['files']} files, {db['bytes'] / 1e6:.1f} MB, "
                       f"built {db['built']} in {db['seconds']:.1f} s; {db['levels_per_unit']:.1f} of "
@@ -71,8 +78,10 @@ def show_front_cli(args) -> int:
 
 
 def recover_points_cli(args) -> int:
+    from workbench.devices import resolve_device
     from workbench.ops.qsearch import point_names, read_recovered, recover_points
 
+    device = resolve_device(args.device)
     run_dir = Path(args.recover)
     if not (run_dir / "spec.yml").is_file():
         raise WorkbenchError(f"{run_dir}: not a search run directory (no spec.yml)")
@@ -87,7 +96,8 @@ def recover_points_cli(args) -> int:
         def on_progress(ev) -> None:
             progress.update(bar, description=ev.stage, completed=ev.done, total=ev.total)
 
-        recover_points(run_dir, names, args.time_budget, overwrite=args.overwrite, progress=on_progress)
+        recover_points(run_dir, names, args.time_budget, overwrite=args.overwrite, progress=on_progress,
+                       device=device)
     wide_console().print(recovered_table(read_recovered(run_dir)))
     return 0
 

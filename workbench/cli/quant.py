@@ -60,15 +60,26 @@ def _phase_rows(phases: dict[str, dict]) -> list[tuple[str, str]]:
     return rows
 
 
+DEVICE_HELP = "where it computes: cpu, cuda, cuda:N, auto (CUDA when present; default: {})"
+
+
+def _device(args: argparse.Namespace):
+    """--device resolved before any work: a bad value is one line naming it."""
+    from workbench.devices import resolve_device
+
+    return resolve_device(args.device)
+
+
 def run_quantize_cli(args: argparse.Namespace) -> int:
     import torch
 
+    device = _device(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     _check_json(args)
     with progress_bars(console, not args.no_progress) as progress:
         report = quantize(args.model, args.config, args.out, None if args.no_eval else args.eval_task,
-                          progress, overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite)
+                          progress, overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite, device=device)
     ppl_float, ppl = report["ppl_float"], report["ppl"]
     _summary(f"quantized {args.model} -> {args.out}", [
         ("layers", str(report["quantized_layers"])),
@@ -76,7 +87,7 @@ def run_quantize_cli(args: argparse.Namespace) -> int:
          f"{report['bits_per_weight_with_adapters']:.3f} / {report['bits_per_weight']:.3f}"),
         ("size on disk", _mb(report["disk_bytes"])),
         ("layers without a fused kernel (dequantize + matmul)", _unfused_text(report)),
-        ("time", f"{report['seconds']:.1f} s"),
+        ("time", f"{report['seconds']:.1f} s on {report['device']}"),
         (f"held-out perplexity ({args.eval_task}) float -> quantized",
          "skipped" if ppl is None else f"{ppl_float:.2f} -> {ppl:.2f}")])
     _write_json(args.json, report)
@@ -86,6 +97,7 @@ def run_quantize_cli(args: argparse.Namespace) -> int:
 def run_recover_cli(args: argparse.Namespace) -> int:
     import torch
 
+    device = _device(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     _check_json(args)
@@ -105,14 +117,14 @@ def run_recover_cli(args: argparse.Namespace) -> int:
     with progress_bars(console, not args.no_progress) as progress:
         report = recover(args.qdir, args.teacher, args.out, opts, args.corpus,
                          None if args.no_eval else args.eval_task, args.keep_work, progress, on_resume,
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, device=device)
     losses = [json.loads(line) for line in (Path(args.out) / "loss.jsonl").read_text().splitlines()]
     e2e = [r["loss"] for r in losses if r["phase"] == "e2e"]
     total = sum(p["seconds"] for p in report["phases"].values())
     budget = "" if opts.time_budget is None else f", budget {opts.time_budget / 60:g} min + save and eval"
     _summary(f"recovered {args.qdir} -> {args.out}", [
         ("calibration", f"{args.corpus}: {report['calibration_tokens']} tokens"),
-        ("time", f"{_duration(total)} ({report['steps']} end-to-end steps{budget})"),
+        ("time", f"{_duration(total)} on {report['device']} ({report['steps']} end-to-end steps{budget})"),
         *_phase_rows(report["phases"]),
         *_cut_short_rows(report),
         ("end-to-end KL first -> last", f"{e2e[0]:.3f} -> {e2e[-1]:.3f}" if e2e else "-"),
@@ -160,9 +172,10 @@ def _sparkline(values: list[float], width: int = 40) -> str:
 
 def run_export_cli(args: argparse.Namespace) -> int:
     """The report goes to stdout as JSON (for pipes); progress and errors to stderr."""
+    device = _device(args)
     with progress_bars(console, transient=True) as progress:
         report = export(args.qdir, args.out, args.format, args.storage, args.ternary_type, args.fallback,
-                        overwrite=args.overwrite, progress=progress)
+                        overwrite=args.overwrite, progress=progress, device=device)
     print(json.dumps(report, default=str))
     return 0
 
@@ -179,6 +192,8 @@ def add_parsers(sub) -> None:
     q.add_argument("--json", metavar="FILE", help="write the summary as JSON to FILE (-: stdout)")
     q.add_argument("--overwrite", action="store_true", help="replace OUT (and the --json file) if they exist")
     q.add_argument("--allow-nonfinite", action="store_true", help="quantize even if a weight is NaN or inf")
+    q.add_argument("--device", default="auto", help=DEVICE_HELP.format("auto") + "; the model stays on the CPU, "
+                   "each weight is solved there")
     q.set_defaults(func=run_quantize_cli)
 
     r = sub.add_parser("recover", help="train the quantized model's adapters by distillation from the float model")
@@ -213,6 +228,8 @@ def add_parsers(sub) -> None:
     r.add_argument("--threads", type=int)
     r.add_argument("--json", metavar="FILE", help="write the summary as JSON to FILE (-: stdout)")
     r.add_argument("--overwrite", action="store_true", help="replace OUT (and the --json file) if they exist")
+    r.add_argument("--device", default="auto", help=DEVICE_HELP.format("auto") + "; student, teacher and its "
+                   "top-k cache train there, bfloat16 autocast on its own type with --dtype bfloat16")
     r.set_defaults(func=run_recover_cli)
 
     e = sub.add_parser("export", help="export a quantized model: safetensors, peft adapter, GGUF or plain HF")
@@ -226,4 +243,6 @@ def add_parsers(sub) -> None:
                    help="gguf: layers no TQ type holds: Q4 (our values as Q4_0 / Q4_1 blocks where groups are "
                         "multiples of 32, else F16; default), F16 or Q8_0 of the dequantized weight")
     e.add_argument("--overwrite", action="store_true", help="replace OUT (and OUT.lora.gguf for gguf) if they exist")
+    e.add_argument("--device", default="cpu", help=DEVICE_HELP.format("cpu") + "; where gguf, hf and peft "
+                   "dequantize (and hf merges the adapters)")
     e.set_defaults(func=run_export_cli)

@@ -55,6 +55,7 @@ from workbench.export.gguf_names import (
 from workbench.quant import packing
 from workbench.quant.linear import QuantLinear
 from workbench.quant.model import read_quant_meta
+from workbench.quant.quantizers import dequantize
 
 __all__ = [
     "GGUFExportError",
@@ -164,6 +165,15 @@ def q4_blocks(m: QuantLinear, heads: int | None) -> np.ndarray:
     return np.concatenate([*head, qs], axis=-1).reshape(out, -1)
 
 
+def _dequantized(m: QuantLinear, device: torch.device | str) -> torch.Tensor:
+    """The layer's float32 weight, computed on `device`, on the CPU."""
+    if torch.device(device).type == "cpu":
+        return m.dequantized_weight(torch.float32)
+    q = m.quantized()
+    return dequantize(q.to(device), scale=m.scale.detach().to(device),
+                      zero=None if m.zero is None else m.zero.detach().to(device)).cpu()
+
+
 def _rows(w: np.ndarray, heads: int | None) -> np.ndarray:
     return permute_rows(w, heads) if heads else w
 
@@ -224,14 +234,16 @@ def _add_hparams(writer: gguf.GGUFWriter, src: _Source, warnings: list[str]) -> 
 
 
 def export_gguf(qdir: str | Path, out_path: str | Path, *, ternary_type: str = "TQ2_0", fallback: str = "Q4",
-                tokenizer: bool = True, progress: Progress | None = None) -> dict[str, Any]:
+                tokenizer: bool = True, progress: Progress | None = None,
+                device: torch.device | str = "cpu") -> dict[str, Any]:
     """Write the quantized base model of `qdir` (without adapters) as one GGUF file; return a report.
 
     `ternary_type`: TQ2_0 (2.0625 bits/weight) or TQ1_0 (1.6875). `fallback`: Q4 (exact Q4_0 / Q4_1
     blocks where our groups allow, else F16), F16 or Q8_0, for the quantized layers no TQ type can hold. `tokenizer=False` writes no vocabulary (tokenizer model
     "none"), for tokenizers that are not byte-level BPE. The report's ``bits_per_weight`` counts the
     bytes written for the quantized layers (fallbacks included) over their weights, the same
-    population as `workbench.quant.model.size_report`."""
+    population as `workbench.quant.model.size_report`. Each layer is dequantized on `device`
+    (elementwise: the same values on every device); the encoding runs in numpy on the CPU."""
     if ternary_type not in TERNARY_TYPES:
         raise GGUFExportError(f"ternary_type must be one of {sorted(TERNARY_TYPES)}, got {ternary_type!r}")
     if fallback not in FALLBACK_TYPES:
@@ -276,7 +288,7 @@ def export_gguf(qdir: str | Path, out_path: str | Path, *, ternary_type: str = "
         else:
             m = src.quant_linear(hf)
             qtype, why = _quant_type(m, hf, ternary, fb)
-            w = _rows(m.dequantized_weight(torch.float32).numpy(), heads)
+            w = _rows(_dequantized(m, device).numpy(), heads)
             blocks = q4_blocks(m, heads) if qtype in (QT.Q4_0, QT.Q4_1) else None
             data, err = _encode_layer(hf, w, qtype, why, blocks)
             if qtype == QT.Q4_0 and err != 0.0:

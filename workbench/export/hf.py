@@ -15,10 +15,11 @@ from workbench.quant.model import COPY_FILES, empty_model, quant_layers
 
 def dequantized_model(qmodel: nn.Module, qdir: str | Path, merge_adapters: bool,
                       dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A plain transformers model whose quantized layers hold their dequantized weights (plus
-    B @ A * scaling when `merge_adapters`), with the original module types (Linear or Conv1D)."""
+    """A plain transformers model on the CPU whose quantized layers hold their dequantized weights
+    (plus B @ A * scaling when `merge_adapters`), with the original module types (Linear or Conv1D).
+    The dequantization and merge run where `qmodel` is (a CUDA model: on its device)."""
     model = empty_model(qdir, dtype)
-    state = {k: v for k, v in qmodel.state_dict().items()}
+    state = {k: v.cpu() for k, v in qmodel.state_dict().items()}
     qlayers = quant_layers(qmodel)
     plain = {}
     for name, t in state.items():
@@ -27,9 +28,10 @@ def dequantized_model(qmodel: nn.Module, qdir: str | Path, merge_adapters: bool,
     for name, q in qlayers.items():
         w = q.merged_weight(dtype) if merge_adapters else q.dequantized_weight(dtype)
         target = model.get_submodule(name)
+        w = w.cpu()
         plain[f"{name}.weight"] = w.t().contiguous() if type(target).__name__ == "Conv1D" else w
         if q.bias is not None:
-            plain[f"{name}.bias"] = q.bias.detach().to(dtype)
+            plain[f"{name}.bias"] = q.bias.detach().to(dtype).cpu()
     missing, unexpected = model.load_state_dict(plain, strict=False)
     tied = {n for n in missing if n.endswith("lm_head.weight")}
     if set(missing) - tied - {n for n in missing if n.endswith("inv_freq")} or unexpected:

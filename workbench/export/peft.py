@@ -37,8 +37,8 @@ def export_peft(qmodel: nn.Module, qdir: str | Path, out: str | Path, overwrite:
     conv1d = any(type(base.get_submodule(n)).__name__ == "Conv1D" for n in layers)
     tensors = {}
     for name, m in layers.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.detach().float().contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.detach().float().contiguous()
+        tensors[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.detach().float().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.detach().float().cpu().contiguous()
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_plain(base, qdir, tmp / "base")

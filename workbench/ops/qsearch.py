@@ -7,6 +7,8 @@ held-out windows, perplexity on the held-out task). ``targets`` stands for every
 config and its best uniform config: the comparison "searched vs uniform after the same recovery".
 Results go to ``RUN/recovered.json`` (one entry per config, replaced when recovered again); the
 models stay in ``RUN/points/NAME`` (quantized) and ``RUN/points/NAME-recovered``.
+
+`open_quant_run(SPEC, RUN, device=...)` starts or resumes the search itself on a device.
 """
 
 from __future__ import annotations
@@ -17,6 +19,19 @@ from pathlib import Path
 from workbench.atomic import atomic_file
 from workbench.errors import WorkbenchError
 from workbench.progress import Progress, ProgressFn, emit
+
+
+def open_quant_run(spec: str | Path | None, run_dir: str | Path, resume: bool = False, *, device: str = "cpu",
+                   progress: ProgressFn | None = None, **options):
+    """`workbench search SPEC --out RUN` (or `--resume RUN`) of a quantization spec on `device`
+    (cpu, cuda, cuda:N, auto; checked before the spec and anything else): the layer database is
+    solved and candidates are scored there. Progress stage "layer database"."""
+    from workbench.devices import resolve_device
+    from workbench.quant.search.run import open_quant_search
+
+    dev = resolve_device(device)
+    return open_quant_search(spec, run_dir, resume=resume, device=dev, **options,
+                             progress=lambda label, done, total: emit(progress, "layer database", done, total, label))
 
 
 def point_names(run_dir: Path, names: list[str]) -> list[str]:
@@ -39,11 +54,15 @@ def point_names(run_dir: Path, names: list[str]) -> list[str]:
 
 
 def recover_points(run_dir: str | Path, names: list[str], minutes: float, overwrite: bool = False,
-                   progress: ProgressFn | None = None) -> list[dict]:
+                   progress: ProgressFn | None = None, device: str = "cpu") -> list[dict]:
     """`workbench search --recover RUN`: quantize, recover (`minutes` each) and measure every named
-    config; returns the entries written to recovered.json. Progress stages are "CONFIG: step"."""
+    config on `device`; returns the entries written to recovered.json. Progress stages are
+    "CONFIG: step"."""
     import numpy as np
 
+    from workbench.devices import resolve_device
+
+    dev = resolve_device(device)
     from workbench.models.loader import load_model
     from workbench.ops.quant import quantize_recover_export
     from workbench.quant.recover import teacher_topk
@@ -57,7 +76,7 @@ def recover_points(run_dir: str | Path, names: list[str], minutes: float, overwr
     todo = point_names(run_dir, names)
     teacher, tok = load_model(spec.model)
     windows = heldout_windows(tok, spec)  # the front's held-out windows: before/after compare with it
-    cache = teacher_topk(teacher, windows, TOP_K, 4)
+    cache = teacher_topk(teacher.to(dev), windows, TOP_K, 4)
     del teacher
     path = run_dir / "recovered.json"
     done = json.loads(path.read_text()) if path.is_file() else {}
@@ -70,12 +89,13 @@ def recover_points(run_dir: str | Path, names: list[str], minutes: float, overwr
             emit(progress, f"{_stem}: {p.stage}", p.done, p.total, p.text, p.loss)
 
         built = quantize_recover_export(spec.model, run_dir / name, qdir, minutes, rdir,
-                                        eval_task=spec.heldout_task, overwrite=overwrite, progress=on_progress)
+                                        eval_task=spec.heldout_task, overwrite=overwrite, progress=on_progress,
+                                        device=dev)
         q, r = built["quantized"], built["recovery"]
         kls = {}
         for key, d in (("kl_before", qdir), ("kl_after", rdir)):
             model, _ = load_model(d)
-            kls[key] = float(np.mean(window_kls(model, windows, cache)))
+            kls[key] = float(np.mean(window_kls(model.to(dev), windows, cache)))
         entry = {"config": name, "minutes": minutes, "bpw": q["bits_per_weight_with_adapters"],
                  "base_bpw": q["bits_per_weight"], "adapter_bpw": q["bits_per_weight_with_adapters"] - q["bits_per_weight"],
                  "ppl_before": q["ppl"], "ppl_after": r["ppl_after"], **kls, "steps": r["steps"],

@@ -4,7 +4,11 @@ Progress goes to a :class:`~workbench.progress.Progress` callback; nothing here 
 
 Every output is checked before any long work: an existing file or non-empty directory is refused
 unless `overwrite` (then replaced atomically). Reported perplexities are measured on the saved
-directory, reloaded as `workbench eval` loads it."""
+directory, reloaded as `workbench eval` loads it.
+
+Each takes ``device`` (cpu, cuda, cuda:N, auto: CUDA when present), resolved before anything
+loads: quantization solves each weight there, recovery trains there, evaluations and the exports'
+dequantization run there; whatever is saved is moved to the CPU first."""
 
 from __future__ import annotations
 
@@ -24,13 +28,18 @@ RECOVER_STAGES = {"blocks": "block reconstruction", "teacher": "teacher top-k", 
 
 
 def quantize(model: str | Path, config: str | Path, out: str | Path, eval_task: str | None = EVAL_TASK,
-             progress: ProgressFn | None = None, overwrite: bool = False, allow_nonfinite: bool = False) -> dict:
+             progress: ProgressFn | None = None, overwrite: bool = False, allow_nonfinite: bool = False,
+             device: str = "auto") -> dict:
     """`workbench quantize` as a function: quantize a float model (directory or home model name) by a
     config file into the compressed directory `out` (refused when it holds something, unless
     `overwrite`); return the summary (size report, seconds, disk bytes and, with `eval_task`,
-    held-out perplexity of the float model and of the saved directory).
+    held-out perplexity of the float model and of the saved directory). The model stays on the CPU;
+    each weight is solved on `device`, and the perplexities are measured there.
 
     Progress: stage "quantize", done 0 before the first layer, then after each (text: the layer)."""
+    from workbench.devices import resolve_device
+
+    dev = resolve_device(device)
     from workbench.models.loader import check_finite, load_model, model_kind, resolve_model
     from workbench.quant.config import check_model, load_quant_config
     from workbench.quant.model import (
@@ -56,27 +65,28 @@ def quantize(model: str | Path, config: str | Path, out: str | Path, eval_task: 
     net, tok = load_model(source)
     if not allow_nonfinite:
         check_finite(net, source)
-    from workbench.eval.evaluator import heldout_perplexity, saved_perplexity
+    from workbench.ops.evaluate import heldout_perplexity, saved_perplexity
 
-    ppl_float = None if eval_task is None else heldout_perplexity(net, tok, eval_task)
+    ppl_float = None if eval_task is None else heldout_perplexity(net, tok, eval_task, dev)
+    net.to("cpu")
     emit(progress, "quantize", 0, len(settings))
     start = time.perf_counter()
-    quantize_model(net, cfg, lambda name, done, total: emit(progress, "quantize", done, total, name))
+    quantize_model(net, cfg, lambda name, done, total: emit(progress, "quantize", done, total, name), device=dev)
     seconds = time.perf_counter() - start
     save_quantized(net, out, source, cfg, overwrite=overwrite, extra={"source_model": str(source.absolute())})
     from workbench.quant.kernels import unfused_layers
 
     report = {**size_report(net, cfg.storage), "unfused_layers": unfused_layers(net)}
     del net
-    ppl = None if eval_task is None else saved_perplexity(out, eval_task)
-    return {**report, "seconds": seconds, "ppl_float": ppl_float, "ppl": ppl,
+    ppl = None if eval_task is None else saved_perplexity(out, eval_task, dev)
+    return {**report, "seconds": seconds, "ppl_float": ppl_float, "ppl": ppl, "device": str(dev),
             "out": str(out), "disk_bytes": sum(p.stat().st_size for p in Path(out).iterdir())}
 
 
 def recover(qdir: str | Path, teacher: str | Path, out: str | Path, opts: RecoverOptions,
-                   corpus: str = "pydoc,licenses", eval_task: str | None = EVAL_TASK, keep_work: bool = False,
-                   progress: ProgressFn | None = None,
-                   on_resume: Callable[[Path], None] | None = None, overwrite: bool = False) -> dict:
+            corpus: str = "pydoc,licenses", eval_task: str | None = EVAL_TASK, keep_work: bool = False,
+            progress: ProgressFn | None = None, on_resume: Callable[[Path], None] | None = None,
+            overwrite: bool = False, device: str = "auto") -> dict:
     """`workbench recover` as a function: train the adapters of the compressed directory `qdir` by
     distillation from the float model `teacher`; write the result to `out` (refused when it holds
     something, unless `overwrite`; work in progress in OUT.work, resumed when it holds a checkpoint:
@@ -86,15 +96,20 @@ def recover(qdir: str | Path, teacher: str | Path, out: str | Path, opts: Recove
 
     The budget counts from this call on (loading included) up to the end of training; the final
     save and the held-out evaluation of the saved directory ("save_eval") come on top of it.
-    Progress stages: RECOVER_STAGES' values (with the loss)."""
+    Training (student, teacher, the teacher's top-k cache) and the evaluations run on `device`; the
+    recovered model is moved to the CPU before it is saved. Progress stages: RECOVER_STAGES' values
+    (with the loss)."""
     started = time.perf_counter()
+    from workbench.devices import resolve_device
+
+    dev = resolve_device(device)
     check_output(out, overwrite)
     if opts.time_budget is not None and not opts.time_budget > 0:
         raise WorkbenchError(f"time budget: expected a positive number of seconds, got {opts.time_budget}")
     from transformers import AutoConfig, AutoTokenizer
 
     from workbench.quant.corpus import corpus_texts, token_windows
-    from workbench.quant.model import load_quantized, read_quant_meta, size_report
+    from workbench.quant.model import load_quantized, read_quant_meta, size_report, to_cpu
     from workbench.quant.recover import Recovery
 
     meta = read_quant_meta(qdir)
@@ -124,9 +139,9 @@ def recover(qdir: str | Path, teacher: str | Path, out: str | Path, opts: Recove
     check_same_tokenizer(AutoTokenizer.from_pretrained(str(teacher_dir)), tok, teacher_dir, qdir)
     windows = token_windows(tok, corpus_texts(corpus), opts.seq_len, opts.max_tokens, opts.seed)
     student = load_quantized(qdir)
-    from workbench.eval.evaluator import heldout_perplexity
+    from workbench.ops.evaluate import heldout_perplexity
 
-    ppl_before = None if eval_task is None else heldout_perplexity(student, tok, eval_task)
+    ppl_before = None if eval_task is None else heldout_perplexity(student, tok, eval_task, dev)
     if (work / "checkpoint.pt").is_file() and on_resume:
         on_resume(work)
 
@@ -137,23 +152,25 @@ def recover(qdir: str | Path, teacher: str | Path, out: str | Path, opts: Recove
         emit(progress, RECOVER_STAGES[phase], done, total, "" if loss is None else f"loss {loss:.4f}", loss)
 
     rec = Recovery(student, windows, opts, work, load_teacher, on_step,
-                   _teacher_cache_path(teacher_dir, windows, opts), started=started)
+                   _teacher_cache_path(teacher_dir, windows, opts), started=started, device=dev)
     result = rec.run()
+    del rec
+    to_cpu(student)
     recovery = {"options": vars(opts), "corpus": corpus, "calibration_tokens": int(windows.numel()),
                 "seconds": result["elapsed"], "steps": result["step"], "ppl_before": ppl_before,
                 "windows": result["windows"], "e2e_windows": result.get("e2e_windows", 0),
                 "blocks_skipped": result.get("blocks_skipped", 0), "phases": result["phases"]}
     report = size_report(student)
-    _save_recovered(student, qdir, meta, out, work, recovery, eval_task, overwrite)
+    _save_recovered(student, qdir, meta, out, work, recovery, eval_task, overwrite, dev)
     if not keep_work:
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
-    return {**report, **recovery, "out": str(out)}
+    return {**report, **recovery, "out": str(out), "device": str(dev)}
 
 
 def _save_recovered(student, qdir: str | Path, meta: dict, out: str | Path, work: Path, recovery: dict,
-                    eval_task: str | None, overwrite: bool) -> None:
+                    eval_task: str | None, overwrite: bool, device=None) -> None:
     """Save the recovered model, measure `ppl_after` on the saved files, and only then rename the
     directory into place with that figure (and the "save_eval" phase) in its quant_config.json."""
     import json
@@ -161,7 +178,7 @@ def _save_recovered(student, qdir: str | Path, meta: dict, out: str | Path, work
     from workbench.quant.config import quant_config_from_dict
     from workbench.quant.model import save_quantized
 
-    from workbench.eval.evaluator import saved_perplexity
+    from workbench.ops.evaluate import saved_perplexity
 
     start = time.perf_counter()
     cfg = None
@@ -172,7 +189,7 @@ def _save_recovered(student, qdir: str | Path, meta: dict, out: str | Path, work
         save_quantized(student, tmp, qdir, cfg, overwrite=True, extra=extra)
         losses = work / "loss.jsonl"   # absent when the budget left no time for a single step
         (tmp / "loss.jsonl").write_text(losses.read_text() if losses.is_file() else "")
-        recovery["ppl_after"] = None if eval_task is None else saved_perplexity(tmp, eval_task)
+        recovery["ppl_after"] = None if eval_task is None else saved_perplexity(tmp, eval_task, device)
         recovery["phases"]["save_eval"] = {"seconds": time.perf_counter() - start, "share": None}
         meta_path = tmp / "quant_config.json"
         saved = json.loads(meta_path.read_text())
@@ -238,12 +255,16 @@ def export_paths(qdir: str | Path, out: str | Path, fmt: str) -> list[Path]:
 
 def export(qdir: str | Path, out: str | Path, fmt: str, storage: str = "packed",
            ternary_type: str = "TQ2_0", fallback: str = "Q4", overwrite: bool = False,
-           progress: ProgressFn | None = None) -> dict:
+           progress: ProgressFn | None = None, device: str = "cpu") -> dict:
     """`workbench export` as a function: write the compressed directory `qdir` as `fmt` (safetensors,
     peft, hf or gguf; GGUF adds OUT.lora.gguf when the model has adapters) to `out`; return a report.
-    Outputs that hold something are refused before any work unless `overwrite`."""
+    Outputs that hold something are refused before any work unless `overwrite`. `device`: where
+    gguf, hf and peft dequantize the layers (and hf merges the adapters); a safetensors export only
+    repacks, on the CPU."""
+    from workbench.devices import resolve_device
     from workbench.quant.model import load_quantized, read_quant_meta, save_quantized
 
+    dev = resolve_device(device)
     if fmt not in EXPORT_FORMATS:
         raise WorkbenchError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
     check_compressed_dir(qdir)
@@ -257,8 +278,9 @@ def export(qdir: str | Path, out: str | Path, fmt: str, storage: str = "packed",
         from workbench.export.gguf import export_gguf, export_gguf_with_lora
 
         if len(paths) > 1:   # both files committed together: never a model .gguf without its adapters
-            return export_gguf_with_lora(qdir, out, paths[1], ternary_type=ternary_type, fallback=fallback)
-        return export_gguf(qdir, out, ternary_type=ternary_type, fallback=fallback)
+            return export_gguf_with_lora(qdir, out, paths[1], ternary_type=ternary_type, fallback=fallback,
+                                         device=dev)
+        return export_gguf(qdir, out, ternary_type=ternary_type, fallback=fallback, device=dev)
     model = load_quantized(qdir)
     if fmt == "safetensors":
         save_quantized(model, out, qdir, storage=storage, overwrite=overwrite,
@@ -270,30 +292,34 @@ def export(qdir: str | Path, out: str | Path, fmt: str, storage: str = "packed",
         if fmt == "peft":
             from workbench.export.peft import export_peft
 
-            return export_peft(model, qdir, out, overwrite=overwrite)
+            return export_peft(model.to(dev), qdir, out, overwrite=overwrite)
         from workbench.export.hf import export_hf
 
-        return export_hf(model, qdir, out, overwrite=overwrite)
+        return export_hf(model.to(dev), qdir, out, overwrite=overwrite)
 
 
 def quantize_recover_export(source: str | Path, config: str | Path, out: str | Path, minutes: float = 0,
                             recovered: str | Path | None = None, fmt: str = "none",
                             export_out: str | Path | None = None, eval_task: str | None = EVAL_TASK,
                             overwrite: bool = False, progress: ProgressFn | None = None,
-                            on_resume: Callable[[Path], None] | None = None) -> dict:
+                            on_resume: Callable[[Path], None] | None = None, device: str = "auto") -> dict:
     """Quantize `source` by `config` into `out`, recover it for `minutes` into `recovered` (when
     minutes > 0) and export the last of those as `fmt` to `export_out` (unless fmt is "none"): what
     the UI's Quantize and Quant search screens run. Returns {"quantized", "recovery", "export"} (the
     reports of the three functions; None for a step not taken). Each step starts with a Progress of
-    unknown length whose text says what it does."""
+    unknown length whose text says what it does. Every step runs on `device`."""
+    from workbench.devices import resolve_device
+
+    dev = resolve_device(device)
     result: dict = {"quantized": quantize(source, config, out, eval_task=eval_task, progress=progress,
-                                          overwrite=overwrite), "recovery": None, "export": None}
+                                          overwrite=overwrite, device=dev), "recovery": None, "export": None}
     final = Path(out)
     if minutes > 0 and recovered is not None:
         emit(progress, "recover", text=f"recovery ({minutes:g} min): calibration text and teacher...")
         result["recovery"] = recover(out, source, recovered, RecoverOptions(time_budget=minutes * 60),
-                                     eval_task=eval_task, progress=progress, overwrite=overwrite, on_resume=on_resume)
+                                     eval_task=eval_task, progress=progress, overwrite=overwrite, on_resume=on_resume,
+                                     device=dev)
         final = Path(recovered)
     if fmt != "none" and export_out is not None:
-        result["export"] = export(final, export_out, fmt, overwrite=overwrite, progress=progress)
+        result["export"] = export(final, export_out, fmt, overwrite=overwrite, progress=progress, device=dev)
     return result

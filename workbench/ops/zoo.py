@@ -12,11 +12,15 @@ from workbench.progress import ProgressFn, emit
 
 
 def build(only: list[str] | None = None, stop_after: int | None = None, threads: int | None = None,
-              progress: ProgressFn | None = None) -> list[Path]:
-    """Prepare the base and train every missing expert (or those in ``only``), each under its lock
-    and resuming from its checkpoint; return the built experts' directories. Progress: stage = the
-    expert, done/total = steps, with the loss; a finished or skipped expert reports done == total
-    with its text ("built", "trained in N s", "stopped at step K")."""
+          progress: ProgressFn | None = None, device: str = "auto") -> list[Path]:
+    """Prepare the base and train every missing expert (or those in ``only``) on ``device`` (cpu,
+    cuda, cuda:N, auto; checked first), each under its lock and resuming from its checkpoint; return
+    the built experts' directories. Progress: stage = the expert, done/total = steps, with the loss;
+    a finished or skipped expert reports done == total with its text ("built", "trained in N s",
+    "stopped at step K")."""
+    from workbench.devices import resolve_device
+
+    dev = resolve_device(device)
     from workbench.models.default_model import prepare_default
     from workbench.zoo.build import EXPERTS, _lock, expert_dir, is_built, train_expert, work_dir
 
@@ -38,7 +42,7 @@ def build(only: list[str] | None = None, stop_after: int | None = None, threads:
                 continue
             t0 = time.time()
             emit(progress, spec.name, 0, steps, f"training ({steps} steps of {spec.config.batch_size})")
-            path = train_expert(spec, base, stop_after=stop_after, threads=threads,
+            path = train_expert(spec, base, stop_after=stop_after, threads=threads, device=dev,
                                 on_step=lambda step, n, loss, name=spec.name: emit(progress, name, step, n,
                                                                                    f"loss {loss:.4f}", loss))
             if path is None:

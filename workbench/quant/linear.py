@@ -94,7 +94,7 @@ class QuantLinear(nn.Module):
         return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
 
     def codes(self) -> torch.Tensor:
-        if self._codes is not None:
+        if self._codes is not None and self._codes.device == self.qweight.device:  # stale after a .to(device)
             return self._codes
         codes = packing.unpack_codes(self.qweight, self.bits, self.in_features)
         if self.keep_unpacked:

@@ -65,10 +65,14 @@ def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
 
 
 def quantize_model(model: nn.Module, cfg: QuantConfig,
-                   progress: Callable[[str, int, int], None] | None = None) -> dict[str, QuantLinear]:
+                   progress: Callable[[str, int, int], None] | None = None,
+                   device: torch.device | str | None = None) -> dict[str, QuantLinear]:
     """Replace every linear layer the config selects by a `QuantLinear` (with LoRA if configured).
 
-    Settings are checked against every layer before any weight is quantized."""
+    Each weight's solve (HQQ, LSQ, ...) runs on `device` (None: where the weight is), one layer at a
+    time; codes, scales and zeros then come back to the layer's device, and the adapters are
+    initialised there from a CPU generator, so the result does not depend on `device` beyond float
+    rounding. Settings are checked against every layer before any weight is quantized."""
     linears = linear_layers(model)
     shapes = {n: tuple(float_weight(m).shape) for n, m in linears.items()}
     settings = check_model(cfg, shapes)
@@ -76,11 +80,13 @@ def quantize_model(model: nn.Module, cfg: QuantConfig,
     for i, (name, s) in enumerate(settings.items()):
         module = linears[name]
         w = float_weight(module).float()
-        q = quantize_weight(w, s.nominal_bits, s.group_size, s.method)
+        home = w.device
+        q = quantize_weight(w if device is None else w.to(device), s.nominal_bits, s.group_size, s.method).to("cpu")
         bias = getattr(module, "bias", None)
-        ql = QuantLinear.from_quantized(q, None if bias is None else bias.detach(), s.rank, cfg.lora.alpha)
-        ql.init_lora(cfg.lora.init, w, seed=cfg.seed + i)
+        ql = QuantLinear.from_quantized(q, None if bias is None else bias.detach().cpu(), s.rank, cfg.lora.alpha)
+        ql.init_lora(cfg.lora.init, w.cpu(), seed=cfg.seed + i)  # CPU: svd_lowrank's random draws are the CPU's
         ql.round_to_storage_()
+        ql.to(home)
         set_module(model, name, ql)
         done[name] = ql
         if progress:
@@ -90,12 +96,21 @@ def quantize_model(model: nn.Module, cfg: QuantConfig,
 
 
 def quantized_copy(model: nn.Module, cfg: QuantConfig) -> nn.Module:
-    """A quantized copy of `model` (left as it is): what a joint merge x quantization search scores."""
+    """A quantized copy of `model` (left as it is, on its device): what a joint merge x quantization
+    search scores."""
     import copy
 
     out = copy.deepcopy(model)
     quantize_model(out, cfg)
     return out.eval()
+
+
+def to_cpu(model: nn.Module) -> nn.Module:
+    """`model` moved to the CPU in place (what every save writes from); drops cached unpacked codes."""
+    model.to("cpu")
+    for m in quant_layers(model).values():
+        m._codes = None
+    return model
 
 
 def layer_entry(m: QuantLinear, storage: str) -> dict:

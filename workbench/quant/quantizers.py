@@ -7,8 +7,11 @@ Two kinds, both grouped along the input dimension (see `packing.py`):
   rounding and the least-squares scale <w, t> / <t, t>, which never increases the squared error.
 * ``asym`` (1..4 bits): value = (code - zero) * scale with a float16 scale and zero per group.
   ``rtn`` is min/max round-to-nearest; ``hqq`` keeps the min/max scale and solves for the zero by
-  half-quadratic splitting under an l_p (p < 1) error, through the `hqq` package's own solver
+  half-quadratic splitting under an l_p (p < 1) error, with the `hqq` package's own solver step
   (Badri & Shaji, 2023). Ternary stays ours: hqq has no symmetric {-1, 0, 1} format.
+
+Every solve runs on the weight's device (pass a CUDA tensor to solve there) in float32, and the
+result comes back on that device; callers move it where they keep it.
 
 The returned scale and zero are already rounded to float16 and the codes are computed with those
 rounded values, so `dequantize` reproduces exactly what every consumer (kernels, GGUF) sees.
@@ -37,6 +40,11 @@ class QuantizedWeight:
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)
 
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        """The same codes, scales and zeros on `device`."""
+        zero = None if self.zero is None else self.zero.to(device)
+        return QuantizedWeight(self.kind, self.bits, self.group_size, self.codes.to(device), self.scale.to(device), zero)
+
 
 def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
     out, inp = w.shape
@@ -62,19 +70,34 @@ def quantize_ternary(w: torch.Tensor, group_size: int, method: str = "lsq", iter
     return QuantizedWeight("ternary", 2, group_size, codes, scale.squeeze(-1).half(), None)
 
 
-def hqq_scale_zero(g: torch.Tensor, max_code: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """HQQ's min/max start and half-quadratic zero solve, by the `hqq` package itself
-    (`hqq.core.optimize.optimize_weights_proximal`, its defaults: l_p 0.7, beta 10, kappa 1.01, 20
-    iterations), for groups `g` [..., group]; returns (scale, zero) in float32, before rounding."""
-    from hqq.core.optimize import optimize_weights_proximal
+HQQ_PARAMS = {"lp_norm": 0.7, "beta": 1e1, "iters": 20}  # hqq's optimize_weights_proximal defaults
 
-    rows = g.reshape(-1, g.shape[-1])
+
+def hqq_scale_zero(g: torch.Tensor, max_code: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """HQQ's min/max start and half-quadratic zero solve for groups `g` [..., group], on `g`'s
+    device; returns (scale, zero) in float32, before rounding.
+
+    The loop is `hqq.core.optimize.optimize_weights_proximal` (its defaults: l_p 0.7, beta 10, 20
+    iterations, stop when the error stops falling) around the package's own step, in float32 on
+    every device: hqq itself switches to float16 on CUDA, which would make the saved zeros depend on
+    the device. On the CPU this is hqq's function, bit for bit (tests/test_devices.py checks it)."""
+    from hqq.core.optimize import optimize_weights_proximal_legacy_step as step
+
+    rows = g.reshape(-1, g.shape[-1]).float()
     lo, hi = rows.amin(-1, keepdim=True), rows.amax(-1, keepdim=True)
     # As hqq's Quantizer.quantize: inverse scale, 1 for a (nearly) constant group, capped for float16.
     inv = torch.where((hi - lo).abs() <= 1e-4, torch.ones_like(lo), max_code / (hi - lo)).clamp(max=2e4)
-    _, inv, zero = optimize_weights_proximal(rows, inv, -lo * inv, [0, max_code], axis=1, device="cpu")
+    zero = -lo * inv
+    best = torch.tensor(torch.inf, device=rows.device)
+    with torch.inference_mode():
+        for _ in range(HQQ_PARAMS["iters"]):
+            w_r, _, zero, inv = step(rows, inv, zero, [0, max_code], HQQ_PARAMS["beta"], HQQ_PARAMS["lp_norm"], 1)
+            error = (rows - w_r).abs().mean()
+            if not error < best:
+                break
+            best = error
     shape = (*g.shape[:-1], 1)
-    return (1.0 / inv).reshape(shape), zero.reshape(shape)
+    return (1.0 / inv).reshape(shape).clone(), zero.reshape(shape).clone()
 
 
 def quantize_asym(w: torch.Tensor, bits: int, group_size: int, method: str = "hqq") -> QuantizedWeight:

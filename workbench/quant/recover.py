@@ -79,16 +79,37 @@ def _optimizer(params: dict[str, nn.Parameter], lr: float, scale_lr: float) -> t
     return torch.optim.AdamW(groups, weight_decay=0.0)
 
 
-def autocast(dtype: str):
-    """bfloat16 autocast on the CPU (much faster where the CPU has bf16 instructions); float32: none."""
+def autocast_spec(dtype: str, device: torch.device | str = "cpu") -> tuple[str, torch.dtype, bool]:
+    """(device type, autocast dtype, enabled) for training forward passes in `dtype` on `device`:
+    bfloat16 autocast on the device's own type ("cpu": much faster where the CPU has bf16
+    instructions; "cuda": tensor cores), none for float32."""
     if dtype not in ("bfloat16", "float32"):
         raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    return torch.device(device).type, torch.bfloat16, dtype == "bfloat16"
 
 
-def _batch(n: int, batch_size: int, seed: int, phase: int, step: int) -> torch.Tensor:
+def autocast(dtype: str, device: torch.device | str = "cpu"):
+    """The autocast context `autocast_spec` describes."""
+    device_type, cast, enabled = autocast_spec(dtype, device)
+    return torch.autocast(device_type, dtype=cast, enabled=enabled)
+
+
+def to_cpu(obj):
+    """Tensors (in dicts and lists, e.g. an optimizer's state) moved to the CPU: what is saved."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def _batch(n: int, batch_size: int, seed: int, phase: int, step: int,
+           device: torch.device | str = "cpu") -> torch.Tensor:
+    """The batch's row indices, drawn on the CPU (the same on every device), placed on `device`."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + phase * 10_007 + step)
-    return torch.randperm(n, generator=g)[:batch_size]
+    return torch.randperm(n, generator=g)[:batch_size].to(device)
 
 
 def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, dict]:
@@ -128,7 +149,7 @@ def _block_outputs(block: nn.Module, x: torch.Tensor, kwargs: dict, batch_size: 
     """The block's outputs for every row of `x`; None as soon as the batches done so far show the
     whole pass would take more than `limit` seconds (the pass is then left unfinished)."""
     outs, start = [], time.perf_counter()
-    with torch.no_grad(), autocast(dtype):
+    with torch.no_grad(), autocast(dtype, x.device):
         for i in range(0, len(x), batch_size):
             if limit is not None and i and (time.perf_counter() - start) * len(x) / i > limit:
                 return None
@@ -144,8 +165,11 @@ def teacher_topk(teacher: nn.Module, windows: torch.Tensor, k: int, batch_size: 
     With `time_left` (seconds), a batch that would not end in time is not started: the result then
     covers the first windows only (maybe none). The first batch is then a single window, so that the
     time per window is known before a whole batch is risked (on SmolLM2 under load one 4 x 256
-    batch took 60-106 s against a 38 s share). Progress counts from `offset` windows of `total`."""
+    batch took 60-106 s against a 38 s share). Progress counts from `offset` windows of `total`.
+    Runs on the teacher's device (windows are moved there); the result is on that device."""
     vals, idxs, tails = [], [], []
+    param = next(teacher.parameters(), None)
+    device = windows.device if param is None else param.device   # a wrapper without parameters: as given
     total = offset + len(windows) if total is None else total
     per_window = 0.0  # seconds per window, measured on the batches so far
     i = 0
@@ -156,7 +180,7 @@ def teacher_topk(teacher: nn.Module, windows: torch.Tensor, k: int, batch_size: 
             if time_left is not None and time_left() <= per_window * size:
                 break
             t0 = time.perf_counter()
-            logp = teacher(windows[i:i + size], use_cache=False).logits.float().log_softmax(-1)
+            logp = teacher(windows[i:i + size].to(device), use_cache=False).logits.float().log_softmax(-1)
             v, idx = logp.topk(k, dim=-1)
             tails.append(logp.scatter(-1, idx, float("-inf")).logsumexp(-1))
             vals.append(v)
@@ -167,8 +191,8 @@ def teacher_topk(teacher: nn.Module, windows: torch.Tensor, k: int, batch_size: 
                 progress("teacher", offset + i, total, None)
     if not vals:
         t = windows.shape[1]
-        return {"logprobs": torch.empty(0, t, k), "indices": torch.empty(0, t, k, dtype=torch.int32),
-                "tail": torch.empty(0, t)}
+        return {"logprobs": torch.empty(0, t, k, device=device), "tail": torch.empty(0, t, device=device),
+                "indices": torch.empty(0, t, k, dtype=torch.int32, device=device)}
     return {"logprobs": torch.cat(vals), "indices": torch.cat(idxs), "tail": torch.cat(tails)}
 
 
@@ -188,12 +212,17 @@ class Recovery:
     """One recovery run over a work directory (resumable), within `opts.time_budget` when given.
 
     `started` (a `time.perf_counter()` value) is when the command began: the loading before the
-    run counts against the budget (default: now)."""
+    run counts against the budget (default: now). Training runs on `device`: the student, the
+    windows, the teacher (as `teacher_loader` returns it) and its top-k cache are moved there, with
+    `autocast_spec`'s autocast; everything written (checkpoint, snapshots, teacher cache) is moved
+    to the CPU first. The student stays on `device`: the caller moves it back before saving."""
 
     def __init__(self, student: nn.Module, windows: torch.Tensor, opts: RecoverOptions, work_dir: Path,
                  teacher_loader: Callable[[], nn.Module], progress: Progress | None = None,
-                 teacher_cache: Path | None = None, started: float | None = None):
-        self.student, self.windows, self.opts = student, windows, opts
+                 teacher_cache: Path | None = None, started: float | None = None,
+                 device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.student, self.windows, self.opts = student.to(self.device), windows.to(self.device), opts
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.teacher_loader, self.progress = teacher_loader, progress
@@ -252,8 +281,9 @@ class Recovery:
     def checkpoint(self) -> None:
         self.state["elapsed"] = self.elapsed
         state = {**self.state, "phases": self.phase_seconds()}
-        ck = {"trainable": {n: p.detach().clone() for n, p in self.params.items()}, "state": state,
-              "optimizer": self.optimizer.state_dict() if self.state["phase"] == "e2e" and self.optimizer else None}
+        ck = {"trainable": {n: p.detach().cpu().clone() for n, p in self.params.items()}, "state": state,
+              "optimizer": to_cpu(self.optimizer.state_dict()) if self.state["phase"] == "e2e" and self.optimizer
+              else None}
         with atomic_file(self.work_dir / "checkpoint.pt", "wb") as f:
             torch.save(ck, f)
         fault_point("recover:checkpoint")
@@ -265,7 +295,7 @@ class Recovery:
         minutes = self.elapsed / 60
         path = self.work_dir / "snapshots" / f"{minutes:07.2f}min-step{self.state['step']}.safetensors"
         path.parent.mkdir(exist_ok=True)
-        save_file({n: p.detach().contiguous() for n, p in self.params.items()}, str(path))
+        save_file({n: p.detach().cpu().contiguous() for n, p in self.params.items()}, str(path))
         self.state["next_snapshot"] = self.elapsed + self.opts.snapshot_every
 
     def _log(self, **row) -> None:
@@ -318,7 +348,7 @@ class Recovery:
         cache = self._cached_topk() if e2e else None
         teacher = None
         if self.state["phase"] == "blocks" or (e2e and self._cache_size(cache) < self._cache_target()):
-            teacher = self.teacher_loader()
+            teacher = self.teacher_loader().to(self.device)
         if e2e:
             self._enter("teacher_cache")
             cache = self._teacher_cache(teacher, cache)
@@ -418,8 +448,8 @@ class Recovery:
             if seconds is not None and time.perf_counter() - start + self._block_step_seconds > seconds:
                 break
             t0 = time.perf_counter()
-            idx = _batch(len(x), o.batch_size, o.seed, 1 + index, step)
-            with autocast(o.dtype):
+            idx = _batch(len(x), o.batch_size, o.seed, 1 + index, step, self.device)
+            with autocast(o.dtype, self.device):
                 out = _run_block(block, x[idx], kwargs)
             loss = ((out.float() - y[idx]) ** 2).mean() / var
             opt.zero_grad(set_to_none=True)
@@ -446,7 +476,7 @@ class Recovery:
         shape = cache["logprobs"].shape
         if shape[1] != self.windows.shape[1] or shape[0] > len(self.windows) or shape[2] != self.opts.top_k:
             return None
-        return cache
+        return {k: v.to(self.device) for k, v in cache.items()}
 
     @staticmethod
     def _cache_size(cache: dict[str, torch.Tensor] | None) -> int:
@@ -466,14 +496,14 @@ class Recovery:
         have, target = self._cache_size(cache), self._cache_target()
         if have < target:
             left = None if "e2e_windows" in self.state or deadline is None else (lambda: self._time_left(deadline))
-            with autocast(self.opts.dtype):
+            with autocast(self.opts.dtype, self.device):
                 more = teacher_topk(teacher, self.windows[have:target], self.opts.top_k, self.opts.batch_size,
                                     self.progress, left, offset=have, total=target)
             if len(more["tail"]):
                 cache = more if cache is None else {k: torch.cat([cache[k], more[k]]) for k in cache}
                 self.teacher_cache_path.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_file(self.teacher_cache_path, "wb") as f:
-                    f.write(save({k: v.contiguous() for k, v in cache.items()}))
+                    f.write(save({k: v.cpu().contiguous() for k, v in cache.items()}))
         if cache is not None:
             cache = {k: v[:target] for k, v in cache.items()}
         self.state["e2e_windows"] = self._cache_size(cache)
@@ -496,8 +526,8 @@ class Recovery:
                 step / o.steps, (self.elapsed - start) / max(1e-6, deadline - start))
             for group, base in zip(self.optimizer.param_groups, (o.lr, o.scale_lr)):
                 group["lr"] = base * _cosine(step, done)
-            idx = _batch(n, o.batch_size, o.seed, 0, step)
-            with autocast(o.dtype):
+            idx = _batch(n, o.batch_size, o.seed, 0, step, self.device)
+            with autocast(o.dtype, self.device):
                 logits = self.student(self.windows[idx], use_cache=False).logits
             loss = kl_loss(logits, {k: v[idx] for k, v in cache.items()})
             self.optimizer.zero_grad(set_to_none=True)
@@ -526,12 +556,15 @@ def _cosine(step: int, done: float, warmup: int = 5) -> float:
 
 def kl_on_windows(student: nn.Module, windows: torch.Tensor, cache: dict[str, torch.Tensor],
                   batch_size: int = 4) -> float:
-    """Mean top-k KL of the student to the cached teacher over windows (for reports and tests)."""
+    """Mean top-k KL of the student to the cached teacher over windows (for reports and tests), on
+    the student's device."""
+    param = next(student.parameters(), None)
+    device = windows.device if param is None else param.device
     total, n = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(windows), batch_size):
-            part = {k: v[i:i + batch_size] for k, v in cache.items()}
-            logits = student(windows[i:i + batch_size], use_cache=False).logits
+            part = {k: v[i:i + batch_size].to(device) for k, v in cache.items()}
+            logits = student(windows[i:i + batch_size].to(device), use_cache=False).logits
             total += kl_loss(logits, part).item() * len(part["tail"])
             n += len(part["tail"])
     return total / n

@@ -7,6 +7,8 @@
     threads = 0                   # torch CPU threads for background work (0: torch's default)
     backend = "local"             # search backend: local | processes
     workers = 2                   # worker processes for backend = "processes"
+    device = "auto"               # where Quantize, Quant search and Export compute: auto (CUDA when
+                                  # present) | cpu | cuda | cuda:N; each of those screens has a selector
 
 A file that does not parse, an unknown key or a bad value is reported (a notification at start)
 and the default is used instead; the UI always starts.
@@ -32,6 +34,17 @@ except ImportError:  # Python 3.10: tomli if present, else config.yml only
 
 CONFIG_NAMES = ("config.toml", "config.yml", "config.yaml")
 BACKENDS = ("local", "processes")
+DEVICES = ("auto", "cpu", "cuda")  # and cuda:N
+KEYS = ("theme", "runs_dir", "threads", "backend", "workers", "device")
+
+
+def is_device_name(value: object) -> bool:
+    """A device the settings may name: auto, cpu, cuda or cuda:N (whether it is present is checked
+    when a job resolves it, with `workbench.devices.resolve_device`)."""
+    if not isinstance(value, str):
+        return False
+    kind, _, index = value.partition(":")
+    return value in DEVICES or (kind == "cuda" and index.isdigit())
 
 
 @dataclass
@@ -41,6 +54,7 @@ class TuiConfig:
     threads: int = 0
     backend: str = "local"
     workers: int = 2
+    device: str = "auto"
     path: Path | None = None  # the file read, if any
     warnings: list[str] = field(default_factory=list)
 
@@ -82,11 +96,30 @@ def load_config(home: Path | None = None) -> TuiConfig:
             cfg.backend = value
         elif key == "workers" and isinstance(value, int) and not isinstance(value, bool) and value > 0:
             cfg.workers = value
-        elif key in ("theme", "runs_dir", "threads", "backend", "workers"):
+        elif key == "device" and is_device_name(value):
+            cfg.device = value
+        elif key == "device":
+            cfg.warnings.append(f"{path}: device: bad value {value!r}; expected auto, cpu, cuda or cuda:N; "
+                                "using auto")
+        elif key in KEYS:
             cfg.warnings.append(f"{path}: {key}: bad value {value!r}; using the default")
         else:
-            cfg.warnings.append(f"{path}: unknown key {key!r} (expected theme, runs_dir, threads, backend, workers)")
+            cfg.warnings.append(f"{path}: unknown key {key!r} (expected {', '.join(KEYS)})")
     return cfg
+
+
+def device_choices(current: str) -> list[tuple[str, str]]:
+    """The device selector's options (auto, cpu, cuda, and the configured cuda:N if any)."""
+    names = list(DEVICES) + ([current] if current not in DEVICES else [])
+    return [(f"device: {n}", n) for n in names]
+
+
+def checked_device(device: str) -> str:
+    """`device` resolved now (CUDA asked for where there is none: the one-line WorkbenchError),
+    so a job never starts on a device it cannot have."""
+    from workbench.devices import resolve_device
+
+    return str(resolve_device(device))
 
 
 def apply_threads(threads: int) -> None:

@@ -107,7 +107,7 @@ def _save_expert(model, spec: ExpertSpec, base: Path, record: dict) -> Path:
     state = model.state_dict()
     with ModelDir(base) as ref:
         names = ref.tensor_names()
-        tensors = {n: state[n].detach().to(torch.float32).contiguous().clone() for n in names}
+        tensors = {n: state[n].detach().to("cpu", torch.float32).contiguous().clone() for n in names}
     out = expert_dir(spec.name)
     with atomic_dir(out, overwrite=True) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -142,8 +142,9 @@ def pick_threads(requested: int | None = None) -> int:
 
 
 def train_expert(spec: ExpertSpec, base: Path, on_step: Callable[[int, int, float], None] | None = None,
-                 stop_after: int | None = None, threads: int | None = None) -> Path | None:
-    """Train one expert (resuming from its checkpoint) and save it; None if stopped early."""
+                 stop_after: int | None = None, threads: int | None = None, device="cpu") -> Path | None:
+    """Train one expert on `device` (a torch.device or its name; resuming from its checkpoint) and
+    save it from the CPU; None if stopped early."""
     import torch
     import transformers
     from transformers.utils import logging as hf_logging
@@ -156,12 +157,15 @@ def train_expert(spec: ExpertSpec, base: Path, on_step: Callable[[int, int, floa
     torch.set_num_threads(pick_threads(threads))
     hf_logging.disable_progress_bar()
     model, tok = load_model(base)
+    device = torch.device(device)
+    model.to(device)
     examples = gen.training_examples(spec.skill, spec.num_examples, spec.data_seed)
     pairs = [(e.prompt, e.answer) for e in examples]
     wd = work_dir(spec.name)
     wd.mkdir(parents=True, exist_ok=True)
     result = train(model, tok, pairs, spec.config, checkpoint=wd / "checkpoint.pt", on_step=on_step,
                    fingerprint=_fingerprint(spec, base), stop_after=stop_after)
+    model.to("cpu")
     if result.steps < spec.config.steps:
         return None
     pool = len(gen.arithmetic_parts()["train"] if spec.skill == "arith" else gen.number_parts()["train"])
@@ -187,6 +191,7 @@ def train_expert(spec: ExpertSpec, base: Path, on_step: Callable[[int, int, floa
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
         "threads": torch.get_num_threads(),
+        "device": device.type,
         "load_average_at_start": load_at_start,
     }
     out = _save_expert(model, spec, base, record)

@@ -7,7 +7,10 @@ so a run resumed from a checkpoint repeats, step for step, the run that was inte
 
 A checkpoint (``torch.save``, loadable with ``weights_only=True``) holds the trained tensors,
 the optimizer state, the step, the loss curve and the elapsed time; it is written atomically
-every ``checkpoint_every`` steps.
+every ``checkpoint_every`` steps, its tensors on the CPU whatever device trains (so a run resumes
+on another device).
+
+Training runs where the model is (move it to a CUDA device first to train there), in float32.
 """
 
 from __future__ import annotations
@@ -132,6 +135,7 @@ def shared_prefix_forward(body, ids: torch.Tensor, mask: torch.Tensor, min_conte
 def batch_loss(model, batch: Sequence[tuple[list[int], list[int]]], pad_id: int) -> torch.Tensor:
     """Mean cross-entropy over the target tokens of a batch; the head runs only on them."""
     body, head = body_and_head(model)
+    device = next(model.parameters()).device
     width = max(len(c) + len(t) for c, t in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -144,9 +148,20 @@ def batch_loss(model, batch: Sequence[tuple[list[int], list[int]]], pad_id: int)
             rows.append(i)
             pos.append(len(c) + j - 1)
             targets.append(tid)
-    hidden = shared_prefix_forward(body, ids, mask, min(len(c) for c, _ in batch))
-    logits = head(hidden[torch.tensor(rows), torch.tensor(pos)])
-    return torch.nn.functional.cross_entropy(logits.float(), torch.tensor(targets))
+    hidden = shared_prefix_forward(body, ids.to(device), mask.to(device), min(len(c) for c, _ in batch))
+    logits = head(hidden[torch.tensor(rows, device=device), torch.tensor(pos, device=device)])
+    return torch.nn.functional.cross_entropy(logits.float(), torch.tensor(targets, device=device))
+
+
+def to_cpu(obj):
+    """Tensors (in dicts and lists: an optimizer's state) moved to the CPU, for a checkpoint."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
 
 
 def _config_key(cfg: TrainConfig, n_examples: int, extra: dict | None) -> str:
@@ -192,7 +207,8 @@ def train(model, tok, examples: Sequence[tuple[str, str]], cfg: TrainConfig, che
 
     def save(step: int) -> None:
         state = {"key": key, "step": step, "losses": losses, "step_seconds": step_seconds, "elapsed": elapsed,
-                 "trainable": {n: params[n].detach().clone() for n in names}, "optimizer": opt.state_dict()}
+                 "trainable": {n: params[n].detach().cpu().clone() for n in names},
+                 "optimizer": to_cpu(opt.state_dict())}
         with atomic_file(checkpoint, "wb") as f:
             torch.save(state, f)
         fault_point("train:checkpoint")

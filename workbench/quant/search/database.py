@@ -54,12 +54,16 @@ def _format_key(f: Format) -> str:
 
 
 class LayerDatabase:
-    """Quantized variants of every searched layer of `model` (a float model, left unchanged)."""
+    """Quantized variants of every searched layer of `model` (a float model, left unchanged).
 
-    def __init__(self, model: nn.Module, model_dir: Path, spec: QuantSearchSpec, root: Path | None = None):
+    `build` solves each weight on `device` (the files are the same on every device but for float
+    rounding); `module` hands out the layers on `device`."""
+
+    def __init__(self, model: nn.Module, model_dir: Path, spec: QuantSearchSpec, root: Path | None = None,
+                 device: torch.device | str = "cpu"):
         from workbench.eval.kl import model_files_hash
 
-        self.model, self.spec = model, spec
+        self.model, self.spec, self.device = model, spec, torch.device(device)
         self.names = quantized_layer_names(model, spec.skip)
         linears = linear_layers(model)
         self.weights = {n: float_weight(linears[n]) for n in self.names}
@@ -98,8 +102,8 @@ class LayerDatabase:
             base: dict[str, torch.Tensor] = {}
             lora: dict[int, dict[str, torch.Tensor]] = {r: {} for r in todo if r}
             for i, name in enumerate(self.names):
-                w = self.weights[name].float()
-                q = quantize_weight(w, fmt.bits, fmt.group_size, fmt.method)
+                w = self.weights[name].float().cpu()
+                q = quantize_weight(w.to(self.device), fmt.bits, fmt.group_size, fmt.method).to("cpu")
                 base[f"{name}.qweight"] = QuantLinear.from_quantized(q).qweight
                 base[f"{name}.scale"], base[f"{name}.zero"] = q.scale, q.zero
                 for r in lora:
@@ -136,16 +140,19 @@ class LayerDatabase:
         return self._tensors[str(path)]
 
     def module(self, name: str, option: int) -> QuantLinear:
-        """The layer `name` as option `option`: a QuantLinear equal to what `quantize_model` makes."""
+        """The layer `name` as option `option` on the database's device: a QuantLinear equal to what
+        `quantize_model` makes."""
         key = (name, option)
         if key not in self._modules:
-            self._modules[key] = self._build(name, option)
+            self._modules[key] = self._build(name, option).to(self.device)
         return self._modules[key]
 
     def _build(self, name: str, option: int) -> QuantLinear:
+        """The layer as option `option`, on the CPU."""
         opt = self.options[option]
         fmt, rank = opt.format, opt.rank
         w, bias = self.weights[name], self.bias[name]
+        bias = None if bias is None else bias.cpu()
         kind = "ternary" if fmt.bits == 1.58 else "asym"
         m = QuantLinear(w.shape[1], w.shape[0], kind, 2 if kind == "ternary" else int(fmt.bits), fmt.group_size,
                         bias is not None, rank, self.spec.lora_alpha if rank else None)
@@ -170,7 +177,7 @@ class LayerDatabase:
         out = torch.zeros(len(self.names), len(self.options) + 1, dtype=torch.float64)
         with torch.no_grad():
             for i, name in enumerate(self.names):
-                w = self.weights[name].float()
+                w = self.weights[name].float().cpu()
                 out[i, -1] = float((w * w).sum())
                 for o in range(len(self.options)):
                     out[i, o] = float(((self._build(name, o).merged_weight() - w) ** 2).sum())

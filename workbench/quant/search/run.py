@@ -56,15 +56,18 @@ class GenerationDone:
 
 
 def window_kls(model, windows: torch.Tensor, cache: dict[str, torch.Tensor], batch_size: int = 4) -> list[float]:
-    """KL of the model to the cached teacher, one mean per window."""
+    """KL of the model to the cached teacher, one mean per window, on the model's device."""
     from workbench.quant.recover import kl_loss
 
+    param = next(model.parameters(), None)
+    device = windows.device if param is None else param.device
     out = []
     with torch.no_grad():
         for i in range(0, len(windows), batch_size):
-            logits = model(windows[i:i + batch_size], use_cache=False).logits
+            logits = model(windows[i:i + batch_size].to(device), use_cache=False).logits
             for j in range(len(logits)):
-                out.append(kl_loss(logits[j:j + 1], {k: v[i + j:i + j + 1] for k, v in cache.items()}).item())
+                part = {k: v[i + j:i + j + 1].to(device) for k, v in cache.items()}
+                out.append(kl_loss(logits[j:j + 1], part).item())
     return out
 
 
@@ -96,22 +99,28 @@ def pareto_rows(rows: list[dict]) -> list[dict]:
 
 
 class QuantSearch:
-    """Set up with `QuantSearch(spec, run_dir)`, then `.start()` or `.resume()`, then `.run()`."""
+    """Set up with `QuantSearch(spec, run_dir)`, then `.start()` or `.resume()`, then `.run()`.
+
+    `device` (cpu, cuda, cuda:N, auto, or a torch.device): where the layer database is solved and
+    candidates are scored (the float model, the student and the teacher caches live there); the
+    database files and the run directory are the same on every device but for float rounding."""
 
     def __init__(self, spec: QuantSearchSpec, run_dir: str | Path, db_root: Path | None = None,
-                 progress: Callable[[str, int, int], None] | None = None):
+                 progress: Callable[[str, int, int], None] | None = None, device: torch.device | str = "cpu"):
+        from workbench.devices import resolve_device
         from workbench.models.loader import load_model, model_kind, resolve_model
         from workbench.quant.corpus import SEARCH_FILES, license_texts, token_windows
         from workbench.quant.recover import teacher_topk
 
         self.spec, self.run_dir = spec, Path(run_dir)
+        self.device = resolve_device(device)
         source = resolve_model(spec.model)
         if model_kind(source) != "float":
             raise WorkbenchError(f"{source}: a {model_kind(source)} model; a quantization search needs a float model")
         self.source = source
         self.model, self.tokenizer = load_model(source)
         self.model.eval().requires_grad_(False)
-        self.db = LayerDatabase(self.model, source, spec, db_root)
+        self.db = LayerDatabase(self.model, source, spec, db_root, self.device)
         self.units = layer_units(self.db.names, spec.granularity)
         if spec.optimizer == "cma" and len(self.units) < 2:
             raise WorkbenchError(f"{spec.source}: optimizer: cma needs at least 2 genes; granularity "
@@ -149,6 +158,7 @@ class QuantSearch:
         self.levels = evolve.levels_mask(self.costs, unit_err)
         self.db_report["levels_seconds"] = time.perf_counter() - t0
         self.db_report["levels_per_unit"] = float(self.levels.sum(1).mean())
+        self.model.to(self.device)   # the database keeps its CPU views of the float weights
         self.search_cache = teacher_topk(self.model, self.search_windows, TOP_K, 4)
         self.heldout_cache = teacher_topk(self.model, self.heldout_windows, TOP_K, 4)
         self.student = copy.deepcopy(self.model)
@@ -439,21 +449,26 @@ class QuantSearch:
 
 def open_quant_search(spec_path: str | Path | None, run_dir: str | Path, resume: bool = False,
                       overwrite: bool = False, db_root: Path | None = None,
-                      progress: Callable[[str, int, int], None] | None = None) -> QuantSearch:
-    """A new run of the spec file (checked before anything loads) or a resumed one (its spec.yml)."""
+                      progress: Callable[[str, int, int], None] | None = None,
+                      device: torch.device | str = "cpu") -> QuantSearch:
+    """A new run of the spec file (checked before anything loads) or a resumed one (its spec.yml),
+    on `device` (checked first)."""
+    from workbench.devices import resolve_device
+
+    device = resolve_device(device)
     run_dir = Path(run_dir)
     if resume:
         path = run_dir / "spec.yml"
         if not path.is_file():
             raise WorkbenchError(f"{run_dir}: not a search run directory (no spec.yml)")
         spec = quant_search_spec_from_dict(json.loads(path.read_text()), str(path))
-        return QuantSearch(spec, run_dir, db_root, progress).resume()
+        return QuantSearch(spec, run_dir, db_root, progress, device).resume()
     spec = load_quant_search_spec(spec_path)
     if run_dir.is_dir():
         remove_stale_temporaries_in(run_dir)   # left by a kill -9: not the user's
     if run_dir.exists() and any(run_dir.iterdir()):
         raise WorkbenchError(f"{run_dir} is not empty; resume it with --resume or choose another --out")
-    return QuantSearch(spec, run_dir, db_root, progress).start()
+    return QuantSearch(spec, run_dir, db_root, progress, device).start()
 
 
 def read_front(run_dir: str | Path) -> dict:

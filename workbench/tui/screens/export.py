@@ -15,10 +15,12 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, Checkbox, Footer, Input, Label, Select, Static
 
+from workbench.tui.config import checked_device
 from workbench.tui.jobs import default_merge_out, example_recipes
 from workbench.tui.messages import JobFinished
 from workbench.tui.runs import is_run_dir
 from workbench.tui.screens.base import WorkbenchScreen, guarded
+from workbench.tui.screens.quantize import device_select
 from workbench.tui.widgets import JobStatus, NavBar
 
 COMPRESSED_NOTE = (
@@ -45,6 +47,7 @@ class ExportScreen(WorkbenchScreen):
                 yield Input(id="export-source", placeholder="a recipe file, or a search run directory (its best recipe)")
             with Horizontal(classes="controls"):
                 yield Input(id="export-out", placeholder="output directory (blank: $WORKBENCH_HOME/merges/<name>)")
+                yield device_select(self.config.device, "export-device")
                 yield Checkbox("overwrite", id="export-overwrite")
                 yield Button("Export", id="export", variant="success")
             yield JobStatus(idle="no export running", id="export-job")
@@ -96,12 +99,20 @@ class ExportScreen(WorkbenchScreen):
         name = source.name if source.is_dir() else source.stem
         out = Path(out_raw).expanduser() if out_raw else default_merge_out(name)
         overwrite = self.query_one("#export-overwrite", Checkbox).value
+        from workbench.errors import WorkbenchError
+
+        try:
+            device = checked_device(str(self.query_one("#export-device", Select).value))
+        except WorkbenchError as e:
+            self.error(str(e).replace("--device", "device"))
+            return
 
         def start() -> None:
             from workbench.ops.merge import merge
 
             self.query_one("#export-result", Label).update(Text(""))
-            self.run_job("export", lambda progress: merge(source, out, overwrite=overwrite, progress=progress),
+            self.run_job("export", lambda progress: merge(source, out, device=device, overwrite=overwrite,
+                                                          progress=progress),
                          status="#export-job", buttons=("#export",), start_text=f"exporting {source.name} into {out}...",
                          done_text=lambda r: f"exported {r.num_tensors} tensors to {r.out_dir} "
                                              f"({r.bytes_written / 1e6:.1f} MB) in {r.seconds:.1f} s")

@@ -19,11 +19,11 @@ from textual.message import Message
 from textual.widgets import Button, Checkbox, DataTable, Footer, Input, Label, Select
 from textual.worker import get_current_worker
 
-from workbench.tui.config import apply_threads
+from workbench.tui.config import apply_threads, checked_device
 from workbench.tui.jobs import error_text, recipe_dirs
 from workbench.tui.messages import JobFailed, JobFinished, JobProgress
 from workbench.tui.screens.base import WorkbenchScreen, guarded
-from workbench.tui.screens.quantize import EXPORT_CHOICES
+from workbench.tui.screens.quantize import EXPORT_CHOICES, device_select
 from workbench.tui.widgets import JobStatus, NavBar
 from workbench.tui.widgets.front_plot import FrontPlot
 
@@ -108,6 +108,7 @@ class QuantSearchScreen(WorkbenchScreen):
                 yield Button("Resume", id="qs-resume")
                 yield Button("Stop", id="qs-stop", variant="error")
                 yield Button("Build spec", id="qs-build-spec")
+                yield device_select(self.config.device, "qs-device")
             yield JobStatus(idle="no quantization search running", id="qs-job")
         with Vertical(id="qs-front", classes="panel"):
             yield Label("Quality vs size", classes="section")
@@ -134,6 +135,17 @@ class QuantSearchScreen(WorkbenchScreen):
     # --- inputs -----------------------------------------------------------------------------
     def _value(self, selector: str) -> str:
         return self.query_one(selector, Input).value.strip()
+
+    def _device(self) -> str | None:
+        """The device chosen, resolved (the search and a point's build run there); None after an
+        error notification (e.g. cuda where there is none)."""
+        from workbench.errors import WorkbenchError
+
+        try:
+            return checked_device(str(self.query_one("#qs-device", Select).value))
+        except WorkbenchError as e:
+            self.error(str(e).replace("--device", "device"))
+            return None
 
     def _spec(self) -> Path | None:
         select = self.query_one("#qs-spec-select", Select)
@@ -196,10 +208,13 @@ class QuantSearchScreen(WorkbenchScreen):
             self.action_start()
 
     def _launch(self, spec: Path | None, run_dir: Path, resume: bool) -> None:
+        device = self._device()
+        if device is None:
+            return
         self.running, self.request, self.run_dir, self.front = True, None, run_dir, None
         self.query_one("#qs-job", JobStatus).start(("resuming " if resume else f"starting {spec.name} in ")
                                                    + f"{run_dir}: model, layer database, teacher...")
-        self.search_job(spec, run_dir, resume)
+        self.search_job(spec, run_dir, resume, device)
 
     @on(Button.Pressed, "#qs-pause")
     @guarded
@@ -217,15 +232,15 @@ class QuantSearchScreen(WorkbenchScreen):
 
     # --- the search worker ------------------------------------------------------------------
     @work(thread=True, exclusive=True, group="qsearch", exit_on_error=False, description="quantization search")
-    def search_job(self, spec: Path | None, run_dir: Path, resume: bool) -> None:
-        from workbench.ops.search import open_search
+    def search_job(self, spec: Path | None, run_dir: Path, resume: bool, device: str = "cpu") -> None:
+        from workbench.ops.qsearch import open_quant_run
         from workbench.quant.search.run import read_rows
 
         worker = get_current_worker()
         try:
             apply_threads(self.config.threads)
-            search = open_search(spec, None if resume else run_dir, run_dir if resume else None, progress=lambda ev:
-                                 self.post_message(JobProgress("qsearch", ev.done, ev.total, f"database: {ev.text}")))
+            search = open_quant_run(spec, run_dir, resume, device=device, progress=lambda ev: self.post_message(
+                JobProgress("qsearch", ev.done, ev.total, f"database: {ev.text}")))
             windows, total = search.spec.windows, search.spec.generations + 1
 
             def on_generation(event) -> None:
@@ -319,6 +334,9 @@ class QuantSearchScreen(WorkbenchScreen):
         export = None if fmt == "none" else final.with_name(final.name + ("." + fmt if fmt == "gguf" else f"-{fmt}"))
         outputs = [out, recovered, export, export.with_name(export.stem + ".lora.gguf") if fmt == "gguf" else None]
         overwrite = self.query_one("#qs-overwrite", Checkbox).value
+        device = self._device()
+        if device is None:
+            return
 
         def start() -> None:
             from workbench.ops.quant import quantize_recover_export
@@ -326,7 +344,7 @@ class QuantSearchScreen(WorkbenchScreen):
             model, task = Path(self.front["model"]), self.front["heldout_task"]
             self.run_job("build point", lambda progress: quantize_recover_export(
                 model, self.run_dir / point["yml"], out, minutes, recovered, fmt, export, eval_task=task,
-                overwrite=overwrite, progress=progress), status="#qs-point-job", buttons=("#qs-build",),
+                overwrite=overwrite, progress=progress, device=device), status="#qs-point-job", buttons=("#qs-build",),
                 start_text=f"building {point['yml']} ({point['bpw']:.3f} bpw)...",
                 done_text=lambda result: f"built {recovered or out}")
 

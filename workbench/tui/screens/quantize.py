@@ -16,6 +16,7 @@ from textual.widgets import Button, Checkbox, Footer, Input, Label, Select
 
 from workbench.errors import WorkbenchError
 from workbench.progress import ProgressFn, emit
+from workbench.tui.config import checked_device, device_choices
 from workbench.tui.jobs import default_quant_export_out, default_quant_out, default_source_model, quant_configs
 from workbench.tui.messages import JobFinished
 from workbench.tui.screens.base import WorkbenchScreen, guarded
@@ -23,6 +24,13 @@ from workbench.tui.widgets import JobStatus, NavBar
 
 EXPORT_CHOICES = (("no export", "none"), ("safetensors (compressed)", "safetensors"),
                   ("peft adapter + base", "peft"), ("hf (dequantized)", "hf"), ("gguf", "gguf"))
+
+
+def device_select(current: str, widget_id: str) -> Select:
+    """The device selector, set to the UI's configured device."""
+    select = Select(device_choices(current), value=current, allow_blank=False, id=widget_id)
+    select.styles.width = 22
+    return select
 
 
 @dataclass
@@ -36,6 +44,7 @@ class QuantPlan:
     fmt: str  # "none" or one of workbench.ops.quant.EXPORT_FORMATS
     export_out: Path | None
     overwrite: bool = False  # replace occupied outputs (the user confirmed it)
+    device: str = "cpu"  # where every step computes (resolved: cpu, cuda or cuda:N)
 
     @property
     def final(self) -> Path:
@@ -118,6 +127,7 @@ class QuantizeScreen(WorkbenchScreen):
             with Horizontal(classes="controls"):
                 yield Select(EXPORT_CHOICES, value="none", allow_blank=False, id="quant-format")
                 yield Input(id="quant-export-out", placeholder="export path (blank: beside the output)")
+                yield device_select(self.config.device, "quant-device")
                 yield Checkbox("overwrite", id="quant-overwrite")
                 yield Button("Run", id="quant-run", variant="success")
             yield JobStatus(idle="no quantization running", id="quant-job")
@@ -173,8 +183,13 @@ class QuantizeScreen(WorkbenchScreen):
         export_raw = self._value("#quant-export-out")
         export_out = None if fmt == "none" else (
             Path(export_raw).expanduser() if export_raw else default_quant_export_out(recovered or out, fmt))
+        try:
+            device = checked_device(str(self.query_one("#quant-device", Select).value))
+        except WorkbenchError as e:
+            self.error(str(e).replace("--device", "device"))
+            return None
         return QuantPlan(source, config, out, minutes, recovered, fmt, export_out,
-                         self.query_one("#quant-overwrite", Checkbox).value)
+                         self.query_one("#quant-overwrite", Checkbox).value, device)
 
     @on(Button.Pressed, "#quant-run")
     @guarded
@@ -210,7 +225,8 @@ def quantize_plan(plan: QuantPlan, progress: ProgressFn) -> QuantResult:
 
     done = quantize_recover_export(plan.source, plan.config, plan.out, plan.minutes, plan.recovered, plan.fmt,
                                    plan.export_out, eval_task=None, overwrite=plan.overwrite, progress=progress,
-                                   on_resume=lambda path: emit(progress, "recover", text=f"resuming from {path}"))
+                                   on_resume=lambda path: emit(progress, "recover", text=f"resuming from {path}"),
+                                   device=plan.device)
     return QuantResult(plan, done["quantized"], done["recovery"], done["export"])
 
 
