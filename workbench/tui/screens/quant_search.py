@@ -199,8 +199,18 @@ class QuantSearchScreen(WorkbenchScreen):
         path = Path(raw).expanduser() if raw and Path(raw).expanduser().is_file() else None
         self.app.push_screen(QuantBuilderScreen(path), self._built)
 
-    def _built(self, result: tuple[Path, bool] | None) -> None:
+    def build_from(self, path: Path) -> None:
+        """Open the builder on ``path`` (a quantization spec another screen's builder handed over)."""
+        self.query_one("#qs-spec", Input).value = str(path)
+        self.action_build_spec()
+
+    def _built(self, result) -> None:
+        from workbench.tui.screens.builder import OtherKind, open_in_its_builder
+
         if result is None:
+            return
+        if isinstance(result, OtherKind):
+            open_in_its_builder(self.app, result)
             return
         path, start = result
         self.query_one("#qs-spec", Input).value = str(path)
