@@ -31,6 +31,7 @@ class GemmSpy:
 
 def _fake_ops(spy: GemmSpy) -> SimpleNamespace:
     return SimpleNamespace(lowbit_gemm=SimpleNamespace(default=spy), lowbit_gemm_q8=SimpleNamespace(default=spy),
+                           lowbit_gemm_q8w=SimpleNamespace(default=spy),
                            lowbit_lora_add=SimpleNamespace(default=lambda y, *a: y))
 
 

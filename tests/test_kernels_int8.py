@@ -1,7 +1,8 @@
 """The integer CPU kernels (`lowbit_gemm_q8`, the default ``WORKBENCH_KERNELS`` mode) against an
 independent float64 reference, on every instruction set this CPU has (avx512vnni, avxvnni, avx2,
-scalar), and the dispatch around them: the crossover to dequantize + bf16 matmul, its cache, the ISA
-choice and the fallback when the build fails.
+scalar), the wide kernel for batches (`lowbit_gemm_q8w`), and the dispatch around them: the crossovers
+to the wide kernel and to dequantize + bf16 matmul, their cache, the ISA choice and the fallback when
+the build fails.
 
 The stated bound (`kernels.INT8_ERROR_BOUND`): activations are rounded to int8 per block of 64, each
 moving by at most max|x_block| / 254, so |y - x @ W.T| <= sum_j max|x_j| / 254 * sum_{k in j} |W[n, k]|
@@ -185,37 +186,90 @@ def test_isa_env_is_applied_at_load(ops, monkeypatch):
         kernels.set_isa("auto", ops)
 
 
+def q8w(ops, layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    zero = torch.empty(0) if layer.zero is None else layer.zero.data
+    return ops.lowbit_gemm_q8w(x, layer.qweight, layer.scale.data, zero, layer.group_size, layer.in_features)
+
+
+# rows not a multiple of 16 (a partial last tile), K of 1-70 blocks, group sizes 64-320 (the wide
+# kernel's; 16 and 32 take lowbit_gemm_q8 through it)
+WIDE_CASES = [(37, 128, 64), (16, 64, 64), (70, 576, 192), (33, 1088, 64), (130, 1024, 256), (9, 320, 320),
+              (40, 256, 32), (24, 96, 16)]
+WIDE_BATCHES = [1, 2, 11, 12, 13, 25, 37, 64]  # groups of up to 12 activation rows, split evenly
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("n,k,group", WIDE_CASES)
+def test_wide_kernel_within_the_bound(ops, n, k, group, kind):
+    """lowbit_gemm_q8w on this CPU's best ISA: within INT8_ERROR_BOUND of the float64 product, and
+    equal to xhat @ W.T (the integer part exact) and to lowbit_gemm_q8 up to fp32 rounding."""
+    layer = make_layer(n, k, group, kind, seed=n * k + group)
+    w = layer.dequantized_weight(torch.float64)
+    for batch in WIDE_BATCHES:
+        x = activations(batch, k, seed=batch + 100)
+        y = q8w(ops, layer, x)
+        assert y.shape == (batch, n) and y.dtype == torch.float32
+        exact = x.double() @ w.T
+        assert ((y.double() - exact).abs() <= error_bound(x, w)).all(), (batch, n, k, group)
+        slack = 1e-5 * (x.double().abs() @ w.abs().T) + 1e-9
+        assert ((y.double() - quantize_reference(x) @ w.T).abs() <= slack).all(), batch
+        assert ((y - q8(ops, layer, x)).abs().double() <= 2 * slack).all(), batch
+        yb = q8w(ops, layer, x.bfloat16())
+        assert yb.dtype == torch.bfloat16
+        xb = x.bfloat16().float()
+        errb = (yb.double() - xb.double() @ w.T).abs()
+        assert (errb <= error_bound(xb, w) + 2 ** -8 * (xb.double() @ w.T).abs()).all(), batch
+
+
+def test_wide_kernel_on_lower_isas_is_the_int8_kernel(ops):
+    """Without AVX-512 VNNI the wide op runs lowbit_gemm_q8: the same output bit for bit."""
+    layer = make_layer(40, 256, 64, "asym")
+    x = activations(20, 256, seed=5)
+    try:
+        for name in ("avxvnni", "avx2", "scalar"):
+            if ops.lowbit_set_int_isa(name) == name:
+                assert torch.equal(q8w(ops, layer, x), q8(ops, layer, x)), name
+    finally:
+        ops.lowbit_set_int_isa("auto")
+
+
 @pytest.mark.parametrize("lora", [0, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_batches_across_the_crossover(ops, monkeypatch, lora, dtype):
-    """Rows 1..64 through QuantLinear: the int8 kernel up to the crossover (8 here), dequantize + bf16
-    matmul above; each within its bound of the float64 reference, LoRA included."""
+    """Rows 1..64 through QuantLinear: the int8 kernel up to the crossover (8 here), the wide int8
+    kernel up to 32, dequantize + bf16 matmul above; each within its bound of the float64 reference,
+    LoRA included, and each row count reaching the kernel meant for it."""
     monkeypatch.setenv("WORKBENCH_KERNELS", "1")
     monkeypatch.setenv("WORKBENCH_KERNELS_CROSSOVER", "8")
+    monkeypatch.setenv("WORKBENCH_KERNELS_WIDE", "32")
     layer = make_layer(96, 320, 64, "asym", lora_rank=lora)
     w = layer.dequantized_weight(torch.float64)
-    calls = {"q8": 0}
-    real = kernels._cpu.get("gemm_q8") or ops.lowbit_gemm_q8.default
+    calls = {"gemm_q8": 0, "gemm_q8w": 0}
+    for key in calls:
+        real = kernels._cpu.get(key) or getattr(ops, f"lowbit_{key}").default
 
-    def counting(*args):
-        calls["q8"] += 1
-        return real(*args)
+        def counting(*args, key=key, real=real):
+            calls[key] += 1
+            return real(*args)
 
-    monkeypatch.setitem(kernels._cpu, "gemm_q8", counting)
-    for rows in (1, 2, 7, 8, 9, 16, 33, 64):
+        monkeypatch.setitem(kernels._cpu, key, counting)
+    for rows in (1, 2, 7, 8, 9, 16, 31, 32, 33, 64):
+        path = "int8" if rows <= 8 else "int8-wide" if rows <= 32 else "dequant+bf16"
+        assert kernels.cpu_path(rows) == path
         x = activations(rows, 320, seed=rows).to(dtype)
-        before = calls["q8"]
+        before = dict(calls)
         with torch.no_grad():
             y = layer(x.view(1, rows, 320))[0]
-        assert calls["q8"] - before == (1 if rows <= 8 else 0), rows
+        assert calls["gemm_q8"] - before["gemm_q8"] == (path == "int8"), rows
+        assert calls["gemm_q8w"] - before["gemm_q8w"] == (path == "int8-wide"), rows
         xd = x.double()
         exact, mags = xd @ w.T, xd.abs() @ w.abs().T
         if lora:
             a, b = layer.lora_A.double(), layer.lora_B.double()
             exact = exact + (xd @ a.T) @ b.T * layer.scaling
             lora_mags = (xd.abs() @ a.abs().T) @ b.abs().T * layer.scaling
-        # the int8 bound up to the crossover; above, bf16 rounding of x, W and the output (2^-8 each)
-        bound = error_bound(x.float(), w) if rows <= 8 else 3 * 2 ** -8 * mags
+        # the int8 bound up to the wide rows; above, bf16 rounding of x, W and the output (2^-8 each)
+        bound = error_bound(x.float(), w) if rows <= 32 else 3 * 2 ** -8 * mags
         if dtype == torch.bfloat16:  # the output, and QuantLinear's bf16 LoRA matmuls, round to bf16
             bound = bound + 2 ** -8 * exact.abs() + (2 ** -6 * lora_mags if lora else 0)
         elif lora:  # the fp32 LoRA loops
@@ -234,14 +288,29 @@ def test_crossover_is_measured_once_and_cached(ops, monkeypatch, tmp_path):
         return real(o, n=256, k=256, repeats=2)
 
     monkeypatch.setattr(kernels, "measure_crossover", small_measure)
-    value = kernels.crossover()
+    monkeypatch.delenv("WORKBENCH_KERNELS_WIDE", raising=False)
+    value, wide = kernels.crossover(), kernels.wide_rows()
     data = json.loads((tmp_path / kernels.CROSSOVER_FILE).read_text())
     assert value == data["crossover"] and value in kernels.CROSSOVER_LADDER and data["isa"] == ops.lowbit_int_isa()
-    assert set(data["int8_ms"]) == {str(r) for r in kernels.CROSSOVER_LADDER}
+    assert wide == data["wide"] and wide in kernels.CROSSOVER_LADDER and wide >= value
+    for key in ("int8_ms", "int8_wide_ms", "dequant_bf16_matmul_ms"):
+        assert set(data[key]) == {str(r) for r in kernels.CROSSOVER_LADDER}
+    # the rule: the int8 kernel beats both others at every count up to the crossover; the wide one
+    # beats dequantize + matmul at every count above it up to `wide`, and loses at the next
+    ms = {key: {int(r): t for r, t in data[key].items()} for key in ("int8_ms", "int8_wide_ms", "dequant_bf16_matmul_ms")}
+    for r in kernels.CROSSOVER_LADDER:
+        if 1 < r <= value:
+            assert ms["int8_ms"][r] <= min(ms["int8_wide_ms"][r], ms["dequant_bf16_matmul_ms"][r]), r
+        elif value < r <= wide:
+            assert ms["int8_wide_ms"][r] <= ms["dequant_bf16_matmul_ms"][r], r
+    above = [r for r in kernels.CROSSOVER_LADDER if r > wide]
+    if above and wide > value:
+        assert ms["int8_wide_ms"][above[0]] > ms["dequant_bf16_matmul_ms"][above[0]]
     monkeypatch.delitem(kernels._cpu, "crossover")  # a new process: read from the file, not measured
-    assert kernels.crossover() == value and measured == [1]
+    assert kernels.crossover() == value and kernels.wide_rows() == wide and measured == [1]
     monkeypatch.setenv("WORKBENCH_KERNELS_CROSSOVER", "3")
-    assert kernels.crossover() == 3
+    monkeypatch.setenv("WORKBENCH_KERNELS_WIDE", "5")
+    assert kernels.crossover() == 3 and kernels.wide_rows() == 5
 
 
 def test_crossover_default_when_measuring_fails(ops, monkeypatch, tmp_path):
@@ -253,8 +322,10 @@ def test_crossover_default_when_measuring_fails(ops, monkeypatch, tmp_path):
         raise RuntimeError("interrupted")
 
     monkeypatch.setattr(kernels, "measure_crossover", failing)
+    monkeypatch.delenv("WORKBENCH_KERNELS_WIDE", raising=False)
     with pytest.warns(RuntimeWarning, match="crossover"):
         assert kernels.crossover() == kernels.DEFAULT_CROSSOVER
+    assert kernels.wide_rows() == kernels.DEFAULT_CROSSOVER  # no wide rows: dequantize + bf16 matmul above
     assert not (tmp_path / kernels.CROSSOVER_FILE).exists()
 
 

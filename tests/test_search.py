@@ -50,6 +50,17 @@ def state(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path / "model.safetensors")
 
 
+def rounded_copy(src: Path, dst: Path, dtype: torch.dtype) -> Path:
+    """A copy of a model directory whose float32 weights are rounded to ``dtype`` (stored as float32)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, dst)
+    save_file({k: v.to(dtype).float() for k, v in state(src).items()}, str(dst / "model.safetensors"))
+    return dst
+
+
 def test_genome_recipe_round_trip_per_layer_and_split(tiny_models):
     base, a, b = tiny_models("llama", 3, num_layers=4)
     spec = spec_from_dict({"models": [str(a), str(b)], "base_model": str(base), "merge_method": "ties",
@@ -265,15 +276,18 @@ def test_merger_tells_recipes_apart_by_model_not_position(tiny_models):
 @pytest.mark.parametrize("method,dtype", [("ties", "float32"), ("breadcrumbs_ties", "float32"), ("ties", "bfloat16")])
 def test_cached_magnitude_order_gives_the_streaming_merge(tiny_models, tmp_path, method, dtype):
     """The in-memory merger keeps each delta's sorted magnitudes for TIES / Breadcrumbs thresholds;
-    candidate after candidate (other densities, same cache) it must equal `workbench merge`."""
+    candidate after candidate (other densities, same cache) it must equal `workbench merge` (of the
+    sources rounded to the recipe's dtype, the dtype the merger holds them in)."""
     from workbench.merge.executor import execute_merge
     from workbench.merge.plan import plan_merge
     from workbench.merge.recipe import recipe_from_dict
     from workbench.search.candidates import InMemoryMerger
 
-    base, a, b = tiny_models("llama", 3)
+    models = tiny_models("llama", 3)
+    held = [rounded_copy(m, tmp_path / f"rounded-{i}", getattr(torch, dtype)) for i, m in enumerate(models)]
 
-    def recipe(d1: float, d2: float):
+    def recipe(d1: float, d2: float, paths=models):
+        base, a, b = paths
         extra = {"gamma": 0.05} if method == "breadcrumbs_ties" else {}
         return recipe_from_dict({"merge_method": method, "base_model": str(base), "dtype": dtype,
                                  "parameters": {"normalize": True},
@@ -284,7 +298,7 @@ def test_cached_magnitude_order_gives_the_streaming_merge(tiny_models, tmp_path,
     for i, (d1, d2) in enumerate([(0.3, 0.8), (0.61, 0.17)]):
         merger.apply(recipe(d1, d2))
         assert merger._sorted, "the magnitude order is cached"
-        plan = plan_merge(recipe(d1, d2))
+        plan = plan_merge(recipe(d1, d2, held))
         try:
             execute_merge(plan, tmp_path / f"m{i}")
         finally:
@@ -368,3 +382,28 @@ def test_joint_mode_scores_each_merge_after_quantizing(tiny_models, tmp_path):
     path.write_text(yaml.safe_dump(bad))
     with pytest.raises(SpecError, match=r"j-search.yml:\d+: quantize: missing.yml: quantization config not found"):
         load_spec(path)
+
+
+def test_bfloat16_sources_score_as_float32_sources_rounded_to_bfloat16(tiny_models, tmp_path):
+    """Sources held in bfloat16 (spec dtype) merge in float32 and round once: every candidate's score
+    equals that of a float32-source search over the same models rounded to bfloat16 first."""
+    models = tiny_models("llama", 3)
+    rounded = [rounded_copy(m, tmp_path / f"r{i}", torch.bfloat16) for i, m in enumerate(models)]
+    task = write_tiny_task(tmp_path / "tiny.yml")
+
+    def run(paths, dtype, name):
+        base, a, b = paths
+        spec = spec_from_dict({"name": name, "base_model": str(base), "models": [str(a), str(b)],
+                               "merge_method": "ties", "evolve": {"weight": [0.0, 1.0], "density": [0.2, 1.0]},
+                               "fixed": {"normalize": True}, "objective": [{"task": str(task)}], "dtype": dtype,
+                               "budget": {"generations": 2, "population": 3}, "seed": 3})
+        search = Search(spec, tmp_path / name).start()
+        held = {t.dtype for t in search.backend.worker.merger._sources.values()}
+        search.run()
+        return held, [(r["genome"], r["score"], r["tasks"]) for r in read_history(tmp_path / name)]
+
+    held16, rows16 = run(models, "bfloat16", "bf16")
+    held32, rows32 = run(rounded, "float32", "f32")
+    assert held16 == {torch.bfloat16} and held32 == {torch.float32}
+    assert len(rows16) == 8 and rows16 == rows32
+    assert len({r[1] for r in rows16}) > 1   # the candidates differ: the comparison means something

@@ -373,6 +373,161 @@ void tile_avx512vnni(const Problem& p, int64_t n0, int64_t b0) {
   }
 }
 
+
+// ---------------------------------------------------------------------------------------------------
+// The wide tile (batches, AVX-512 VNNI, G a multiple of 64): lanes are 16 weight rows, not positions
+// along K. A 64-byte vector holds dword d (codes of elements 16q + 4d + 0..3 at shift 2q) of block j
+// for 16 rows; vpdpbusd multiplies it by 4 activations of one row broadcast to every lane, so a block
+// of 64 elements x 16 rows x BT activation rows is 16 BT vpdpbusd and the float work (convert, times
+// dx, times the rows' scales: 3 ops, plus the zero's once per group) is done once per block and
+// activation row instead of once per 4 vpdpbusd as in tile_avx512vnni. Measured on 2 Zen 4 cores at
+// 4096 x 4096: about 1.6x tile_avx512vnni's speed at 16-64 rows (see kernels.py).
+// The 16 rows are first gathered into this layout (WideTile, 16 KB at K = 4096), the activations
+// into groups of BT rows whose 4-byte pieces interleave (WideActs), so every load is base + constant.
+
+constexpr int kWideRows = 16;
+constexpr int kWideMaxBT = 12;  // 12 int32 and 12 fp32 accumulators: 24 of the 32 vector registers
+
+struct WideActs {
+  std::vector<int32_t> x;   // group (b0, bt): [K / 4][bt] from b0 * K / 4
+  std::vector<float> dx;    // group: [NB][bt] from b0 * NB
+  std::vector<float> xg;    // group: [NG][bt] from b0 * NG
+  std::vector<int64_t> b0;  // group starts, then B
+};
+
+// Splits B rows into ceil(B / kWideMaxBT) groups of near-equal size and interleaves each group.
+inline void wide_acts(const Acts& a, WideActs& w) {
+  const int64_t B = a.B, K4 = a.Kx / 4, ngroups = (B + kWideMaxBT - 1) / kWideMaxBT;
+  w.x.resize(B * K4);
+  w.dx.resize(B * a.NB);
+  w.xg.resize(B * a.NG);
+  w.b0.assign(1, 0);
+  for (int64_t i = 0; i < ngroups; ++i) w.b0.push_back(w.b0.back() + B / ngroups + (i < B % ngroups));
+  for (int64_t i = 0; i < ngroups; ++i) {
+    const int64_t b0 = w.b0[i], bt = w.b0[i + 1] - b0;
+    for (int64_t t = 0; t < bt; ++t) {
+      const int8_t* src = a.xq.data() + (b0 + t) * a.Kx;
+      int32_t* dst = w.x.data() + b0 * K4 + t;
+      for (int64_t k4 = 0; k4 < K4; ++k4) std::memcpy(dst + k4 * bt, src + 4 * k4, 4);
+      for (int64_t j = 0; j < a.NB; ++j) w.dx[b0 * a.NB + j * bt + t] = a.dx[(b0 + t) * a.NB + j];
+      for (int64_t g = 0; g < a.NG; ++g) w.xg[b0 * a.NG + g * bt + t] = a.xg[(b0 + t) * a.NG + g];
+    }
+  }
+}
+
+struct WideTile {
+  std::vector<int32_t> codes;  // [NB][4 dwords][16 rows]
+  std::vector<float> s, sz;    // [NG][16 rows]: scale, scale * zero (rows past N: 0)
+};
+
+inline void wide_pack(const Problem& p, int64_t n0, WideTile& w) {
+  const int64_t NB = p.K / 64, row_bytes = p.Kp / 4, rows = std::min<int64_t>(kWideRows, p.N - n0);
+  w.codes.resize(NB * 4 * kWideRows);
+  w.s.resize(p.NG * kWideRows);
+  w.sz.resize(p.NG * kWideRows);
+  // rows past N read row n0 (any valid row): their scales are 0 and their outputs are not stored
+  const uint8_t* qr[kWideRows];
+  for (int i = 0; i < kWideRows; ++i) qr[i] = p.q + (n0 + (i < rows ? i : 0)) * row_bytes;
+  // a 16 x 4 dword transpose per block (gathers cost ~50 cycles each on Zen 4): z[h] holds rows
+  // 4h .. 4h+3, one per 128-bit lane; dword d of row i is element 4 (i % 4) + d of z[i / 4]
+  __m512i idx[4];
+  for (int d = 0; d < 4; ++d) {
+    alignas(64) int32_t v[16];
+    for (int i = 0; i < 16; ++i) v[i] = ((i % 8) < 4 ? 0 : 16) + 4 * (i % 4) + d;
+    idx[d] = _mm512_load_si512(v);
+  }
+  for (int64_t j = 0; j < NB; ++j) {
+    __m512i z[4];
+    for (int h = 0; h < 4; ++h) {
+      __m512i v = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qr[4 * h] + 16 * j)));
+      v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(qr[4 * h + 1] + 16 * j)), 1);
+      v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(qr[4 * h + 2] + 16 * j)), 2);
+      z[h] = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(qr[4 * h + 3] + 16 * j)), 3);
+    }
+    for (int d = 0; d < 4; ++d) {
+      const __m512i lo = _mm512_permutex2var_epi32(z[0], idx[d], z[1]), hi = _mm512_permutex2var_epi32(z[2], idx[d], z[3]);
+      _mm512_storeu_si512(w.codes.data() + (j * 4 + d) * kWideRows, _mm512_mask_blend_epi32(0xFF00, lo, hi));
+    }
+  }
+  for (int64_t i = 0; i < kWideRows; ++i) {
+    const float* s = p.scale + (n0 + i) * p.NG;
+    const float* z = p.zero ? p.zero + (n0 + i) * p.NG : nullptr;
+    for (int64_t g = 0; g < p.NG; ++g) {
+      const float sv = i < rows ? s[g] : 0.0f;
+      w.s[g * kWideRows + i] = sv;
+      w.sz[g * kWideRows + i] = z && i < rows ? sv * z[g] : sv;
+    }
+  }
+}
+
+inline void wide_store(const Problem& p, int64_t b, int64_t n0, int64_t rows, __m512 v) {
+  const __mmask16 m = static_cast<__mmask16>((1u << rows) - 1);
+  if (!p.y_bf16) {
+    _mm512_mask_storeu_ps(static_cast<float*>(p.y) + b * p.N + n0, m, v);
+    return;
+  }
+  const __m512i u = _mm512_castps_si512(v);  // round to nearest even, NaN to 0x7FC0, as float_to_bf16
+  __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), _mm512_and_si512(_mm512_srli_epi32(u, 16),
+                                                                                       _mm512_set1_epi32(1)))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p.y) + b * p.N + n0, m, _mm512_cvtepi32_epi16(r));
+}
+
+// Tile rows n0 .. n0 + rows - 1 (packed in w) against activation group (b0, BT).
+template <int BT>
+void wide_avx512vnni(const Problem& p, const WideTile& w, const WideActs& wa, int64_t n0, int64_t rows, int64_t b0) {
+  const Acts& a = *p.a;
+  const int64_t NB = p.K / 64, bpg = p.G / 64;
+  const int32_t* x = wa.x.data() + b0 * (a.Kx / 4);
+  const float* dx = wa.dx.data() + b0 * a.NB;
+  const float* xg = wa.xg.data() + b0 * a.NG;
+  const __m512i m3 = _mm512_set1_epi8(3);
+  __m512 acc[BT];
+  __m512i ia[BT];
+  for (int t = 0; t < BT; ++t) acc[t] = _mm512_setzero_ps();
+  const __m512i* cv = reinterpret_cast<const __m512i*>(w.codes.data());
+  for (int64_t j = 0, g = 0; j < NB; ++j) {
+    for (int t = 0; t < BT; ++t) ia[t] = _mm512_setzero_si512();
+    for (int d = 0; d < 4; ++d) {
+      const __m512i v = _mm512_loadu_si512(cv + j * 4 + d);
+      for (int q = 0; q < 4; ++q) {
+        const __m512i c = q == 0 ? _mm512_and_si512(v, m3) : _mm512_and_si512(_mm512_srli_epi16(v, 2 * q), m3);
+        const int32_t* xk = x + (j * 16 + q * 4 + d) * BT;  // element 64j + 16q + 4d of each row
+        for (int t = 0; t < BT; ++t) ia[t] = _mm512_dpbusd_epi32(ia[t], c, _mm512_set1_epi32(xk[t]));
+      }
+    }
+    const __m512 sv = _mm512_loadu_ps(w.s.data() + g * kWideRows);
+    for (int t = 0; t < BT; ++t)
+      acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(ia[t]), _mm512_set1_ps(dx[j * BT + t])), sv, acc[t]);
+    if ((j + 1) % bpg == 0) {  // the group ends: subtract scale * zero * sum(xhat over the group)
+      const __m512 szv = _mm512_loadu_ps(w.sz.data() + g * kWideRows);
+      for (int t = 0; t < BT; ++t) acc[t] = _mm512_fnmadd_ps(szv, _mm512_set1_ps(xg[g * BT + t]), acc[t]);
+      ++g;
+    }
+  }
+  for (int t = 0; t < BT; ++t) wide_store(p, b0 + t, n0, rows, acc[t]);
+}
+
+using WideFn = void (*)(const Problem&, const WideTile&, const WideActs&, int64_t, int64_t, int64_t);
+
+// Tiles [tile0, tile1) of kWideRows rows against every activation group.
+inline void run_wide(const Problem& p, const WideActs& wa, int64_t tile0, int64_t tile1) {
+  static const WideFn fns[kWideMaxBT] = {wide_avx512vnni<1>, wide_avx512vnni<2>,  wide_avx512vnni<3>,
+                                         wide_avx512vnni<4>, wide_avx512vnni<5>,  wide_avx512vnni<6>,
+                                         wide_avx512vnni<7>, wide_avx512vnni<8>,  wide_avx512vnni<9>,
+                                         wide_avx512vnni<10>, wide_avx512vnni<11>, wide_avx512vnni<12>};
+  thread_local WideTile w;
+  for (int64_t tile = tile0; tile < tile1; ++tile) {
+    const int64_t n0 = tile * kWideRows, rows = std::min<int64_t>(kWideRows, p.N - n0);
+    wide_pack(p, n0, w);
+    for (size_t i = 0; i + 1 < wa.b0.size(); ++i)
+      fns[wa.b0[i + 1] - wa.b0[i] - 1](p, w, wa, n0, rows, wa.b0[i]);
+  }
+}
+
+// Whether the wide tile runs this problem: AVX-512 VNNI, G a multiple of 64.
+inline bool wide_supports(IntIsa isa, int64_t G) { return isa == IntIsa::Avx512Vnni && G % 64 == 0; }
 }  // namespace lowbit_q8
 #pragma GCC pop_options
 

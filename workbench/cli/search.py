@@ -1,5 +1,6 @@
 """`workbench search` over :mod:`workbench.ops.search`: a merge search headless, with a live rich display
-(a quantization search: :mod:`workbench.cli.qsearch`)."""
+(a quantization search: :mod:`workbench.cli.qsearch`); ``--plan`` prints the memory plan and stops
+(exit 1 when it does not fit)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,13 @@ def run_search_cli(args) -> int:
         return show_front_cli(args)
     if args.recover:
         return recover_points_cli(args)
+    if args.plan:
+        from workbench.ops.search import search_memory_plan
+
+        plan = search_memory_plan(args.spec, args.resume, device=args.device, backend=args.backend,
+                                  workers=args.workers)
+        print(plan.table())
+        return 0 if plan.fits() else 1
     if run_kind(args.spec, args.resume) == "quantization":
         return run_quant_search_cli(args)
     console = Console(stderr=True)

@@ -80,7 +80,8 @@ def merge(recipe, out: str | Path, *, device: str = "cpu", dtype: str | None = N
           progress: ProgressFn | None = None):
     """`workbench merge`: ``recipe`` (a Recipe, a recipe file or a run directory) into the model
     directory ``out``, written atomically. Every check (output, shard size, device, recipe, each
-    model's files and headers) runs before the first tensor. Returns the executor's MergeResult.
+    model's files and headers, the memory plan of :func:`workbench.memory_plan.merge_plan`) runs
+    before the first tensor. Returns the executor's MergeResult.
 
     With ``as_lora`` (a model reference) and ``rank``: the merge is written to a temporary
     directory beside ``out``, then extracted as a peft LoRA adapter over ``as_lora``
@@ -88,6 +89,7 @@ def merge(recipe, out: str | Path, *, device: str = "cpu", dtype: str | None = N
     :class:`MergeLoraResult`."""
     from workbench.atomic import check_output
     from workbench.merge.executor import check_device, execute_merge, parse_size
+    from workbench.memory_plan import merge_plan
     from workbench.merge.plan import plan_merge
 
     check_output(out, overwrite)
@@ -102,6 +104,7 @@ def merge(recipe, out: str | Path, *, device: str = "cpu", dtype: str | None = N
         recipe = recipe_source(recipe)
     plan = plan_merge(recipe)
     try:
+        merge_plan(plan, device, out_dtype=dtype).check()   # headers only: refused before any tensor is read
         return execute_merge(plan, out, device=device, out_dtype=dtype, shard_size=shard_size, seed=seed,
                              overwrite=overwrite, allow_nonfinite=allow_nonfinite,
                              on_tensor=lambda done, total, name: emit(progress, "merge", done, total, name))

@@ -48,8 +48,35 @@ def open_search(spec: str | Path | None = None, out: str | Path | None = None, r
                                                                           label), **options)
     from workbench.search.run import open_search as open_merge_search
 
+    search_memory_plan(spec, resume, device=device, backend=backend, workers=workers).check()
     return open_merge_search(spec, run_dir, resume=resume is not None, device=device, backend=backend,
                              workers=workers, address=address, **options)
+
+
+def search_memory_plan(spec: str | Path | None = None, resume: str | Path | None = None, *, device: str = "cpu",
+                       backend: str = "local", workers: int = 2, free: dict[str, int] | None = None):
+    """`workbench search SPEC --plan`: the :class:`workbench.memory_plan.Plan` of a merge search (from
+    its spec file, or a resumed run's spec.yml) on ``device``: what each worker on that device holds,
+    times the workers sharing it (the local backend is one; Ray gives each actor its own GPU).
+    Reads the models' headers only; `open_search` runs its ``check()`` before anything loads."""
+    from workbench.devices import resolve_device
+    from workbench.memory_plan import device_name, search_plan
+    from workbench.search.run import resolve_models
+    from workbench.search.spec import load_spec, spec_from_dict
+
+    if run_kind(spec, resume) == "quantization":
+        raise WorkbenchError("--plan: memory plans cover merge searches; a quantization search holds one model "
+                             "and its layer database")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise WorkbenchError(f"--workers: expected a positive integer, got {workers!r}")
+    dev = device_name(resolve_device(device, option="--device"))
+    if resume is not None:
+        path = Path(resume) / "spec.yml"
+        loaded = spec_from_dict(json.loads(path.read_text()), source=str(path))
+    else:
+        loaded = load_spec(spec)
+    sharing = 1 if backend == "local" or (backend == "ray" and dev != "cpu") else workers
+    return search_plan(resolve_models(loaded), dev, sharing, free=free, runtime=backend != "local")
 
 
 def front(run_dir: str | Path) -> tuple[dict, dict]:

@@ -57,7 +57,7 @@ class Measurement:
     spread: float  # (max - min) / median of the rounds' medians, ours
     fp32_spread: float
     bf16_spread: float
-    path: str  # what fused_matmul ran: int8, dequant+bf16, float (exact mode), dequant
+    path: str  # what fused_matmul ran: kernels.cpu_path (int8, int8-wide, dequant+bf16, float, dequant)
     isa: str
     threads: int
     flushed: bool
@@ -124,15 +124,6 @@ def parse_shape(text: str) -> tuple[int, int]:
     return int(n), int(k)
 
 
-def _path(kernels, rows: int) -> str:
-    mode = kernels.mode()
-    if rows > kernels.MAX_ROWS:
-        return "dequant"
-    if mode == "exact":
-        return "float"
-    return "int8" if rows == 1 or rows <= kernels.crossover() else "dequant+bf16"
-
-
 def run_bench(shapes: list[str], batches: list[int], formats: list[str], dtypes: list[str], group_size: int = 64,
               flush: bool = True, rounds: int = 7, per_round: int = 5, min_time: float = 0.01, seed: int = 0,
               threads: int | None = None,
@@ -176,7 +167,7 @@ def run_bench(shapes: list[str], batches: list[int], formats: list[str], dtypes:
                         m = Measurement(fmt, f"{n}x{k}", batch, dname, t["ours"][0],
                                         t["fp32"][0] / t["ours"][0], t["bf16"][0] / t["ours"][0], "cpu", t["fp32"][0],
                                         t["bf16"][0], t["ours"][1], t["fp32"][1], t["bf16"][1],
-                                        _path(kernels, batch), isa, nthreads, flush, rounds, status["mode"])
+                                        kernels.cpu_path(batch), isa, nthreads, flush, rounds, status["mode"])
                         results.append(m)
                         if on_result:
                             on_result(m)

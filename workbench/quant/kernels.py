@@ -9,8 +9,14 @@ Kernels exist for 2-bit codes in the block-64 layout (2-bit asymmetric and terna
 * up to `crossover()` rows (decode): the integer kernel `lowbit_gemm_q8`, activations quantized to
   int8 per block of 64 (the error bound: `INT8_ERROR_BOUND`; relative output error about 0.6% for
   Gaussian activations);
-* from there up to `MAX_ROWS` rows: W dequantized to bfloat16 by `lowbit_dequant`, then torch's
-  bfloat16 matmul (the result cast back to x's dtype);
+* from there up to `wide_rows()` rows (batches): the same product by the wide integer kernel
+  `lowbit_gemm_q8w` (AVX-512 VNNI, group sizes that are multiples of 64; elsewhere it runs
+  `lowbit_gemm_q8`): lanes hold 16 weight rows, so the float work per block is a quarter of the
+  tiles'; the same bound. Measured on 2 loaded Zen 4 cores, 4096x4096, one thread: 1.7-2.1x torch's
+  bfloat16 dense matmul at 16-64 rows, where dequantize + bf16 matmul was 0.7-0.8x (it writes and
+  re-reads W);
+* from there up to `MAX_ROWS` rows (CPUs where the wide kernel loses): W dequantized to bfloat16 by
+  `lowbit_dequant`, then torch's bfloat16 matmul (the result cast back to x's dtype);
 * above `MAX_ROWS` rows (prefill): W dequantized in x's dtype by `lowbit_dequant` (the values of the
   pure-torch path bit for bit, faster), then torch's matmul: the pure-torch result exactly.
 
@@ -18,9 +24,10 @@ Kernels exist for 2-bit codes in the block-64 layout (2-bit asymmetric and terna
 rows (products in fp32), the exact dequantize + matmul above. ``WORKBENCH_KERNELS=0`` turns the
 kernels off. ``WORKBENCH_KERNELS_ISA`` (avx512vnni, avxvnni, avx2, neon, scalar; avx512bf16, avx512
 for the float kernels) lowers the instruction set the kernels use, chosen once at build time as the
-best the CPU has. The crossover is measured once per machine and kernel build (`measure_crossover`,
-well under a second) and cached as ``crossover.json`` beside the build; ``WORKBENCH_KERNELS_CROSSOVER``
-overrides it, and `DEFAULT_CROSSOVER` stands when it cannot be measured.
+best the CPU has. Both crossovers are measured once per machine and kernel build (`measure_crossover`,
+about a second) and cached as ``crossover.json`` beside the build; ``WORKBENCH_KERNELS_CROSSOVER`` and
+``WORKBENCH_KERNELS_WIDE`` override them, and `DEFAULT_CROSSOVER` (no wide rows) stands when they
+cannot be measured.
 
 * CPU: `kernels/cpu/lowbit.cpp` (and its headers), a torch op compiled on first use with
   `torch.utils.cpp_extension` and cached under ``$WORKBENCH_HOME/kernels`` (15-60 s on 2 cores, once
@@ -218,7 +225,7 @@ def _status(state: dict[str, Any], key: str) -> str:
 
 
 def available(build: bool = True) -> dict[str, Any]:
-    """Kernel status: ``{"enabled", "mode", "max_rows", "crossover", "cpu": {"status", "isa", "int_isa"},
+    """Kernel status: ``{"enabled", "mode", "max_rows", "crossover", "wide", "cpu": {"status", "isa", "int_isa"},
     "triton": {"status"}}``.
 
     With `build`, compiles (or loads) the CPU kernels first (and measures the crossover if it is not
@@ -233,8 +240,10 @@ def available(build: bool = True) -> dict[str, Any]:
         cpu["isa"] = _cpu["ops"].lowbit_isa()
         cpu["int_isa"] = _cpu["ops"].lowbit_int_isa()
     triton = {"status": _status(_triton, "module") if torch.cuda.is_available() else "no CUDA device"}
-    cross = crossover() if build and "ops" in _cpu else _cpu.get("crossover")
-    return {"enabled": enabled(), "mode": mode(), "max_rows": MAX_ROWS, "crossover": cross, "cpu": cpu,
+    measured = build and "ops" in _cpu
+    cross = crossover() if measured else _cpu.get("crossover", {}).get("crossover")
+    wide = wide_rows() if measured else _cpu.get("crossover", {}).get("wide")
+    return {"enabled": enabled(), "mode": mode(), "max_rows": MAX_ROWS, "crossover": cross, "wide": wide, "cpu": cpu,
             "triton": triton}
 
 
@@ -282,10 +291,12 @@ def _crossover_path() -> Path:
 
 
 def measure_crossover(ops: Any = None, n: int = 2048, k: int = 2048, repeats: int = 15) -> dict[str, Any]:
-    """Times the integer kernel against dequantize + bfloat16 matmul at 1-64 rows of an n x k 2-bit layer
-    (group 64, bfloat16 activations), interleaved, the least of `repeats` runs each (the least, as other
-    work on the CPUs only ever adds time). The crossover is the last row count of `CROSSOVER_LADDER` up
-    to which the kernel wins at every count. Under a second on one Zen 5 core."""
+    """Times the integer kernel, the wide integer kernel and dequantize + bfloat16 matmul at 1-64 rows
+    of an n x k 2-bit layer (group 64, bfloat16 activations), interleaved, the least of `repeats` runs
+    each (the least, as other work on the CPUs only ever adds time). The crossover is the last row count
+    of `CROSSOVER_LADDER` up to which the integer kernel beats both at every count; ``wide`` the last one
+    above it up to which the wide kernel beats dequantize + matmul at every count (the crossover when it
+    never does). About a second on one Zen 4 core."""
     ops = ops if ops is not None else cpu_ops()
     gen = torch.Generator().manual_seed(0)
     qweight = torch.randint(0, 256, (n, k // 4), dtype=torch.uint8, generator=gen)
@@ -303,25 +314,35 @@ def measure_crossover(ops: Any = None, n: int = 2048, k: int = 2048, repeats: in
         torch.set_num_threads(threads)
     cross = 0
     for rows in CROSSOVER_LADDER:
-        if times[rows][0] > times[rows][1]:
+        if times[rows][0] > min(times[rows][1], times[rows][2]):
             break
         cross = rows
-    return {"crossover": max(1, cross), "isa": ops.lowbit_int_isa(), "threads": 1, "shape": f"{n}x{k}",
+    cross = max(1, cross)
+    wide = cross
+    for rows in CROSSOVER_LADDER:
+        if rows <= cross:
+            continue
+        if times[rows][2] > times[rows][1]:
+            break
+        wide = rows
+    return {"crossover": cross, "wide": wide, "isa": ops.lowbit_int_isa(), "threads": 1, "shape": f"{n}x{k}",
             "int8_ms": {r: round(t[0] * 1e3, 4) for r, t in times.items()},
+            "int8_wide_ms": {r: round(t[2] * 1e3, 4) for r, t in times.items()},
             "dequant_bf16_matmul_ms": {r: round(t[1] * 1e3, 4) for r, t in times.items()}}
 
 
 def _time_paths(ops: Any, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, w: torch.Tensor, k: int,
                 repeats: int, gen: torch.Generator, times: dict[int, list[float]]) -> None:
-    """times[rows] = [int8 kernel, dequantize + bf16 matmul] least seconds, interleaved."""
+    """times[rows] = [int8 kernel, dequantize + bf16 matmul, wide int8 kernel] least seconds, interleaved."""
     with torch.inference_mode():
         for rows in CROSSOVER_LADDER:
             x = torch.randn(rows, k, generator=gen).bfloat16()
             calls = (lambda: ops.lowbit_gemm_q8(x, qweight, scale, zero, 64, k),
-                     lambda: x @ ops.lowbit_dequant(w, qweight, scale, zero, 64, k).T)
+                     lambda: x @ ops.lowbit_dequant(w, qweight, scale, zero, 64, k).T,
+                     lambda: ops.lowbit_gemm_q8w(x, qweight, scale, zero, 64, k))
             for call in calls:
                 call()  # warm: first-touch pages, oneDNN's kernel selection
-            best = [float("inf"), float("inf")]
+            best = [float("inf")] * len(calls)
             for _ in range(repeats):
                 for i, call in enumerate(calls):
                     t0 = time.perf_counter()
@@ -337,47 +358,78 @@ def crossover(remeasure: bool = False) -> int:
     env = os.environ.get("WORKBENCH_KERNELS_CROSSOVER", "").strip()
     if env:
         return int(env)
+    return _measured(remeasure)["crossover"]
+
+
+def wide_rows(remeasure: bool = False) -> int:
+    """Rows up to which the wide integer kernel runs above `crossover()` (int8 mode; from there to
+    `MAX_ROWS`, dequantize + bf16 matmul): ``WORKBENCH_KERNELS_WIDE``, else measured with the crossover
+    (cached); the crossover itself (no wide rows) when it cannot be measured."""
+    env = os.environ.get("WORKBENCH_KERNELS_WIDE", "").strip()
+    if env:
+        return int(env)
+    return _measured(remeasure)["wide"]
+
+
+def _measured(remeasure: bool = False) -> dict[str, int]:
+    """{"crossover", "wide"} for this build and ISA: cached in memory, then in `CROSSOVER_FILE`, else
+    measured now and written there."""
     if not remeasure and "crossover" in _cpu:
         return _cpu["crossover"]
     ops = cpu_ops()
     if ops is None:
-        return DEFAULT_CROSSOVER
+        return {"crossover": DEFAULT_CROSSOVER, "wide": DEFAULT_CROSSOVER}
     path = _crossover_path()
     value = None
     if not remeasure:
         try:
             data = json.loads(path.read_text())
             if data.get("isa") == ops.lowbit_int_isa():
-                value = int(data["crossover"])
+                value = {"crossover": int(data["crossover"]), "wide": int(data["wide"])}
         except (OSError, ValueError, KeyError, TypeError):
             value = None
     if value is None:
         try:
             data = measure_crossover(ops)
-            value = data["crossover"]
+            value = {"crossover": data["crossover"], "wide": data["wide"]}
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(data, indent=1) + "\n")
             os.replace(tmp, path)
         except Exception as e:  # noqa: BLE001 -- a read-only cache, a failed run: the default, said once
             warnings.warn(f"workbench: could not measure the low-bit kernel crossover ({type(e).__name__}: {e}); "
-                          f"using {DEFAULT_CROSSOVER} rows", RuntimeWarning, stacklevel=2)
-            value = DEFAULT_CROSSOVER
+                          f"using {DEFAULT_CROSSOVER} rows", RuntimeWarning, stacklevel=3)
+            value = {"crossover": DEFAULT_CROSSOVER, "wide": DEFAULT_CROSSOVER}
     _cpu["crossover"] = value
     return value
+
+
+def cpu_path(rows: int) -> str:
+    """The CPU path `fused_matmul` takes for `rows` rows in the current mode: ``int8``, ``int8-wide``,
+    ``dequant+bf16``, ``float`` (exact mode) or ``dequant`` (above `MAX_ROWS`)."""
+    if rows > MAX_ROWS:
+        return "dequant"
+    if mode() == "exact":
+        return "float"
+    if rows == 1 or rows <= crossover():
+        return "int8"
+    return "int8-wide" if rows <= wide_rows() else "dequant+bf16"
+
+
+_PATH_OPS = {"float": "gemm", "int8": "gemm_q8", "int8-wide": "gemm_q8w"}
 
 
 def _cpu_matmul(layer, x2: torch.Tensor, rows: int, ops: Any) -> torch.Tensor:
     qweight = layer._buffers["qweight"]
     scale, zero = layer._parameters["scale"], layer._parameters.get("zero")
     k = layer.in_features
-    exact = mode() == "exact"
-    if rows <= MAX_ROWS and (exact or rows == 1 or rows <= crossover()):
-        key = "gemm" if exact else "gemm_q8"
+    path = cpu_path(rows)
+    key = _PATH_OPS.get(path)
+    if key is not None:
         gemm = _cpu.get(key)
         if gemm is None:
             gemm = _cpu[key] = getattr(ops, f"lowbit_{key}").default
         return gemm(x2, qweight, _float32(scale), _float32(zero), layer.group_size, k)
-    if rows <= MAX_ROWS:  # int8 mode above the crossover: bfloat16 matmul
+    if path == "dequant+bf16":
         y = torch.nn.functional.linear(x2.to(torch.bfloat16), dequantized(layer, torch.bfloat16, ops))
         return y if x2.dtype == torch.bfloat16 else y.to(x2.dtype)
     return torch.nn.functional.linear(x2, dequantized(layer, x2.dtype, ops))  # prefill: exact

@@ -18,6 +18,9 @@
     grid_baseline: true            # the report also scores a grid over the global parameters (steps of
                                    # 0.1) on the search split, as many evaluations as the search made
     budget: {generations: 12, population: 8, max_evaluations: null, max_minutes: 20}
+    dtype: bfloat16                # the sources while searching (default: bfloat16 on a GPU, float32 on the CPU)
+    sorted_cache: true             # TIES/Breadcrumbs: keep sorted delta magnitudes (bounded by device memory)
+    offload_sources: false         # sources in host RAM, moved to the GPU tensor by tensor
     seed: 0
     racing: false
     sigma0: 0.25                   # CMA-ES step size in the genome's [0, 1] units
@@ -84,13 +87,16 @@ class SearchSpec:
     racing: bool = False
     sigma0: float = 0.25
     limit: int | None = None
-    dtype: str = "float32"          # the recipe's merge dtype
+    dtype: str | None = None        # the sources' dtype while searching (and the recipe's); None: bfloat16 on
+                                    # a GPU, float32 on the CPU. Tensors merge in float32 either way.
     eval_dtype: str = "bfloat16"    # the resident model's weights while candidates are scored
     batch_size: int = 32
     report_tasks: list[str] = field(default_factory=list)  # scored on held-out at the end, beside the objective
     grid_baseline: bool = True   # the report's grid over global parameters at the search's cost
     quantize: str | None = None  # a quantization config: each candidate is scored after quantizing (joint mode)
     lm_eval: LmEvalOptions = field(default_factory=LmEvalOptions)  # how lm_eval:NAME tasks load and split
+    sorted_cache: bool = True       # keep sorted delta magnitudes (TIES, Breadcrumbs), within the device's memory
+    offload_sources: bool = False   # hold the sources in host RAM, each moved to the device as it merges
     source: str = "<spec>"
 
     def to_dict(self) -> dict:
@@ -102,7 +108,8 @@ class SearchSpec:
             "budget": vars(self.budget).copy(), "seed": self.seed, "racing": self.racing, "sigma0": self.sigma0,
             "limit": self.limit, "dtype": self.dtype, "eval_dtype": self.eval_dtype, "batch_size": self.batch_size,
             "report_tasks": list(self.report_tasks), "grid_baseline": self.grid_baseline, "quantize": self.quantize,
-            "lm_eval": self.lm_eval.to_dict(),
+            "lm_eval": self.lm_eval.to_dict(), "sorted_cache": self.sorted_cache,
+            "offload_sources": self.offload_sources,
         }
 
 
@@ -156,13 +163,15 @@ SPEC = Field(dict, msg="expected a mapping", fields={
     "racing": Field(bool, False),
     "sigma0": Field(float, 0.25, positive=True, high=1),
     "limit": Field(int, None, low=1),
-    "dtype": Field(str, "float32", choices=DTYPES, want=f"one of {DTYPES}"),
+    "dtype": Field(str, None, choices=DTYPES, want=f"one of {DTYPES}"),
     "eval_dtype": Field(str, "bfloat16", choices=EVAL_DTYPES, want=f"one of {EVAL_DTYPES}"),
     "batch_size": Field(int, 32, low=1),
     "report_tasks": Field(list, [], item=str, msg="expected a list of task names or paths"),
     "grid_baseline": Field(bool, True),
     "quantize": Field(str, None, msg="expected the path of a quantization config (e.g. recipes/ternary.yml)"),
     "lm_eval": OPTIONS_FIELD,
+    "sorted_cache": Field(bool, True),
+    "offload_sources": Field(bool, False),
 })
 
 
