@@ -328,3 +328,29 @@ def test_search_on_an_lm_eval_objective_reports_its_heldout_split(tiny_models, s
     splits = report["lm_eval_splits"]["lm_eval:toy_mc"]
     assert splits["seed"] == 2 and len(splits["search"]) == 10 and len(splits["heldout"]) == 12
     assert not set(splits["search"]) & set(splits["heldout"])
+
+
+def test_a_search_refuses_an_lm_eval_task_that_does_not_load_before_any_model_loads(tiny_models, setup, tmp_path,
+                                                                                    capsys, monkeypatch):
+    """A report task misspelled: one line naming the spec and the field, and no source is read."""
+    import yaml
+
+    from workbench.cli import main
+    from workbench.search import candidates
+
+    base, a, b = tiny_models("llama", 3)
+    spec = {"name": "lm", "base_model": str(base), "models": [str(a), str(b)], "merge_method": "linear",
+            "evolve": {"weight": [0.0, 1.0]}, "objective": [{"task": "lm_eval:toy_mc"}],
+            "report_tasks": ["lm_eval:toy_genn"], "lm_eval": {"include_path": [str(setup["tasks"])]},
+            "budget": {"generations": 1, "population": 2}}
+    (tmp_path / "s.yml").write_text(yaml.safe_dump(spec))
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a source was loaded")
+
+    monkeypatch.setattr(candidates.InMemoryMerger, "__init__", no_loading)
+    capsys.readouterr()
+    assert main(["search", str(tmp_path / "s.yml"), "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    err = (captured.out + captured.err).strip()
+    assert err.count("\n") == 0 and "s.yml: report_tasks: lm_eval:toy_genn: no lm-eval task 'toy_genn'" in err

@@ -181,6 +181,25 @@ def lm_eval_problem(ref: str, options: LmEvalOptions | None = None) -> str | Non
     return None
 
 
+def spec_lm_eval_refs(spec) -> list[tuple[str, str]]:
+    """(field, lm_eval:NAME) of every lm-eval task a search spec of either kind names: a merge
+    spec's ``objective.I`` and ``report_tasks``, a quantization spec's ``fitness`` and ``heldout_task``."""
+    if hasattr(spec, "objective"):
+        refs = [(f"objective.{i}", o.task) for i, o in enumerate(spec.objective)]
+        refs += [("report_tasks", t) for t in spec.report_tasks]
+    else:
+        refs = [("fitness", spec.fitness), ("heldout_task", spec.heldout_task)]
+    return [(f, r) for f, r in refs if isinstance(r, str) and is_lm_eval(r)]
+
+
+def check_spec_lm_eval(spec) -> None:
+    """Every lm-eval task the spec names loads with its ``lm_eval`` options, checked before any
+    model loads: one line naming the spec and the field otherwise."""
+    for field_name, ref in spec_lm_eval_refs(spec):
+        if (why := lm_eval_problem(ref, spec.lm_eval)) is not None:
+            raise TaskError(f"{spec.source}: {field_name}: {why}" if spec.source else f"{field_name}: {why}")
+
+
 def load_lm_eval_task(ref: str, options: LmEvalOptions | None = None) -> Task:
     """``lm_eval:NAME`` as a :class:`Task` of type ``lm_eval`` with seeded search / heldout splits."""
     opts = options or LmEvalOptions()

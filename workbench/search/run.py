@@ -35,6 +35,7 @@ import numpy as np
 
 from workbench.atomic import atomic_file, remove_stale_temporaries_in
 from workbench.errors import WorkbenchError
+from workbench.eval.lm_eval_tasks import check_spec_lm_eval
 from workbench.faults import fault_point
 from workbench.merge.recipe import Recipe, dump_recipe, recipe_from_dict
 from workbench.search.checkpoint import (
@@ -316,4 +317,5 @@ def open_search(spec_path: str | Path | None, run_dir: str | Path, resume: bool 
         require_checkpoint(run_dir)  # before the models and tasks load
         return Search(spec, run_dir, **kwargs).resume()
     spec = load_spec(spec_path)
+    check_spec_lm_eval(spec)   # lm_eval:NAME tasks load (seconds) before the sources do (minutes)
     return Search(spec, run_dir, **kwargs).start()

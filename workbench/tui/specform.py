@@ -460,16 +460,11 @@ def check_quant_form(form: QuantForm, check_files: bool = True):
 
 
 def lm_eval_refs(spec) -> list[tuple[str, str]]:
-    """(form field, lm_eval:NAME) of every lm-eval task a checked spec (either kind) names: these
-    load through lm-eval, seconds each, so the builders check them off the UI thread."""
-    from workbench.eval.lm_eval_tasks import is_lm_eval
+    """(form field, lm_eval:NAME) of every lm-eval task a checked spec names: these load through
+    lm-eval, seconds each, so the builders check them off the UI thread."""
+    from workbench.eval.lm_eval_tasks import spec_lm_eval_refs
 
-    if hasattr(spec, "objective"):
-        refs = [(f"objective.{i}", o.task) for i, o in enumerate(spec.objective)]
-        refs += [("report_tasks", t) for t in spec.report_tasks]
-    else:
-        refs = [("fitness", spec.fitness), ("heldout_task", spec.heldout_task)]
-    return [(f, r) for f, r in refs if isinstance(r, str) and is_lm_eval(r)]
+    return spec_lm_eval_refs(spec)
 
 
 def builtin_tasks() -> list[str]:

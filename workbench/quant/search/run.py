@@ -36,6 +36,7 @@ import torch
 
 from workbench.atomic import atomic_file, remove_stale_temporaries_in
 from workbench.errors import WorkbenchError
+from workbench.eval.lm_eval_tasks import check_spec_lm_eval
 from workbench.faults import fault_point
 from workbench.quant.search import evolve
 from workbench.quant.search.database import LayerDatabase, layer_units, option_config
@@ -464,6 +465,7 @@ def open_quant_search(spec_path: str | Path | None, run_dir: str | Path, resume:
         spec = quant_search_spec_from_dict(json.loads(path.read_text()), str(path))
         return QuantSearch(spec, run_dir, db_root, progress, device).resume()
     spec = load_quant_search_spec(spec_path)
+    check_spec_lm_eval(spec)   # lm_eval:NAME tasks load (seconds) before the model does
     if run_dir.is_dir():
         remove_stale_temporaries_in(run_dir)   # left by a kill -9: not the user's
     if run_dir.exists() and any(run_dir.iterdir()):
