@@ -257,13 +257,12 @@ def _kl_task(tmp_path, ref):
     return tmp_path / "kl.yml"
 
 
-def test_kl_teacher_runs_in_the_workers_dtype_and_leaves_the_cache_as_it_was(tmp_path, monkeypatch):
+def test_kl_teacher_runs_beside_a_gpu_model_in_the_search_dtype_and_is_cached_apart(tmp_path, monkeypatch):
     from workbench.eval import kl
     from workbench.eval.evaluator import evaluate
     from workbench.eval.requests import prepare
     from workbench.eval.taskfile import load_task
     from workbench.models.loader import load_model
-    from workbench.search import objective as obj
 
     monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home"))
     ref = save_tiny_model(tmp_path / "ref", seed=0)
@@ -271,20 +270,17 @@ def test_kl_teacher_runs_in_the_workers_dtype_and_leaves_the_cache_as_it_was(tmp
     tok = tiny_tokenizer()
     task = load_task(_kl_task(tmp_path, ref))
     prep = prepare(task, "search", tok)
-    assert obj.teacher_placement(torch.device("cpu"), "bfloat16") is None            # CPU: as `workbench eval`
-    assert obj.teacher_placement(torch.device("cuda", 1), "bfloat16") == (torch.device("cuda", 1), "bfloat16")
-    # the teacher run here equals the evaluator's (float32 on the CPU), tensor for tensor
-    ours, theirs = obj.teacher_topk_on(task, prep, torch.device("cpu"), "float32"), kl.teacher_topk(task, prep, tok)
-    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    plain = evaluate(student, tok, task)["tiny-kl"].metrics["kl"]
-    # a worker whose teacher runs in bfloat16 (as on a GPU worker with eval_dtype bfloat16)
-    monkeypatch.setattr(obj, "teacher_placement", lambda device, dtype: (device, "bfloat16"))
-    before = dict(kl._MEMORY)
-    with obj.teachers_on_device([task], student, tok, "search", "bfloat16", 8):
-        half = evaluate(student, tok, task)["tiny-kl"].metrics["kl"]
-    assert kl._MEMORY.keys() == before.keys() and all(kl._MEMORY[k] is before[k] for k in before)
-    bf16 = obj.teacher_topk_on(task, prep, torch.device("cpu"), "bfloat16")
+    assert kl.teacher_placement(torch.device("cpu"), "bfloat16") == (None, "float32")    # CPU: as `workbench eval`
+    assert kl.teacher_placement(torch.device("cuda", 1), "bfloat16") == (torch.device("cuda", 1), "bfloat16")
+    assert kl.teacher_placement(torch.device("cuda", 0)) == (torch.device("cuda", 0), "float32")
+    plain = evaluate(student, tok, task, teacher_dtype="bfloat16")["tiny-kl"].metrics["kl"]   # CPU: float32 teacher
+    theirs = kl.teacher_topk(task, prep, tok)
+    assert plain == evaluate(student, tok, task)["tiny-kl"].metrics["kl"]
+    # a worker whose teacher runs in bfloat16 (as beside a GPU model with eval_dtype bfloat16)
+    monkeypatch.setattr(kl, "teacher_placement", lambda device, dtype=None: (device, dtype or "float32"))
+    half = evaluate(student, tok, task, teacher_dtype="bfloat16")["tiny-kl"].metrics["kl"]
+    bf16 = kl.teacher_topk(task, prep, tok, device=torch.device("cpu"), dtype="bfloat16")
     assert not torch.equal(bf16["logprobs"], theirs["logprobs"])
     assert half != plain and half == pytest.approx(plain, rel=0.05)   # the teacher rounded to bfloat16
-    assert evaluate(student, tok, task)["tiny-kl"].metrics["kl"] == plain                 # float32 again after
-    assert len(list((tmp_path / "home" / "eval-cache" / "kl").glob("*.safetensors"))) == 3   # cached apart
+    assert evaluate(student, tok, task)["tiny-kl"].metrics["kl"] == plain                 # float32 still cached
+    assert len(list((tmp_path / "home" / "eval-cache" / "kl").glob("*.safetensors"))) == 2   # cached apart

@@ -34,3 +34,14 @@ def resolve_device(spec: str | torch.device | None, option: str = "--device") ->
     if dev.index is not None and dev.index >= count:
         raise WorkbenchError(f"{option} {spec}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
     return dev
+
+
+def to_cpu(obj):
+    """Tensors (in dicts and lists, e.g. an optimizer's state) moved to the CPU: what is saved."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj

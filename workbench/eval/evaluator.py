@@ -83,6 +83,7 @@ class _Options:
     log_samples: bool
     progress: ProgressHook | None
     race_bound: str = "normal"
+    teacher_dtype: str | None = None
 
 
 def evaluate(model, tokenizer, tasks: Task | str | Path | Sequence[Task | str | Path], *,
@@ -90,7 +91,7 @@ def evaluate(model, tokenizer, tasks: Task | str | Path | Sequence[Task | str | 
              max_batch_tokens: int = 16384, dtype: str | None = None, threads: int | None = None,
              incumbent: float | dict[str, float] | None = None, confidence: float = 0.95,
              chunk: int | None = None, race_bound: str = "normal", seed: int = 0, progress: ProgressHook | None = None,
-             log_samples: bool = False) -> dict[str, TaskResult]:
+             log_samples: bool = False, teacher_dtype: str | None = None) -> dict[str, TaskResult]:
     """Evaluate ``model`` on ``split`` of each task; returns ``{task name: TaskResult}``.
 
     ``limit``: the first N units (file order). ``dtype``: None runs the model as it is;
@@ -98,7 +99,8 @@ def evaluate(model, tokenizer, tasks: Task | str | Path | Sequence[Task | str | 
     ``incumbent``: a score (or ``{task: score}``) to race against: units go in chunks of
     ``chunk`` (default: a tenth of the split, at least 10) in a seeded order and a candidate
     whose upper confidence bound (at ``confidence``; ``race_bound`` "normal" or "bernstein", see
-    :mod:`workbench.eval.racing`) falls below the incumbent stops early.
+    :mod:`workbench.eval.racing`) falls below the incumbent stops early. ``teacher_dtype``: a kl
+    task's teacher beside a GPU model runs there in this dtype (``kl.teacher_placement``).
     """
     if isinstance(tasks, (Task, str, Path)):
         tasks = [tasks]
@@ -115,7 +117,7 @@ def evaluate(model, tokenizer, tasks: Task | str | Path | Sequence[Task | str | 
         raise WorkbenchError(f"chunk: expected a positive number of items, got {chunk}")
     if not 0 < confidence < 1:
         raise WorkbenchError(f"confidence: expected a probability between 0 and 1, got {confidence}")
-    opts = _Options(batch_size, max_batch_tokens, log_samples, progress, race_bound)
+    opts = _Options(batch_size, max_batch_tokens, log_samples, progress, race_bound, teacher_dtype)
     was_training = model.training
     old_threads = torch.get_num_threads()
     try:
@@ -159,8 +161,10 @@ def _evaluate_task(model, tokenizer, task: Task, split: str, limit: int | None, 
         raise WorkbenchError(f"{task.path}: max_length: {task.max_length} exceeds the model's context of {mlen}")
     teacher = None
     if task.type == "kl":
-        with torch.autocast(next(model.parameters()).device.type, enabled=False):
-            teacher = kl_mod.teacher_topk(task, prep, tokenizer, batch_size=opts.batch_size)
+        model_device = next(model.parameters()).device
+        device, dtype = kl_mod.teacher_placement(model_device, opts.teacher_dtype)
+        with torch.autocast(model_device.type, enabled=False):
+            teacher = kl_mod.teacher_topk(task, prep, tokenizer, batch_size=opts.batch_size, device=device, dtype=dtype)
     racing = incumbent is not None
     if racing:
         order = race_order(n, seed)

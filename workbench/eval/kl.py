@@ -81,15 +81,27 @@ def topk_reducer(k: int):
     return reduce
 
 
-def teacher_topk(task, prepared: Prepared, tokenizer, batch_size: int = 16,
-                 progress=None) -> dict[str, torch.Tensor]:
+def teacher_placement(model_device: torch.device, dtype: str | None = None) -> tuple[torch.device | None, str]:
+    """Where and in which dtype the kl teacher runs beside a model on ``model_device``: on the CPU
+    (None) in float32, whatever is asked, so CPU results stay exactly ``workbench eval``'s; beside a
+    GPU model on its device, in ``dtype`` (a search's ``eval_dtype``; float32 by default)."""
+    if model_device.type == "cpu":
+        return None, "float32"
+    return model_device, dtype or "float32"
+
+
+def teacher_topk(task, prepared: Prepared, tokenizer, batch_size: int = 16, progress=None,
+                 device: torch.device | None = None, dtype: str = "float32") -> dict[str, torch.Tensor]:
     """``{"logprobs" [P, k], "indices" [P, k], "tail" [P], "vocab" []}`` for the split's positions.
 
     P runs over every continuation token of every window in order. From memory, else from the disk
-    cache, else computed with the reference model (float32) and stored.
+    cache, else computed with the reference model (float32 on the CPU unless ``device``/``dtype``
+    say otherwise: those outputs are cached apart, keyed by device type and dtype) and stored.
     """
     ref = task.resolve_reference()
-    key = cache_key(model_files_hash(ref), prepared, task.top_k)
+    kind = (device or torch.device("cpu")).type
+    where = "" if kind == "cpu" and dtype == "float32" else f"\0{kind}\0{dtype}"   # float32 on the CPU: eval's
+    key = cache_key(model_files_hash(ref) + where, prepared, task.top_k)
     if key in _MEMORY:
         return _MEMORY[key]
     path = cache_dir() / f"{key}.safetensors"
@@ -100,7 +112,9 @@ def teacher_topk(task, prepared: Prepared, tokenizer, batch_size: int = 16,
         return _MEMORY[key]
     from workbench.models.loader import load_model
 
-    teacher, _ = load_model(ref)
+    teacher, _ = load_model(ref, dtype=dtype)
+    if device is not None:
+        teacher.to(device)
     reqs = [(r.context, r.continuation) for u in prepared.units for r in u.requests]
     out = torch.cat(score_requests(teacher, reqs, batch_size=batch_size, reducer=topk_reducer(task.top_k),
                                    progress=progress))

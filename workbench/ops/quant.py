@@ -109,7 +109,7 @@ def recover(qdir: str | Path, teacher: str | Path, out: str | Path, opts: Recove
     from transformers import AutoConfig, AutoTokenizer
 
     from workbench.quant.corpus import corpus_texts, token_windows
-    from workbench.quant.model import load_quantized, read_quant_meta, size_report, to_cpu
+    from workbench.quant.model import load_quantized, model_to_cpu, read_quant_meta, size_report
     from workbench.quant.recover import Recovery
 
     meta = read_quant_meta(qdir)
@@ -155,7 +155,7 @@ def recover(qdir: str | Path, teacher: str | Path, out: str | Path, opts: Recove
                    _teacher_cache_path(teacher_dir, windows, opts), started=started, device=dev)
     result = rec.run()
     del rec
-    to_cpu(student)
+    model_to_cpu(student)
     recovery = {"options": vars(opts), "corpus": corpus, "calibration_tokens": int(windows.numel()),
                 "seconds": result["elapsed"], "steps": result["step"], "ppl_before": ppl_before,
                 "windows": result["windows"], "e2e_windows": result.get("e2e_windows", 0),

@@ -105,7 +105,7 @@ def quantized_copy(model: nn.Module, cfg: QuantConfig) -> nn.Module:
     return out.eval()
 
 
-def to_cpu(model: nn.Module) -> nn.Module:
+def model_to_cpu(model: nn.Module) -> nn.Module:
     """`model` moved to the CPU in place (what every save writes from); drops cached unpacked codes."""
     model.to("cpu")
     for m in quant_layers(model).values():

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from workbench.atomic import atomic_file
+from workbench.devices import to_cpu
 from workbench.faults import fault_point
 from workbench.models.anatomy import decoder_blocks
 from workbench.models.checkpoint import load_training_state
@@ -92,17 +93,6 @@ def autocast(dtype: str, device: torch.device | str = "cpu"):
     """The autocast context `autocast_spec` describes."""
     device_type, cast, enabled = autocast_spec(dtype, device)
     return torch.autocast(device_type, dtype=cast, enabled=enabled)
-
-
-def to_cpu(obj):
-    """Tensors (in dicts and lists, e.g. an optimizer's state) moved to the CPU: what is saved."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
 
 
 def _batch(n: int, batch_size: int, seed: int, phase: int, step: int,

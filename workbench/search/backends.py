@@ -112,7 +112,7 @@ class CandidateWorker:
         held-out split, ``{"heldout": {task: metrics}}`` (joint mode: also ``heldout_quantized``)."""
         from workbench.eval.evaluator import evaluate
         from workbench.merge.recipe import recipe_from_dict
-        from workbench.search.objective import HELDOUT_SPLIT, teachers_on_device
+        from workbench.search.objective import HELDOUT_SPLIT
 
         key = tuple(task_refs)
         if key not in self._report_tasks:
@@ -126,10 +126,8 @@ class CandidateWorker:
             models["heldout_quantized"] = self.scored_model()
         out = {}
         for name, model in models.items():
-            with teachers_on_device(tasks, model, self.merger.tokenizer, HELDOUT_SPLIT, self.spec.eval_dtype,
-                                    self.spec.batch_size):
-                results = evaluate(model, self.merger.tokenizer, tasks, split=HELDOUT_SPLIT,
-                                   batch_size=self.spec.batch_size)
+            results = evaluate(model, self.merger.tokenizer, tasks, split=HELDOUT_SPLIT, batch_size=self.spec.batch_size,
+                               teacher_dtype=self.spec.eval_dtype)
             out[name] = {t: dict(r.metrics) for t, r in results.items()}
         return out
 

@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import torch
 
 from workbench.atomic import atomic_file
+from workbench.devices import to_cpu
 from workbench.faults import fault_point
 from workbench.models.anatomy import body_and_head, cache_kwarg
 from workbench.models.checkpoint import layer_index, load_training_state
@@ -151,17 +152,6 @@ def batch_loss(model, batch: Sequence[tuple[list[int], list[int]]], pad_id: int)
     hidden = shared_prefix_forward(body, ids.to(device), mask.to(device), min(len(c) for c, _ in batch))
     logits = head(hidden[torch.tensor(rows, device=device), torch.tensor(pos, device=device)])
     return torch.nn.functional.cross_entropy(logits.float(), torch.tensor(targets, device=device))
-
-
-def to_cpu(obj):
-    """Tensors (in dicts and lists: an optimizer's state) moved to the CPU, for a checkpoint."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
 
 
 def _config_key(cfg: TrainConfig, n_examples: int, extra: dict | None) -> str:
