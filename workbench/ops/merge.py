@@ -94,7 +94,7 @@ def merge(recipe, out: str | Path, *, device: str = "cpu", dtype: str | None = N
 
     check_output(out, overwrite)
     parse_size(shard_size)
-    check_device(device)
+    dev = check_device(device)
     if (as_lora is None) != (rank is None):
         raise WorkbenchError("--as-lora BASE and --rank R go together: the merge as a LoRA adapter over BASE")
     if as_lora is not None:
@@ -104,7 +104,7 @@ def merge(recipe, out: str | Path, *, device: str = "cpu", dtype: str | None = N
         recipe = recipe_source(recipe)
     plan = plan_merge(recipe)
     try:
-        merge_plan(plan, device, out_dtype=dtype).check()   # headers only: refused before any tensor is read
+        merge_plan(plan, dev, out_dtype=dtype).check()   # headers only: refused before any tensor is read
         return execute_merge(plan, out, device=device, out_dtype=dtype, shard_size=shard_size, seed=seed,
                              overwrite=overwrite, allow_nonfinite=allow_nonfinite,
                              on_tensor=lambda done, total, name: emit(progress, "merge", done, total, name))

@@ -137,6 +137,9 @@ def recover(qdir: str | Path, teacher: str | Path, out: str | Path, opts: Recove
                                  f"model's is {getattr(s_cfg, key, None)!r}")
     tok = AutoTokenizer.from_pretrained(str(qdir))
     check_same_tokenizer(AutoTokenizer.from_pretrained(str(teacher_dir)), tok, teacher_dir, qdir)
+    from workbench.memory_plan import recovery_plan
+
+    recovery_plan(qdir, teacher_dir, opts, dev).check()   # headers only: refused before student or teacher loads
     windows = token_windows(tok, corpus_texts(corpus), opts.seq_len, opts.max_tokens, opts.seed)
     student = load_quantized(qdir)
     from workbench.ops.evaluate import heldout_perplexity

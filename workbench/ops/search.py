@@ -26,7 +26,7 @@ def run_kind(spec: str | Path | None, resume: str | Path | None) -> str:
 
 
 def open_search(spec: str | Path | None = None, out: str | Path | None = None, resume: str | Path | None = None,
-                *, device: str = "cpu", backend: str = "local", workers: int = 2, address: str = "local",
+                *, device: str = "cpu", backend: str = "local", workers: int | None = None, address: str = "local",
                 progress: ProgressFn | None = None, **options):
     """`workbench search SPEC --out RUN` (``spec`` and ``out``) or `--resume RUN` (``resume``): the
     spec is checked, and the run directory (a new one must be empty), before anything loads.
@@ -54,29 +54,40 @@ def open_search(spec: str | Path | None = None, out: str | Path | None = None, r
 
 
 def search_memory_plan(spec: str | Path | None = None, resume: str | Path | None = None, *, device: str = "cpu",
-                       backend: str = "local", workers: int = 2, free: dict[str, int] | None = None):
+                       backend: str = "local", workers: int | None = None, free: dict[str, int] | None = None):
     """`workbench search SPEC --plan`: the :class:`workbench.memory_plan.Plan` of a merge search (from
-    its spec file, or a resumed run's spec.yml) on ``device``: what each worker on that device holds,
-    times the workers sharing it (the local backend is one; Ray gives each actor its own GPU).
-    Reads the models' headers only; `open_search` runs its ``check()`` before anything loads."""
+    its spec file, or a resumed run's spec.yml): what each worker holds, on the devices the backend
+    gives its workers (local: one, on ``device``; processes: as ``process_devices`` spreads them over
+    the GPUs; Ray: one actor per GPU, or ``workers`` on the CPU). Reads the models' headers only;
+    `open_search` runs its ``check()`` before anything loads."""
+    from collections import Counter
+
     from workbench.devices import resolve_device
-    from workbench.memory_plan import device_name, search_plan
+    from workbench.memory_plan import combine_plans, device_name, search_plan
+    from workbench.search.backends import CPU_WORKERS, process_devices
     from workbench.search.run import resolve_models
     from workbench.search.spec import load_spec, spec_from_dict
 
     if run_kind(spec, resume) == "quantization":
         raise WorkbenchError("--plan: memory plans cover merge searches; a quantization search holds one model "
                              "and its layer database")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise WorkbenchError(f"--workers: expected a positive integer, got {workers!r}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise WorkbenchError(f"--workers {workers}: expected a positive number of workers")
     dev = device_name(resolve_device(device, option="--device"))
     if resume is not None:
         path = Path(resume) / "spec.yml"
         loaded = spec_from_dict(json.loads(path.read_text()), source=str(path))
     else:
         loaded = load_spec(spec)
-    sharing = 1 if backend == "local" or (backend == "ray" and dev != "cpu") else workers
-    return search_plan(resolve_models(loaded), dev, sharing, free=free, runtime=backend != "local")
+    if backend == "processes":
+        per_device = Counter(device_name(d) for d in process_devices(device, workers))
+    elif backend == "ray":
+        per_device = Counter({dev: 1} if dev != "cpu" else {"cpu": workers or CPU_WORKERS})
+    else:
+        per_device = Counter({dev: 1})
+    resolved = resolve_models(loaded)
+    plans = [search_plan(resolved, d, n, free=free, runtime=backend != "local") for d, n in per_device.items()]
+    return combine_plans(plans)
 
 
 def front(run_dir: str | Path) -> tuple[dict, dict]:

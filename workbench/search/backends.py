@@ -48,7 +48,8 @@ class CandidateWorker:
         self.device = str(device)
         self.layout = GenomeLayout(spec, num_layers)
         self.merger = InMemoryMerger(self.layout.to_recipe(self.layout.start()), device=device, seed=spec.seed,
-                                     model_dtype=spec.eval_dtype)
+                                     model_dtype=spec.eval_dtype, sorted_cache=spec.sorted_cache,
+                                     offload_sources=spec.offload_sources)
         if objective is None:
             from workbench.search.objective import Objective
 

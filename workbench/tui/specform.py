@@ -172,7 +172,7 @@ class MergeForm(LmEvalFields):
     limit: str = ""
     racing: bool = False
     sigma0: str = "0.25"
-    dtype: str = "float32"
+    dtype: str = ""   # "": the device's default (bfloat16 on a GPU, float32 on the CPU)
     eval_dtype: str = "bfloat16"
     batch_size: str = "32"
     quantize: str = ""
@@ -260,7 +260,7 @@ def merge_form_dict(form: MergeForm) -> dict:
         "racing": form.racing,
         "sigma0": number(form.sigma0),
         "limit": number(form.limit),
-        "dtype": form.dtype,
+        "dtype": form.dtype or None,
         "eval_dtype": form.eval_dtype,
         "batch_size": number(form.batch_size),
         "quantize": form.quantize.strip() or None,
@@ -287,7 +287,7 @@ def merge_form_from_spec(spec) -> MergeForm:
         objective=[ObjectiveRow(o.task, show(o.weight)) for o in spec.objective],
         report_tasks=", ".join(spec.report_tasks), generations=show(b.generations), population=show(b.population),
         max_evaluations=show(b.max_evaluations), max_minutes=show(b.max_minutes), seed=show(spec.seed),
-        limit=show(spec.limit), racing=spec.racing, sigma0=show(spec.sigma0), dtype=spec.dtype,
+        limit=show(spec.limit), racing=spec.racing, sigma0=show(spec.sigma0), dtype=spec.dtype or "",
         eval_dtype=spec.eval_dtype, batch_size=show(spec.batch_size), quantize=spec.quantize or "",
         grid_baseline=spec.grid_baseline, **lm_eval_fields(spec.lm_eval))
 

@@ -75,7 +75,7 @@ def simple_widget(key: str, kind: str, choices: tuple, suggest: list[str] | None
     if kind == "check":
         return Checkbox("yes", id=wid)
     if kind == "select":
-        return Select([(str(c), c) for c in choices], allow_blank=False, id=wid)
+        return Select([(str(c) or "auto", c) for c in choices], allow_blank=False, id=wid)
     return Input(id=wid, suggester=SuggestFromList(suggest, case_sensitive=True) if suggest else None)
 
 
@@ -398,7 +398,7 @@ class MergeBuilderScreen(SpecBuilderScreen):
               ("max_evaluations", "max evaluations", "input", ()), ("max_minutes", "max minutes", "input", ()),
               ("seed", "seed", "input", ()), ("limit", "items per task", "input", ()),
               ("racing", "racing", "check", ()), ("sigma0", "sigma0", "input", ()),
-              ("dtype", "merge dtype", "select", ("float32", "bfloat16", "float16", "float64")),
+              ("dtype", "source dtype (auto: bf16 on GPU, fp32 on CPU)", "select", ("", "float32", "bfloat16", "float16", "float64")),
               ("eval_dtype", "scoring dtype", "select", ("bfloat16", "float32")),
               ("batch_size", "batch size", "input", ()), ("quantize", "quantize (joint)", "input", ()),
               ("grid_baseline", "grid baseline in the report", "check", ()), *LM_EVAL_SIMPLE)
