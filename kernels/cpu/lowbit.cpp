@@ -22,8 +22,9 @@
 // Rows are split over torch's intra-op threads (at::parallel_for, OpenMP).
 //
 // The integer path (lowbit_gemm_q8: int8 activations, integer dot products, AVX-512 VNNI / AVX-VNNI /
-// AVX2 / NEON dotprod / scalar) lives in lowbit_q8.h; lowbit_dequant writes W for torch's matmul
-// (batches). The ISA is chosen at run time (__builtin_cpu_supports); ISA-specific code is compiled
+// AVX2 / NEON dotprod / scalar) lives in lowbit_q8.h, with its wide tile for batches (lowbit_gemm_q8w:
+// lanes are 16 weight rows, AVX-512 VNNI, G a multiple of 64); lowbit_dequant writes W for torch's
+// matmul (prefill, and batches on CPUs where the wide tile loses). The ISA is chosen at run time (__builtin_cpu_supports); ISA-specific code is compiled
 // with `#pragma GCC target`, so the library itself needs no -march flag and runs on any x86-64. On
 // other CPUs (aarch64) the x86 sections compile out: the float ops take the generic path, the
 // integer op NEON.
@@ -845,7 +846,9 @@ at::Tensor lowbit_gemm_q8w(const at::Tensor& x, const at::Tensor& qweight, const
                              &acts, nullptr, y.data_ptr(), bf16, N, K, Kp, group_size, NG};
   const int64_t ntiles = (N + lowbit_q8::kWideRows - 1) / lowbit_q8::kWideRows;
   const int64_t grain = std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(1, lowbit_q8::kWideRows * K * B));
-  at::parallel_for(0, ntiles, grain, [&](int64_t begin, int64_t end) { lowbit_q8::run_wide(p, wide, begin, end); });
+  // the calling thread's buffers: a thread_local named inside the lambda would be each worker's own
+  const lowbit_q8::WideActs* wa = &wide;
+  at::parallel_for(0, ntiles, grain, [&](int64_t begin, int64_t end) { lowbit_q8::run_wide(p, *wa, begin, end); });
   return y;
 #else
   return lowbit_gemm_q8(x, qweight, scale, zero, group_size, K);

@@ -9,9 +9,11 @@ method does not change the speed) and packed by `QuantLinear.from_quantized`.
 Stable figures:
 
 * interleaved: each of `rounds` rounds times the three contenders one after another (the order
-  rotating), `per_round` calls each; a figure is the median over rounds of each round's median, and
-  its spread is (max - min) / median over the rounds, so a burst of other work on the CPUs shows up
-  as spread instead of moving one contender only;
+  rotating), `per_round` calls each; a round's figure is its fastest call (other work on the CPUs only
+  ever adds time: with 2 threads on 2 shared cores a call waits whole scheduler slices, ~8 ms, for a
+  descheduled sibling, which a round's median still caught: spreads of 30-850% on the dense baseline),
+  a figure is the median over rounds, and its spread is (max - min) / median over the rounds, so a
+  burst of other work shows up as spread instead of moving one contender only;
 * threads pinned: ``torch.set_num_threads(threads)``, which the kernels' OpenMP loops
   (`at::parallel_for`) share;
 * caches flushed (unless ``--no-flush``): a buffer of max(128 MB, 4 x L3) is written between timed
@@ -54,7 +56,7 @@ class Measurement:
     device: str
     fp32_seconds: float
     bf16_seconds: float
-    spread: float  # (max - min) / median of the rounds' medians, ours
+    spread: float  # (max - min) / median of the rounds' figures (fastest call each), ours
     fp32_spread: float
     bf16_spread: float
     path: str  # what fused_matmul ran: kernels.cpu_path (int8, int8-wide, dequant+bf16, float, dequant)
@@ -63,19 +65,14 @@ class Measurement:
     flushed: bool
     rounds: int
     mode: str
+    load_1m: float  # the 1-minute load average when the figure was taken (other work on the CPUs)
 
 
 def l3_bytes() -> int:
-    """The last-level cache size from sysfs (0 when unknown)."""
-    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
-        try:
-            if (index / "level").read_text().strip() == "3":
-                text = (index / "size").read_text().strip().upper()
-                mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
-                return int(text.rstrip("KMG")) * mult
-        except (OSError, ValueError):
-            continue
-    return 0
+    """The last-level cache size (`kernels.l3_bytes`; imported here lazily: the CLI parser needs no torch)."""
+    from workbench.quant.kernels import l3_bytes as measure
+
+    return measure()
 
 
 class Flusher:
@@ -93,9 +90,9 @@ class Flusher:
 
 def time_interleaved(calls: dict[str, Callable[[], object]], rounds: int = 7, per_round: int = 5,
                      flush: Callable[[], None] | None = None, min_time: float = 0.0) -> dict[str, tuple[float, float]]:
-    """name -> (median seconds per call, spread) over `rounds` interleaved rounds (see the module doc).
-    Each round runs a call `per_round` times (or for at least `min_time` seconds), flushing before
-    each timed call when `flush` is given."""
+    """name -> (median over `rounds` interleaved rounds of each round's fastest call, spread) (see the
+    module doc). Each round runs a call `per_round` times (or for at least `min_time` seconds),
+    flushing before each timed call when `flush` is given."""
     names = list(calls)
     for fn in calls.values():  # warm: first-touch pages, oneDNN's kernel choice
         fn()
@@ -111,7 +108,7 @@ def time_interleaved(calls: dict[str, Callable[[], object]], rounds: int = 7, pe
                 t0 = time.perf_counter()
                 calls[name]()
                 times.append(time.perf_counter() - t0)
-            per[name].append(statistics.median(times))
+            per[name].append(min(times))
     out = {}
     for name, values in per.items():
         med = statistics.median(values)
@@ -125,7 +122,7 @@ def parse_shape(text: str) -> tuple[int, int]:
 
 
 def run_bench(shapes: list[str], batches: list[int], formats: list[str], dtypes: list[str], group_size: int = 64,
-              flush: bool = True, rounds: int = 7, per_round: int = 5, min_time: float = 0.01, seed: int = 0,
+              flush: bool = True, rounds: int = 9, per_round: int = 5, min_time: float = 0.01, seed: int = 0,
               threads: int | None = None,
               on_result: Callable[[Measurement], None] | None = None) -> list[Measurement]:
     """Measure every combination; `on_result` sees each measurement as it is made."""
@@ -167,7 +164,8 @@ def run_bench(shapes: list[str], batches: list[int], formats: list[str], dtypes:
                         m = Measurement(fmt, f"{n}x{k}", batch, dname, t["ours"][0],
                                         t["fp32"][0] / t["ours"][0], t["bf16"][0] / t["ours"][0], "cpu", t["fp32"][0],
                                         t["bf16"][0], t["ours"][1], t["fp32"][1], t["bf16"][1],
-                                        kernels.cpu_path(batch), isa, nthreads, flush, rounds, status["mode"])
+                                        kernels.cpu_path(batch), isa, nthreads, flush, rounds, status["mode"],
+                                        round(os.getloadavg()[0], 2))
                         results.append(m)
                         if on_result:
                             on_result(m)
@@ -214,7 +212,7 @@ def add_bench_kernels_parser(sub) -> argparse.ArgumentParser:
                    help="the kernels' mode (default: WORKBENCH_KERNELS, int8 unless set to exact)")
     p.add_argument("--no-flush", action="store_true", help="do not flush caches between timed calls")
     p.add_argument("--threads", type=int, default=None, help="threads for torch and the kernels (default: torch's)")
-    p.add_argument("--rounds", type=int, default=7, help="interleaved rounds per figure (default 7)")
+    p.add_argument("--rounds", type=int, default=9, help="interleaved rounds per figure (default 9)")
     p.add_argument("--per-round", type=int, default=5, help="timed calls per contender and round (default 5)")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write one JSON line per measurement")
     p.set_defaults(func=run_bench_kernels_cli)
@@ -236,7 +234,8 @@ def run_bench_kernels_cli(args: argparse.Namespace) -> int:
     try:
         def emit(m: Measurement) -> None:
             print(f"{m.format:8s} {m.shape:>11s} batch {m.batch:2d} {m.dtype:9s} {m.path:13s} {m.seconds * 1e3:9.3f} ms "
-                  f"(spread {m.spread:.0%})  x{m.speedup_vs_fp32:.2f} vs fp32  x{m.speedup_vs_bf16:.2f} vs bf16",
+                  f"(spread {m.spread:.0%})  x{m.speedup_vs_fp32:.2f} vs fp32  x{m.speedup_vs_bf16:.2f} vs bf16 "
+                  f"(spreads fp32 {m.fp32_spread:.0%}, bf16 {m.bf16_spread:.0%}; load {m.load_1m})",
                   file=sys.stderr, flush=True)
             if out:
                 out.write(json.dumps(asdict(m)) + "\n")

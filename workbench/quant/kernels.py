@@ -64,8 +64,9 @@ import torch
 # the Triton kernel are used. Measured on 2 cores: the float CPU kernel beats dequantize + matmul at 64
 # rows for every benchmark shape (1.1x at 576x576 bf16, 5x at 4096x4096); at 128 it loses on SmolLM2.
 MAX_ROWS = 64
-# Rows up to which the integer kernel runs when the crossover is not measured (measured on a Zen 5
-# core at 2048x2048: the integer kernel wins up to 16-32 rows, dequantize + bf16 matmul above).
+# Rows up to which the integer kernel runs when the crossover is not measured (then no wide rows:
+# dequantize + bf16 matmul above). Measured on a Zen 4 core at 2048x2048, weights from memory: the
+# integer kernel wins up to 4 rows, the wide one from 8 to 64 (2-4x dequantize + bf16 matmul there).
 DEFAULT_CROSSOVER = 16
 CROSSOVER_FILE = "crossover.json"
 CROSSOVER_LADDER = (1, 2, 4, 8, 16, 32, 64)
@@ -286,6 +287,19 @@ def dequantized(layer, dtype: torch.dtype, ops: Any = None) -> torch.Tensor:
 
 # -- the crossover between the integer kernel and dequantize + bf16 matmul --------------------------
 
+def l3_bytes() -> int:
+    """The last-level cache size from sysfs (0 when unknown)."""
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (index / "level").read_text().strip() == "3":
+                text = (index / "size").read_text().strip().upper()
+                mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
+                return int(text.rstrip("KMG")) * mult
+        except (OSError, ValueError):
+            continue
+    return 0
+
+
 def _crossover_path() -> Path:
     return kernel_cache_dir() / _cpu_build_name() / CROSSOVER_FILE
 
@@ -299,9 +313,13 @@ def measure_crossover(ops: Any = None, n: int = 2048, k: int = 2048, repeats: in
     never does). About a second on one Zen 4 core."""
     ops = ops if ops is not None else cpu_ops()
     gen = torch.Generator().manual_seed(0)
-    qweight = torch.randint(0, 256, (n, k // 4), dtype=torch.uint8, generator=gen)
-    scale = torch.rand(n, k // 64, generator=gen) * 0.01 + 0.005
-    zero = torch.rand(n, k // 64, generator=gen) + 1.0
+    # copies of the layer, called in turn, that together exceed twice the last-level cache: every call
+    # reads its weights from memory, as a model's layers do (from L3, the wide kernel looked faster
+    # than the int8 tiles at 2-4 rows; from memory it is slower there)
+    copies = max(1, min(64, -(-2 * l3_bytes() // (n * k // 4))))
+    qweight = torch.randint(0, 256, (copies, n, k // 4), dtype=torch.uint8, generator=gen)
+    scale = torch.rand(copies, n, k // 64, generator=gen) * 0.01 + 0.005
+    zero = torch.rand(copies, n, k // 64, generator=gen) + 1.0
     w = torch.empty(n, k, dtype=torch.bfloat16)
     times: dict[int, list[float]] = {}
     # one thread: both paths scale alike over threads, and a call split over threads waits for the
@@ -326,6 +344,7 @@ def measure_crossover(ops: Any = None, n: int = 2048, k: int = 2048, repeats: in
             break
         wide = rows
     return {"crossover": cross, "wide": wide, "isa": ops.lowbit_int_isa(), "threads": 1, "shape": f"{n}x{k}",
+            "copies": copies,
             "int8_ms": {r: round(t[0] * 1e3, 4) for r, t in times.items()},
             "int8_wide_ms": {r: round(t[2] * 1e3, 4) for r, t in times.items()},
             "dequant_bf16_matmul_ms": {r: round(t[1] * 1e3, 4) for r, t in times.items()}}
@@ -337,16 +356,17 @@ def _time_paths(ops: Any, qweight: torch.Tensor, scale: torch.Tensor, zero: torc
     with torch.inference_mode():
         for rows in CROSSOVER_LADDER:
             x = torch.randn(rows, k, generator=gen).bfloat16()
-            calls = (lambda: ops.lowbit_gemm_q8(x, qweight, scale, zero, 64, k),
-                     lambda: x @ ops.lowbit_dequant(w, qweight, scale, zero, 64, k).T,
-                     lambda: ops.lowbit_gemm_q8w(x, qweight, scale, zero, 64, k))
+            calls = (lambda c: ops.lowbit_gemm_q8(x, qweight[c], scale[c], zero[c], 64, k),
+                     lambda c: x @ ops.lowbit_dequant(w, qweight[c], scale[c], zero[c], 64, k).T,
+                     lambda c: ops.lowbit_gemm_q8w(x, qweight[c], scale[c], zero[c], 64, k))
             for call in calls:
-                call()  # warm: first-touch pages, oneDNN's kernel selection
+                call(0)  # warm: first-touch pages, oneDNN's kernel selection
             best = [float("inf")] * len(calls)
-            for _ in range(repeats):
+            for r in range(repeats):
                 for i, call in enumerate(calls):
+                    c = (r * len(calls) + i) % qweight.shape[0]
                     t0 = time.perf_counter()
-                    call()
+                    call(c)
                     best[i] = min(best[i], time.perf_counter() - t0)
             times[rows] = best
 
