@@ -303,6 +303,12 @@ async def test_a_spec_of_the_other_kind_opens_in_the_builder_of_its_kind(env, tm
         await pilot.pause()
         assert isinstance(app.screen_stack[-2], SearchScreen)
         assert app.screen.read() == sf.merge_form_from_spec(load_spec(merge))
+        # a quantization spec named on Search: ctrl+e opens it in the quantization builder at once
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: isinstance(app.screen, SearchScreen), what="Search")
+        app.screen.query_one("#spec-path", Input).value = str(quant)
+        await pilot.press("ctrl+e")
+        await wait_until(pilot, lambda: isinstance(app.screen, QuantBuilderScreen), what="the quantization builder")
         assert not notifications(app, "error")
 
 

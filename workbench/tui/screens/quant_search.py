@@ -192,11 +192,14 @@ class QuantSearchScreen(WorkbenchScreen):
     @guarded
     def action_build_spec(self) -> None:
         """Open the quantization search builder on the spec chosen (if any)."""
-        from workbench.tui.screens.builder import QuantBuilderScreen
+        from workbench.tui.screens.builder import OtherKind, QuantBuilderScreen, open_in_its_builder, readable_kind
 
         select = self.query_one("#qs-spec-select", Select)
         raw = self._value("#qs-spec") or ("" if select.is_blank() else str(select.value))
         path = Path(raw).expanduser() if raw and Path(raw).expanduser().is_file() else None
+        if path is not None and readable_kind(path) == "merge":   # its builder is on Search
+            open_in_its_builder(self.app, OtherKind(path, "merge"))
+            return
         self.app.push_screen(QuantBuilderScreen(path), self._built)
 
     def build_from(self, path: Path) -> None:

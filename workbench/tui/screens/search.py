@@ -352,12 +352,15 @@ class SearchScreen(WorkbenchScreen):
     @guarded
     def action_build_spec(self) -> None:
         """Open the search builder; the spec shown (a merge spec file) opens into it."""
-        from workbench.tui.screens.builder import MergeBuilderScreen
+        from workbench.tui.screens.builder import MergeBuilderScreen, OtherKind, open_in_its_builder, readable_kind
 
         raw = self.query_one("#spec-path", Input).value.strip()
         path = Path(raw).expanduser() if raw else None
         if path is not None and not path.is_file():
             path = None
+        if path is not None and readable_kind(path) == "quantization":   # its builder is on Quant search
+            open_in_its_builder(self.app, OtherKind(path, "quantization"))
+            return
         self.app.push_screen(MergeBuilderScreen(path), self._built)
 
     def build_from(self, path: Path) -> None:
