@@ -306,3 +306,19 @@ async def test_quantize_screen_refuses_a_device_it_cannot_have_before_any_job(fi
         plan = screen.plan()
         assert plan is not None and plan.device == "cpu"
     assert not (files["tmp"] / "q").exists()
+
+
+def test_a_quantization_spec_through_ops_search_takes_the_device(tmp_path):
+    """`ops.search.open_search` with a quantization spec checks `device` (here: no CUDA) before the
+    spec's model is touched, and refuses a parallel backend in one line."""
+    from pathlib import Path
+
+    from workbench.errors import WorkbenchError
+    from workbench.ops.search import open_search
+
+    spec = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-quant-short-search.yml"
+    with pytest.raises(WorkbenchError, match=r"^--device cuda: CUDA is not available here"):
+        open_search(spec, tmp_path / "run", device="cuda")
+    with pytest.raises(WorkbenchError, match="--backend processes serves merge searches only"):
+        open_search(spec, tmp_path / "run", backend="processes")
+    assert not (tmp_path / "run").exists()

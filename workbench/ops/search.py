@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
-from workbench.progress import ProgressFn, emit
+from workbench.progress import ProgressFn
 
 
 def run_kind(spec: str | Path | None, resume: str | Path | None) -> str:
@@ -38,14 +38,12 @@ def open_search(spec: str | Path | None = None, out: str | Path | None = None, r
         raise WorkbenchError("workbench search: give SPEC.yml --out RUN_DIR, or --resume RUN_DIR")
     run_dir = Path(resume if resume is not None else out)
     if kind == "quantization":
-        if backend != "local" or device != "cpu":
-            raise WorkbenchError(f"workbench search: a quantization search runs in this process on the CPU; "
-                                 f"--backend {backend} --device {device} serve merge searches only")
-        from workbench.quant.search.run import open_quant_search
+        if backend != "local":
+            raise WorkbenchError(f"workbench search: a quantization search runs in this process (on --device); "
+                                 f"--backend {backend} serves merge searches only")
+        from workbench.ops.qsearch import open_quant_run
 
-        return open_quant_search(spec, run_dir, resume=resume is not None,
-                                 progress=lambda label, done, total: emit(progress, "layer database", done, total,
-                                                                          label), **options)
+        return open_quant_run(spec, run_dir, resume=resume is not None, device=device, progress=progress, **options)
     from workbench.search.run import open_search as open_merge_search
 
     search_memory_plan(spec, resume, device=device, backend=backend, workers=workers).check()

@@ -59,7 +59,8 @@ class WorkbenchApp(App):
         self.first_run = first_run
 
     def search_kwargs(self) -> dict:
-        return {"backend": self.config.backend, "workers": self.config.workers} | self.search_options
+        return {"backend": self.config.backend, "workers": self.config.workers,
+                "device": self.config.device} | self.search_options
 
     def on_mount(self) -> None:
         if self.config.theme in self.available_themes:

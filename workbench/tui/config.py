@@ -7,8 +7,8 @@
     threads = 0                   # torch CPU threads for background work (0: torch's default)
     backend = "local"             # search backend: local | processes
     workers = 2                   # worker processes for backend = "processes"
-    device = "auto"               # where Quantize, Quant search and Export compute: auto (CUDA when
-                                  # present) | cpu | cuda | cuda:N; each of those screens has a selector
+    device = "auto"               # where searches, Quantize and Export compute: auto (CUDA when
+                                  # present) | cpu | cuda | cuda:N; Quantize, Quant search and Export have a selector
 
 A file that does not parse, an unknown key or a bad value is reported (a notification at start)
 and the default is used instead; the UI always starts.
