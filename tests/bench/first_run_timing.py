@@ -32,12 +32,12 @@ SESSION = "wb-acceptance"   # tui_acceptance's helpers drive this session
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("first-run"))
+    p.add_argument("--out", type=Path, default=None, help="where the screens go (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the temporary clone and home")
     args = p.parse_args(argv)
     if shutil.which("tmux") is None:
         raise SystemExit("tmux is not installed")
-    out = args.out.resolve()
+    out = args.out.resolve() if args.out else Path(tempfile.mkdtemp(prefix="wb-first-run-screens-"))
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="wb-first-run-"))
     clone, home = work / "workbench", work / "home"
