@@ -82,6 +82,21 @@ def test_plan_table_totals_and_skip():
         plan.check()
 
 
+def test_combined_plans_add_the_transients_of_workers_side_by_side():
+    """Two GPU workers' plans, each with a transient need on the host: both phases can run at once,
+    so the host's total adds each plan's largest transient; each GPU keeps its own."""
+    from workbench.memory_plan import combine_plans
+
+    def worker(gpu: str) -> Plan:
+        return Plan(gpu, [Need(gpu, "sources", 100 * MiB), Need(gpu, "scoring", 20 * MiB, transient=True),
+                          Need("cpu", "kl teacher pass", 60 * MiB, transient=True),
+                          Need("cpu", "tokenizer", 10 * MiB, transient=True)], {gpu: 200 * MiB, "cpu": 100 * MiB})
+
+    both = combine_plans([worker("cuda:0"), worker("cuda:1")])
+    assert both.total("cpu") == 120 * MiB and both.total("cuda:0") == both.total("cuda:1") == 120 * MiB
+    assert both.short() == ["cpu"] and worker("cuda:0").fits()
+
+
 def test_skip_env_lets_a_plan_that_does_not_fit_run(monkeypatch):
     plan = Plan("x", [Need("cpu", "kept", 2 * MiB)], {"cpu": MiB})
     monkeypatch.setenv("WORKBENCH_NO_PLAN_CHECK", "1")

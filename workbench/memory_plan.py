@@ -12,6 +12,7 @@ DARE 1.9-2.7 for 1-3 models, Breadcrumbs 2.1-3.2, DELLA 9-10.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -87,6 +88,7 @@ class Need:
     what: str
     nbytes: int
     transient: bool = False   # one phase of several: only the largest transient need of a device counts
+    group: str = ""           # workers running side by side (combine_plans): their transient needs add up
 
 
 @dataclass
@@ -102,8 +104,9 @@ class Plan:
 
     def total(self, device: str) -> int:
         mine = [n for n in self.needs if n.device == device]
+        groups = {n.group for n in mine if n.transient}
         return (sum(n.nbytes for n in mine if not n.transient)
-                + max([n.nbytes for n in mine if n.transient], default=0))
+                + sum(max(n.nbytes for n in mine if n.transient and n.group == g) for g in groups))
 
     def short(self) -> list[str]:
         """Devices whose need passes their free memory."""
@@ -120,7 +123,7 @@ class Plan:
                 lines.append(f"    {n.what:<64} {fmt_bytes(n.nbytes):>10}" + ("  (transient)" if n.transient else ""))
             free = self.free.get(d)
             verdict = "" if free is None else ("  fits" if self.total(d) <= free else "  DOES NOT FIT")
-            lines.append(f"    {'total (the largest transient need counts)':<64} {fmt_bytes(self.total(d)):>10}")
+            lines.append(f"    {'total (the largest transient need of each worker counts)':<64} {fmt_bytes(self.total(d)):>10}")
             lines.append(f"    {'free':<64} {fmt_bytes(free) if free is not None else '?':>10}{verdict}")
         lines += [f"  {n}" for n in self.notes]
         if self.suggestion and not self.fits():
@@ -140,12 +143,14 @@ class Plan:
 
 
 def combine_plans(plans: list[Plan]) -> Plan:
-    """One plan of several (workers on several GPUs): every need, the free memory of each device;
-    the first suggestion of a plan that does not fit."""
+    """One plan of several (workers on several GPUs, running side by side): every need, the free
+    memory of each device; on a device they share (the host), each plan's largest transient need
+    adds to the others'. The first suggestion of a plan that does not fit."""
     if len(plans) == 1:
         return plans[0]
     free = {d: f for p in plans for d, f in p.free.items()}
-    combined = Plan(" + ".join(p.title for p in plans), [n for p in plans for n in p.needs], free,
+    needs = [dataclasses.replace(n, group=f"{i}:{n.group}") for i, p in enumerate(plans) for n in p.needs]
+    combined = Plan(" + ".join(p.title for p in plans), needs, free,
                     notes=list(dict.fromkeys(n for p in plans for n in p.notes)))
     if not combined.fits():
         combined.suggestion = next((p.suggestion for p in plans if not p.fits() and p.suggestion), None)
