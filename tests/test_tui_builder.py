@@ -32,6 +32,14 @@ def same(a, b) -> bool:
     return dataclasses.replace(a, source="") == dataclasses.replace(b, source="")
 
 
+async def merge_builder_on(app, pilot, path: Path) -> MergeBuilderScreen:
+    """The Search screen's builder (ctrl+e) opened on the spec at ``path``."""
+    app.screen.query_one("#spec-path", Input).value = str(path)
+    await pilot.press("ctrl+e")
+    await wait_until(pilot, lambda: isinstance(app.screen, MergeBuilderScreen), what="the builder")
+    return app.screen
+
+
 # --- plain functions --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*-search.yml")), ids=lambda p: p.name)
@@ -180,10 +188,7 @@ async def test_opening_a_spec_fills_the_form_and_errors_show_at_their_field(env,
     path.write_text(yaml.safe_dump(data))
     app = WorkbenchApp(env.config)
     async with app.run_test(size=SIZE) as pilot:
-        app.screen.query_one("#spec-path", Input).value = str(path)
-        await pilot.press("ctrl+e")
-        await wait_until(pilot, lambda: isinstance(app.screen, MergeBuilderScreen), what="the builder")
-        b = app.screen
+        b = await merge_builder_on(app, pilot, path)
         await pilot.pause()
         assert b.query_one("#f-merge_method", Select).value == "dare_ties"
         assert b.query_one("#f-models", SelectionList).selected == [str(env.b), str(env.a)]
@@ -328,10 +333,7 @@ async def test_lm_eval_tasks_are_checked_at_their_field_off_the_ui_thread(env, t
     path.write_text(yaml.safe_dump(data))
     app = WorkbenchApp(env.config)
     async with app.run_test(size=SIZE) as pilot:
-        app.screen.query_one("#spec-path", Input).value = str(path)
-        await pilot.press("ctrl+e")
-        await wait_until(pilot, lambda: isinstance(app.screen, MergeBuilderScreen), what="the builder")
-        b = app.screen
+        b = await merge_builder_on(app, pilot, path)
         await wait_until(pilot, lambda: b.lm_eval_checked and not b.lm_eval_pending(), what="the lm-eval check")
         assert b.validate() is None
         b.query_one("#o-0 .o-task", Input).value = "lm_eval:toy_mcq"

@@ -60,6 +60,23 @@ def open_in_its_builder(app, other: OtherKind) -> None:
     app.call_after_refresh(build)
 
 
+def push_builder(app, builder: type["SpecBuilderScreen"], path: Path | None, done) -> None:
+    """Open ``builder`` on ``path`` (None: a blank form), or, for a spec of the other kind, that kind's
+    builder on the screen that runs it; ``done(saved path, start)`` when the form is saved."""
+    kind = readable_kind(path) if path is not None else None
+    if kind is not None and kind != builder.KIND:
+        open_in_its_builder(app, OtherKind(path, kind))
+        return
+
+    def built(result) -> None:
+        if isinstance(result, OtherKind):   # a spec of the other kind opened in the form
+            open_in_its_builder(app, result)
+        elif result is not None:
+            done(*result)
+
+    app.push_screen(builder(path), built)
+
+
 def dom_id(key: str) -> str:
     return key.replace(".", "-")
 

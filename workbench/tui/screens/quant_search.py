@@ -192,30 +192,19 @@ class QuantSearchScreen(WorkbenchScreen):
     @guarded
     def action_build_spec(self) -> None:
         """Open the quantization search builder on the spec chosen (if any)."""
-        from workbench.tui.screens.builder import OtherKind, QuantBuilderScreen, open_in_its_builder, readable_kind
+        from workbench.tui.screens.builder import QuantBuilderScreen, push_builder
 
         select = self.query_one("#qs-spec-select", Select)
         raw = self._value("#qs-spec") or ("" if select.is_blank() else str(select.value))
         path = Path(raw).expanduser() if raw and Path(raw).expanduser().is_file() else None
-        if path is not None and readable_kind(path) == "merge":   # its builder is on Search
-            open_in_its_builder(self.app, OtherKind(path, "merge"))
-            return
-        self.app.push_screen(QuantBuilderScreen(path), self._built)
+        push_builder(self.app, QuantBuilderScreen, path, self._built)
 
     def build_from(self, path: Path) -> None:
         """Open the builder on ``path`` (a quantization spec another screen's builder handed over)."""
         self.query_one("#qs-spec", Input).value = str(path)
         self.action_build_spec()
 
-    def _built(self, result) -> None:
-        from workbench.tui.screens.builder import OtherKind, open_in_its_builder
-
-        if result is None:
-            return
-        if isinstance(result, OtherKind):
-            open_in_its_builder(self.app, result)
-            return
-        path, start = result
+    def _built(self, path: Path, start: bool) -> None:
         self.query_one("#qs-spec", Input).value = str(path)
         if start:
             self.action_start()

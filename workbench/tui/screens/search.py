@@ -352,31 +352,20 @@ class SearchScreen(WorkbenchScreen):
     @guarded
     def action_build_spec(self) -> None:
         """Open the search builder; the spec shown (a merge spec file) opens into it."""
-        from workbench.tui.screens.builder import MergeBuilderScreen, OtherKind, open_in_its_builder, readable_kind
+        from workbench.tui.screens.builder import MergeBuilderScreen, push_builder
 
         raw = self.query_one("#spec-path", Input).value.strip()
         path = Path(raw).expanduser() if raw else None
         if path is not None and not path.is_file():
             path = None
-        if path is not None and readable_kind(path) == "quantization":   # its builder is on Quant search
-            open_in_its_builder(self.app, OtherKind(path, "quantization"))
-            return
-        self.app.push_screen(MergeBuilderScreen(path), self._built)
+        push_builder(self.app, MergeBuilderScreen, path, self._built)
 
     def build_from(self, path: Path) -> None:
         """Open the builder on ``path`` (a merge spec another screen's builder handed over)."""
         self.query_one("#spec-path", Input).value = str(path)
         self.action_build_spec()
 
-    def _built(self, result) -> None:
-        from workbench.tui.screens.builder import OtherKind, open_in_its_builder
-
-        if result is None:
-            return
-        if isinstance(result, OtherKind):
-            open_in_its_builder(self.app, result)
-            return
-        path, start = result
+    def _built(self, path: Path, start: bool) -> None:
         self.query_one("#spec-select", Select).set_options([(p.name, str(p)) for p in example_specs()])
         self.query_one("#spec-path", Input).value = str(path)
         self.query_one("#run-dir", Input).value = ""
