@@ -164,9 +164,7 @@ class SpecBuilderScreen(ModalScreen[tuple[Path, bool] | OtherKind | None]):
     @guarded
     async def on_mount(self) -> None:
         form = self.new_form()
-        if self.spec_path is not None and self.hand_over(self.spec_path):
-            return
-        if self.spec_path is not None:
+        if self.spec_path is not None:   # of this kind: push_builder sends the other kind elsewhere
             try:
                 form = self.load_form(self.spec_path)
             except Exception as e:  # noqa: BLE001 - a spec that does not load opens a blank form
